@@ -1,0 +1,168 @@
+"""Text-classification data: local JSONL/CSV files or GLUE tasks, tokenised for a model.
+
+Rows carry ``text`` (and optionally ``text_pair``) and ``label`` (string or integer). Label ids
+follow the sorted order of the label values and are stored in the model config
+(``label2id``/``id2label``) so a pruned or fine-tuned model maps them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .errors import ObertError
+
+# GLUE tasks: (text field, pair field or None, evaluation split)
+GLUE_TASKS: dict[str, tuple[str, str | None, str]] = {
+    "cola": ("sentence", None, "validation"),
+    "sst2": ("sentence", None, "validation"),
+    "mrpc": ("sentence1", "sentence2", "validation"),
+    "qqp": ("question1", "question2", "validation"),
+    "stsb": ("sentence1", "sentence2", "validation"),
+    "mnli": ("premise", "hypothesis", "validation_matched"),
+    "qnli": ("question", "sentence", "validation"),
+    "rte": ("sentence1", "sentence2", "validation"),
+    "wnli": ("sentence1", "sentence2", "validation"),
+}
+
+
+@dataclass
+class TextData:
+    """Raw rows of one split: ``texts``, optional ``pairs`` and raw ``labels``."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, n: int | None, seed: int = 0) -> "TextData":
+        """``n`` rows drawn without replacement with ``seed`` (all rows when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return TextData(pick(self.texts), pick(self.pairs) if self.pairs else None, pick(self.labels))
+
+
+def load_file(path: str | Path) -> TextData:
+    """Load a ``.jsonl``/``.json`` or ``.csv`` file through ``datasets``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObertError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(suffix)
+    if builder is None:
+        raise ObertError(f"unsupported data file type '{suffix}' (use .jsonl, .json or .csv): {path}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise ObertError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return _from_columns(ds, "text", "text_pair" if "text_pair" in ds.column_names else None, str(path))
+
+
+def load_glue(task: str, split: str) -> TextData:
+    """A GLUE task's ``train`` or evaluation split (``split="eval"``) from the hub."""
+    if task not in GLUE_TASKS:
+        raise ObertError(f"unknown task '{task}' (known: {', '.join(sorted(GLUE_TASKS))})")
+    text, pair, eval_split = GLUE_TASKS[task]
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("glue", task, split=eval_split if split == "eval" else split)
+    except Exception as exc:
+        raise ObertError(f"cannot load GLUE task '{task}' (is the hub reachable?): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return _from_columns(ds, text, pair, f"glue/{task}")
+
+
+def _from_columns(ds, text: str, pair: str | None, where: str) -> TextData:
+    for col in (text, "label") + ((pair,) if pair else ()):
+        if col not in ds.column_names:
+            raise ObertError(f"{where}: missing column '{col}' (have: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise ObertError(f"{where}: no rows")
+    labels = ds["label"]
+    if any(lbl is None for lbl in labels):
+        raise ObertError(f"{where}: some rows have no label")
+    texts = ds[text]
+    if any(not isinstance(t, str) for t in texts):
+        raise ObertError(f"{where}: column '{text}' must hold strings")
+    return TextData(list(texts), list(ds[pair]) if pair else None, list(labels))
+
+
+def load_data(source: str | None, task: str | None, split: str) -> TextData:
+    """Rows from a local file (``source``) or a GLUE ``task`` (``split`` is ``train``/``eval``)."""
+    if source:
+        return load_file(source)
+    if task:
+        return load_glue(task, split)
+    raise ObertError("give a data file or --task")
+
+
+def label_list(labels: list) -> list:
+    """Distinct label values in sorted order (ids are positions in this list)."""
+    values = set(labels)
+    try:
+        return sorted(values)
+    except TypeError:
+        raise ObertError("labels mix strings and numbers") from None
+
+
+def label_map_from_config(config) -> dict:
+    """``raw label -> id`` from a model config (keys may be stored as strings)."""
+    return {k: int(v) for k, v in (config.label2id or {}).items()}
+
+
+def encode_labels(labels: list, label2id: dict) -> list[int]:
+    """Map raw labels to ids; integer labels may also match their string form."""
+    out = []
+    for lbl in labels:
+        if lbl in label2id:
+            out.append(label2id[lbl])
+        elif str(lbl) in label2id:
+            out.append(label2id[str(lbl)])
+        else:
+            raise ObertError(f"label '{lbl}' is not one of the model's labels "
+                             f"({', '.join(map(str, label2id))})")
+    return out
+
+
+class Encoded(torch.utils.data.Dataset):
+    """Tokenised rows (unpadded) with integer labels; batches pad to their longest row."""
+
+    def __init__(self, data: TextData, tokenizer, label2id: dict, max_length: int) -> None:
+        if max_length < 8:
+            raise ObertError("max length must be at least 8 tokens")
+        enc = tokenizer(data.texts, data.pairs, truncation=True, max_length=max_length)
+        self.features = [dict(zip(enc.keys(), vals)) for vals in zip(*enc.values())]
+        for f, y in zip(self.features, encode_labels(data.labels, label2id)):
+            f["labels"] = y
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.features[i]
+
+    def collate(self, rows: list[dict]) -> dict:
+        return self.tokenizer.pad(rows, return_tensors="pt")
+
+    def loader(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+               by_length: bool = False) -> DataLoader:
+        """Batches; ``by_length`` orders rows by length (fast evaluation, same results)."""
+        if by_length:
+            order = sorted(range(len(self)), key=lambda i: len(self.features[i]["input_ids"]))
+            return DataLoader(torch.utils.data.Subset(self, order), batch_size=batch_size,
+                              collate_fn=self.collate)
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                          collate_fn=self.collate)

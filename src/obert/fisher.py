@@ -1,0 +1,206 @@
+"""Collecting m mini-batch gradients of the prunable weights into block-diagonal Fisher inverses.
+
+Memory is planned before anything big is allocated: the Gram accumulators need ``4 * d * B``
+bytes (float32) for ``d`` prunable weights, plus a buffer of ``chunk`` gradients (``4 * d * chunk``)
+and inversion scratch for the largest module. When that exceeds the budget the modules are split
+into groups, one gradient pass per group (the same mini-batches each pass, so the result is the
+same as one pass), and the inverses of finished groups wait on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import ObertError
+from .masks import MaskSet
+from .obs import StreamingFisher
+from .targets import Target
+
+GiB = 1024**3
+
+
+def padded_size(numel: int, block_size: int) -> int:
+    """Weights are flattened and zero-padded to whole Fisher blocks."""
+    return math.ceil(numel / block_size) * block_size
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for Fisher blocks on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+@dataclass
+class MemoryPlan:
+    """How the Fisher accumulators are split into gradient passes, and what they cost."""
+
+    groups: list[list[int]]  # target indices per pass
+    fisher_bytes: int  # all Gram/inverse blocks
+    buffer_bytes: int  # the chunk of gradients held before each Gram update
+    scratch_bytes: int  # inversion/update temporaries of the largest module
+    chunk: int
+    budget_bytes: int
+
+    def describe(self) -> str:
+        return (f"Fisher blocks {self.fisher_bytes / GiB:.2f} GiB + gradient buffer "
+                f"{self.buffer_bytes / GiB:.2f} GiB ({self.chunk} grads) + scratch "
+                f"{self.scratch_bytes / GiB:.2f} GiB; budget {self.budget_bytes / GiB:.2f} GiB; "
+                f"{len(self.groups)} gradient pass(es)")
+
+
+def plan_memory(sizes: list[int], block_size: int, num_grads: int, budget_bytes: int,
+                *, elem_bytes: int = 4, max_chunk: int = 64) -> MemoryPlan:
+    """Group modules (padded sizes ``sizes``) into passes that fit ``budget_bytes``.
+
+    Per pass: Gram blocks ``elem * d_g * B`` + chunk buffer ``elem * d_g * chunk`` + scratch of
+    two copies of the largest module's blocks (Cholesky factor and inverse).
+    """
+    total = sum(sizes)
+    biggest = max(sizes)
+    scratch = 2 * elem_bytes * biggest * block_size
+    chunk = max(1, min(max_chunk, num_grads))
+    per_weight = elem_bytes * (block_size + chunk)
+    if per_weight * biggest + scratch > budget_bytes:
+        # Shrink the chunk before giving up: one gradient at a time is slower but fits.
+        chunk = 1
+        per_weight = elem_bytes * (block_size + 1)
+        if per_weight * biggest + scratch > budget_bytes:
+            need = (per_weight * biggest + scratch) / GiB
+            raise ObertError(f"the Fisher blocks of one layer need {need:.2f} GiB but only "
+                             f"{budget_bytes / GiB:.2f} GiB is available; lower --fisher-block-size "
+                             "or raise --max-memory")
+    groups: list[list[int]] = [[]]
+    used = scratch
+    for i, d in enumerate(sizes):
+        if groups[-1] and used + per_weight * d > budget_bytes:
+            groups.append([])
+            used = scratch
+        groups[-1].append(i)
+        used += per_weight * d
+    return MemoryPlan(groups, elem_bytes * total * block_size, elem_bytes * total * chunk,
+                      scratch, chunk, budget_bytes)
+
+
+def batch_stream(loader_factory: Callable[[int], Iterator], num: int, seed: int) -> Iterator:
+    """``num`` batches, reshuffling (with seeds derived from ``seed``) when the data runs out."""
+    epoch = 0
+    done = 0
+    while done < num:
+        for batch in loader_factory(seed + 1000 * epoch):
+            yield batch
+            done += 1
+            if done == num:
+                return
+        epoch += 1
+
+
+@dataclass
+class FisherResult:
+    """Inverse Fisher blocks per target name (in memory or spilled to ``spill_dir``)."""
+
+    finv: dict[str, Tensor] = field(default_factory=dict)
+    spilled: dict[str, Path] = field(default_factory=dict)
+    grad_seconds: float = 0.0
+    fisher_seconds: float = 0.0
+    plan: MemoryPlan | None = None
+    _tmp: tempfile.TemporaryDirectory | None = None
+
+    def get(self, name: str) -> Tensor:
+        if name in self.finv:
+            return self.finv[name]
+        return torch.load(self.spilled[name], weights_only=True)
+
+    def close(self) -> None:
+        self.finv.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _loss(model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    return out.loss
+
+
+def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
+                   loader_factory: Callable[[int], Iterator], *, num_grads: int, block_size: int,
+                   damp: float, seed: int = 0, max_memory_gb: float | None = None,
+                   progress: bool = True, log: Callable[[str], None] = print) -> FisherResult:
+    """Inverse damped empirical Fisher blocks of every target from ``num_grads`` mini-batch gradients.
+
+    Gradients are taken with dropout off (``model.eval()``), only for the target weights, and
+    masked so already-pruned weights contribute nothing. ``loader_factory(seed)`` yields
+    mini-batches (dicts with ``labels``) in a seed-determined order.
+    """
+    device = next(model.parameters()).device
+    sizes = [padded_size(t.numel, block_size) for t in targets]
+    budget = int(max_memory_gb * GiB) if max_memory_gb else int(0.8 * available_memory(device))
+    plan = plan_memory(sizes, block_size, num_grads, budget)
+    log(f"[obert] {plan.describe()}")
+    result = FisherResult(plan=plan)
+    if len(plan.groups) > 1:
+        result._tmp = tempfile.TemporaryDirectory(prefix="obert-finv-")
+
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    target_weights = {id(t.module.weight) for t in targets}
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in target_weights)
+        for gi, group in enumerate(plan.groups):
+            accs = {i: StreamingFisher(sizes[i], block_size, damp, device=device) for i in group}
+            bufs = {i: torch.zeros(plan.chunk, sizes[i], device=device) for i in group}
+            filled = 0
+            desc = "gradients" + (f" (pass {gi + 1}/{len(plan.groups)})" if len(plan.groups) > 1 else "")
+            batches = batch_stream(loader_factory, num_grads, seed)
+            for batch in tqdm(batches, total=num_grads, desc=desc, disable=not progress, leave=False):
+                t0 = time.perf_counter()
+                for t in targets:
+                    t.module.weight.grad = None
+                _loss(model, batch, device).backward()
+                for i in group:
+                    t = targets[i]
+                    g = t.module.weight.grad * masks.masks[t.name]
+                    bufs[i][filled, : t.numel] = g.reshape(-1)
+                filled += 1
+                t1 = time.perf_counter()
+                result.grad_seconds += t1 - t0
+                if filled == plan.chunk:
+                    for i in group:
+                        accs[i].update(bufs[i][:filled])
+                    filled = 0
+                    result.fisher_seconds += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            if filled:
+                for i in group:
+                    accs[i].update(bufs[i][:filled])
+            del bufs
+            for i in group:
+                name = targets[i].name
+                finv = accs.pop(i).inverse()
+                if result._tmp is not None:
+                    path = Path(result._tmp.name) / f"{i}.pt"
+                    torch.save(finv.cpu(), path)
+                    result.spilled[name] = path
+                else:
+                    result.finv[name] = finv
+            result.fisher_seconds += time.perf_counter() - t1
+    finally:
+        for t in targets:
+            t.module.weight.grad = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return result

@@ -1,0 +1,74 @@
+"""Keeping pruned weights at exactly zero through further training.
+
+A mask is a bool tensor shaped like the weight (True = kept). ``MaskSet.attach`` masks
+gradients (a tensor hook) and, when given an optimizer, re-applies the masks right after each
+of its steps (Adam's momentum would otherwise move pruned weights off zero). Training loops
+without a hooked optimizer call ``apply()`` after each step. Saved models carry zeros; ``MaskSet.from_zeros`` rebuilds the
+masks from them on reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .targets import Target
+
+
+class MaskSet:
+    """Masks for a list of targets (module name -> bool mask)."""
+
+    def __init__(self, targets: Iterable[Target], masks: dict[str, Tensor] | None = None) -> None:
+        self.targets = list(targets)
+        self.masks: dict[str, Tensor] = {}
+        for t in self.targets:
+            w = t.module.weight
+            m = masks.get(t.name) if masks else None
+            self.masks[t.name] = (torch.ones_like(w, dtype=torch.bool) if m is None
+                                  else m.to(device=w.device, dtype=torch.bool))
+        self._handles: list = []
+
+    @classmethod
+    def from_zeros(cls, targets: Iterable[Target]) -> "MaskSet":
+        """Masks that keep exactly the non-zero weights (how a saved pruned model is reloaded)."""
+        targets = list(targets)
+        return cls(targets, {t.name: t.module.weight.detach() != 0 for t in targets})
+
+    def set(self, name: str, mask: Tensor) -> None:
+        self.masks[name] = mask.to(dtype=torch.bool, device=self.masks[name].device)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every masked weight in place."""
+        for t in self.targets:
+            t.module.weight.mul_(self.masks[t.name])
+
+    def attach(self, optimizer: torch.optim.Optimizer | None = None) -> "MaskSet":
+        """Mask gradients and keep weights masked through training (idempotent)."""
+        self.detach()
+        for t in self.targets:
+            name = t.name
+            self._handles.append(t.module.weight.register_hook(
+                lambda g, name=name: g * self.masks[name]))
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_post_hook(lambda *a, **k: self.apply()))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def stats(self) -> dict:
+        """Per-layer and global sparsity (fraction of zeros in the masks)."""
+        layers = {}
+        total = pruned = 0
+        for t in self.targets:
+            m = self.masks[t.name]
+            n, z = m.numel(), int((~m).sum())
+            layers[t.name] = {"numel": n, "sparsity": z / n}
+            total, pruned = total + n, pruned + z
+        return {"global_sparsity": pruned / max(total, 1), "num_params": total,
+                "num_pruned": pruned, "layers": layers}

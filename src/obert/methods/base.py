@@ -1,0 +1,82 @@
+"""The interface every pruning method implements, and the settings of a pruning run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from torch import Tensor, nn
+
+from ..errors import ObertError
+from ..masks import MaskSet
+from ..targets import Target
+
+STRUCTURES = {"unstructured": 1, "block4": 4}  # structure -> group size along the input dim
+DEFAULT_BLOCK = {"unstructured": 50, "block4": 32}
+
+
+@dataclass
+class PruneConfig:
+    """Settings of one-shot pruning (defaults follow the oBERT paper where it gives them)."""
+
+    sparsity: float
+    method: str = "obert"
+    structure: str = "unstructured"
+    scope: str = "global"  # global: one threshold over all layers; uniform: same sparsity per layer
+    num_grads: int = 256
+    grad_batch_size: int = 16
+    fisher_block_size: int | None = None  # 50 for unstructured, 32 for block4
+    damp: float = 1e-7
+    num_recomputations: int = 1
+    update: str = "joint"  # joint (exact per-block optimum) or independent (the paper's sum)
+    max_memory_gb: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ObertError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.method not in ("obert", "magnitude"):
+            raise ObertError(f"unknown method '{self.method}' (choose obert or magnitude)")
+        if self.structure not in STRUCTURES:
+            raise ObertError(f"unknown structure '{self.structure}' (choose {' or '.join(STRUCTURES)})")
+        if self.scope not in ("global", "uniform"):
+            raise ObertError(f"unknown scope '{self.scope}' (choose global or uniform)")
+        if self.update not in ("joint", "independent"):
+            raise ObertError(f"unknown update '{self.update}' (choose joint or independent)")
+        if self.fisher_block_size is None:
+            self.fisher_block_size = DEFAULT_BLOCK[self.structure]
+        if self.fisher_block_size < 1 or self.fisher_block_size % self.group_size:
+            raise ObertError(f"--fisher-block-size must be a positive multiple of the group size "
+                             f"{self.group_size}, got {self.fisher_block_size}")
+        for name in ("num_grads", "grad_batch_size", "num_recomputations"):
+            if getattr(self, name) < 1:
+                raise ObertError(f"{name.replace('_', '-')} must be at least 1")
+        if self.damp <= 0:
+            raise ObertError(f"--damp must be positive, got {self.damp}")
+
+    @property
+    def group_size(self) -> int:
+        return STRUCTURES[self.structure]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Method(ABC):
+    """Scores weight groups and applies the weight update once the pruned groups are chosen."""
+
+    def __init__(self, config: PruneConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,
+               loader_factory: Callable[[int], Iterator], step: int) -> dict[str, Tensor]:
+        """Per target: one score per group of ``group_size`` consecutive weights (lower = prune)."""
+
+    @abstractmethod
+    def update(self, targets: list[Target], prune: dict[str, Tensor]) -> None:
+        """Set the weights given per-weight prune masks (True = pruned); pruned become 0."""
+
+    def timings(self) -> dict[str, float]:
+        return {}

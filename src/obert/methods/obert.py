@@ -1,0 +1,59 @@
+"""oBERT: OBS saliency and weight update from the block-diagonal empirical Fisher inverse."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..fisher import FisherResult, collect_fisher
+from ..obs import prune_update, saliency
+from .base import Method
+
+
+class OBert(Method):
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._fisher: FisherResult | None = None
+        self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "score_seconds": 0.0,
+                       "update_seconds": 0.0}
+
+    def _flat(self, t) -> Tensor:
+        """Weight flattened row-major, zero-padded to whole Fisher blocks."""
+        w = t.module.weight.detach().reshape(-1)
+        b = self.config.fisher_block_size
+        return F.pad(w, (0, (-w.numel()) % b))
+
+    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
+        c = self.config
+        self._fisher = collect_fisher(model, targets, masks, loader_factory, num_grads=c.num_grads,
+                                      block_size=c.fisher_block_size, damp=c.damp,
+                                      seed=c.seed + 7919 * step, max_memory_gb=c.max_memory_gb)
+        self._times["grad_seconds"] += self._fisher.grad_seconds
+        self._times["fisher_seconds"] += self._fisher.fisher_seconds
+        t0 = time.perf_counter()
+        out = {}
+        for t in targets:
+            s = saliency(self._flat(t), self._fisher.get(t.name), c.group_size)
+            out[t.name] = s[: t.numel // c.group_size]  # drop the zero padding's groups
+        self._times["score_seconds"] += time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def update(self, targets, prune) -> None:
+        assert self._fisher is not None, "scores() must run before update()"
+        c = self.config
+        t0 = time.perf_counter()
+        for t in targets:
+            mask = F.pad(prune[t.name].reshape(-1), (0, (-t.numel) % c.fisher_block_size))
+            new = prune_update(self._flat(t), self._fisher.get(t.name), mask,
+                               joint=c.update == "joint", group_size=c.group_size)
+            t.module.weight.copy_(new[: t.numel].reshape(t.module.weight.shape))
+        self._fisher.close()
+        self._fisher = None
+        self._times["update_seconds"] += time.perf_counter() - t0
+
+    def timings(self) -> dict[str, float]:
+        return dict(self._times)

@@ -1,0 +1,103 @@
+"""One-shot pruning of a model: score, choose the pruned groups, update weights, keep masks.
+
+With ``num_recomputations = R`` the target is reached in R sub-steps with sparsities
+``s * r / R`` (r = 1..R), each re-estimating the scores (for oBERT: fresh gradients and Fisher)
+on the model pruned so far.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ObertError
+from .masks import MaskSet
+from .methods import METHODS, PruneConfig
+from .targets import Target
+
+
+def select_groups(scores: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
+    """Which groups to prune (True) so that ``round(sparsity * n)`` groups are pruned.
+
+    ``global``: the lowest scores over all layers together; ``uniform``: the lowest scores in
+    each layer, ``round(sparsity * n_layer)`` per layer. Groups scored ``-inf`` (already pruned)
+    go first, so masks only grow.
+    """
+    if scope == "uniform":
+        return {name: select_groups({name: s}, sparsity, "global")[name] for name, s in scores.items()}
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
+    k = max(round(sparsity * flat.numel()), int(torch.isneginf(flat).sum()))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    if k:
+        chosen[torch.topk(flat, k, largest=False, sorted=False).indices] = True
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = chosen[start:start + size].to(scores[n].device)
+        start += size
+    return out
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+@dataclass
+class PruneReport:
+    """What a pruning run did: sparsity reached, time per phase, peak memory."""
+
+    config: dict
+    steps: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_gib: float = 0.0
+
+
+def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
+                loader_factory: Callable[[int], Iterator] | None = None,
+                masks: MaskSet | None = None, log: Callable[[str], None] = print
+                ) -> tuple[MaskSet, PruneReport]:
+    """Prune ``targets`` of ``model`` in place to ``config.sparsity``; returns masks and a report.
+
+    ``loader_factory(seed)`` yields training mini-batches (needed by oBERT for gradients).
+    Existing ``masks`` are respected: their pruned weights stay pruned.
+    """
+    if config.method == "obert" and loader_factory is None:
+        raise ValueError("oBERT needs training batches for its gradients")
+    g = config.group_size
+    for t in targets:
+        if t.module.weight.shape[-1] % g:
+            raise ObertError(f"{t.name}: input size {t.module.weight.shape[-1]} is not a multiple "
+                             f"of the {config.structure} group size {g}")
+    if masks is None:
+        masks = MaskSet.from_zeros(targets)
+    method = METHODS[config.method](config)
+    report = PruneReport(config=config.as_dict())
+    t_start = time.perf_counter()
+    for r in range(1, config.num_recomputations + 1):
+        target = config.sparsity * r / config.num_recomputations
+        scores = method.scores(model, targets, masks, loader_factory, step=r - 1)
+        for t in targets:  # already-pruned groups stay pruned
+            kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
+            scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
+        chosen = select_groups(scores, target, config.scope)
+        prune = {t.name: chosen[t.name].repeat_interleave(g).reshape(t.module.weight.shape)
+                 .to(t.module.weight.device) for t in targets}
+        method.update(targets, prune)
+        for t in targets:
+            masks.set(t.name, ~prune[t.name])
+        masks.apply()
+        stats = masks.stats()
+        report.steps.append({"step": r, "target_sparsity": target,
+                             "sparsity": stats["global_sparsity"]})
+        log(f"[obert] step {r}/{config.num_recomputations}: sparsity {stats['global_sparsity']:.4f} "
+            f"(target {target:.4f})")
+    report.timings = {**method.timings(), "total_seconds": time.perf_counter() - t_start}
+    report.peak_rss_gib = peak_rss_gib()
+    return masks, report
