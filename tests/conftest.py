@@ -1,0 +1,78 @@
+"""Tiny randomly initialised encoders and data files built on the fly (no hub, no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega red green blue cyan magenta yellow black white").split()
+LABELS = ["math", "net", "sound"]
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """Rows whose label is predictable from the words (so training can learn something)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(len(LABELS))
+        words = [WORDS[(label * 10 + rng.randrange(10)) % len(WORDS)] for _ in range(rng.randint(3, 12))]
+        rows.append({"text": " ".join(words), "label": LABELS[label]})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def make_tokenizer(tmp_path):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+def tiny_config(family: str, num_labels: int = 3):
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+
+    common = dict(vocab_size=len(WORDS) + 5, num_labels=num_labels,
+                  id2label={i: l for i, l in enumerate(LABELS)},
+                  label2id={l: i for i, l in enumerate(LABELS)})
+    if family == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=64, **common)
+    if family == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=70, pad_token_id=0,
+                             bos_token_id=2, eos_token_id=3, **common)
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                max_position_embeddings=64, pad_token_id=0, **common)
+    raise ValueError(family)
+
+
+def tiny_model(family: str = "bert", seed: int = 0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_config(family))
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    return (write_jsonl(tmp_path / "train.jsonl", make_rows(96, 0)),
+            write_jsonl(tmp_path / "eval.jsonl", make_rows(48, 1)))
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny BERT classifier with its tokenizer, as `obert prune` expects."""
+    out = tmp_path / "tiny-bert"
+    tiny_model("bert").save_pretrained(out)
+    make_tokenizer(tmp_path).save_pretrained(out)
+    return str(out)
