@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega red green blue cyan magenta yellow black white").split()

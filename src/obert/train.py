@@ -28,6 +28,7 @@ def load_classifier(path: str, labels: list | None = None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # obert shows its own progress; keep loading quiet
     kwargs = {}
     if labels is not None:
         kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
@@ -73,6 +74,7 @@ def finetune(model, tokenizer, train: Encoded, *, epochs: float, lr: float, batc
             weight_decay=weight_decay, warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
             save_strategy="no", report_to="none", logging_strategy="no",
             disable_tqdm=not progress, dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           data_collator=DataCollatorWithPadding(tokenizer),

@@ -1,0 +1,132 @@
+"""The obert CLI end to end on a tiny random BERT, and every bad input it must refuse cleanly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from obert.cli import main
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_finetune_then_prune_end_to_end(tmp_path, data_files, tiny_model_dir, capsys):
+    train, evalf = data_files
+    ft = tmp_path / "ft"
+    assert run_cli("finetune", tiny_model_dir, "--train-file", train, "--eval-file", evalf,
+                   "--out", ft, "--epochs", 1, "--batch-size", 16, "--max-length", 16,
+                   "--lr", 1e-3) == 0
+    metrics = json.loads((ft / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["label2id"] == {"math": 0, "net": 1, "sound": 2}  # sorted label order
+
+    for structure, sparsity in (("unstructured", 0.7), ("block4", 0.5)):
+        out = tmp_path / f"pruned-{structure}"
+        assert run_cli("prune", ft, "--train-file", train, "--eval-file", evalf, "--out", out,
+                       "--sparsity", sparsity, "--structure", structure, "--num-grads", 8,
+                       "--grad-batch-size", 8, "--damp", 1e-6, "--max-length", 16,
+                       "--num-recomputations", 2) == 0
+        assert "accuracy before" in capsys.readouterr().out
+        record = json.loads((out / "sparsity.json").read_text())
+        assert record["method"] == "obert" and record["structure"] == structure
+        assert abs(record["global_sparsity"] - sparsity) <= 4 / record["num_params"]
+        assert set(json.loads((out / "metrics.json").read_text())) >= {"accuracy_before", "accuracy_after"}
+
+        # Reloads as an ordinary Hugging Face model with the zeros in place.
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+        from obert import find_targets
+
+        targets = find_targets(model)
+        zeros = sum(int((t.module.weight == 0).sum()) for t in targets)
+        assert zeros == record["num_pruned"]
+        for t in targets:
+            assert record["layers"][t.name]["sparsity"] == pytest.approx(
+                float((t.module.weight == 0).float().mean()))
+        assert (out / "model.safetensors").exists()
+
+
+def test_magnitude_needs_no_training_data(tmp_path, tiny_model_dir):
+    out = tmp_path / "mag"
+    assert run_cli("prune", tiny_model_dir, "--sparsity", 0.4, "--method", "magnitude",
+                   "--scope", "uniform", "--out", out) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    for layer in record["layers"].values():
+        assert layer["sparsity"] == pytest.approx(0.4, abs=1 / layer["numel"])
+
+
+@pytest.mark.parametrize("case", ["missing-file", "sparsity-high", "sparsity-negative",
+                                  "unknown-method", "unknown-structure", "no-prunable",
+                                  "no-labels", "unknown-label", "bad-json", "no-model",
+                                  "no-train-data", "bad-option"])
+def test_bad_input_one_line_error_and_nothing_written(case, tmp_path, data_files, tiny_model_dir, capsys):
+    train, evalf = data_files
+    out = tmp_path / "out"
+    base = ["prune", tiny_model_dir, "--train-file", train, "--out", out, "--sparsity", 0.5,
+            "--num-grads", 4, "--grad-batch-size", 8]
+    args = {
+        "missing-file": ["prune", tiny_model_dir, "--train-file", tmp_path / "nope.jsonl", "--out", out,
+                         "--sparsity", 0.5],
+        "sparsity-high": base[:-4] + ["--sparsity", 1.0],
+        "sparsity-negative": base + ["--sparsity", -0.2],
+        "unknown-method": base + ["--method", "random"],
+        "unknown-structure": base + ["--structure", "2:4"],
+        "no-prunable": base + ["--include", "does-not-exist"],
+        "no-labels": ["prune", tiny_model_dir, "--train-file",
+                      write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "alpha beta"}] * 4),
+                      "--out", out, "--sparsity", 0.5],
+        "unknown-label": ["prune", tiny_model_dir, "--train-file",
+                          write_jsonl(tmp_path / "odd.jsonl", [{"text": "alpha", "label": "games"}] * 4),
+                          "--out", out, "--sparsity", 0.5],
+        "bad-json": ["prune", tiny_model_dir, "--train-file", tmp_path / "bad.jsonl", "--out", out,
+                     "--sparsity", 0.5],
+        "no-model": ["prune", tmp_path / "no-such-model", "--train-file", train, "--out", out,
+                     "--sparsity", 0.5],
+        "no-train-data": ["prune", tiny_model_dir, "--out", out, "--sparsity", 0.5],
+        "bad-option": base + ["--frobnicate", 3],
+    }[case]
+    (tmp_path / "bad.jsonl").write_text('{"text": "alpha", "label": "math"}\n{not json\n')
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_failure_mid_run_leaves_existing_output_untouched(tmp_path, tiny_model_dir, monkeypatch):
+    out = tmp_path / "out"
+    assert run_cli("prune", tiny_model_dir, "--sparsity", 0.3, "--method", "magnitude", "--out", out) == 0
+    before = (out / "sparsity.json").read_text()
+
+    def explode(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("obert.io.write_json", explode)
+    assert run_cli("prune", tiny_model_dir, "--sparsity", 0.6, "--method", "magnitude", "--out", out) != 0
+    assert (out / "sparsity.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point returns non-zero with one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "obert.cli", "prune", str(tmp_path / "x"),
+                           "--sparsity", "2", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "sparsity must be in [0, 1)" in proc.stderr
+
+
+def test_help_lists_commands():
+    proc = subprocess.run([sys.executable, "-m", "obert.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "finetune" in proc.stdout and "prune" in proc.stdout
+    assert torch.__version__
