@@ -196,3 +196,21 @@ def test_prune_config_validation():
                 dict(sparsity=0.5, num_grads=0), dict(sparsity=0.5, update="both")):
         with pytest.raises(ObertError):
             PruneConfig(**bad)
+
+
+def test_bert_base_fisher_fits_a_24gb_machine():
+    """BERT-base at B=50, m=1024 (17 GB of Fisher blocks) is planned into passes within budget."""
+    hidden, inter, layers = 768, 3072, 12
+    sizes = [hidden * hidden] * 4 + [hidden * inter] * 2
+    sizes = [s + (-s) % 50 for s in sizes] * layers
+    budget = int(0.8 * 22 * 1024**3)
+    plan = plan_memory(sizes, 50, 1024, budget)
+    assert plan.fisher_bytes == 4 * 50 * sum(sizes)  # ~17 GB
+    assert len(plan.groups) <= 3
+    # A smaller budget needs more passes, never more memory.
+    tight = plan_memory(sizes, 50, 1024, budget // 2)
+    assert len(tight.groups) > len(plan.groups)
+    for p, limit in ((plan, budget), (tight, budget // 2)):
+        for group in p.groups:
+            assert p.scratch_bytes + sum(4 * (50 + p.chunk) * sizes[i] for i in group) <= limit
+        assert sorted(i for g in p.groups for i in g) == list(range(len(sizes)))

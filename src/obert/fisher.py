@@ -64,32 +64,46 @@ def plan_memory(sizes: list[int], block_size: int, num_grads: int, budget_bytes:
     """Group modules (padded sizes ``sizes``) into passes that fit ``budget_bytes``.
 
     Per pass: Gram blocks ``elem * d_g * B`` + chunk buffer ``elem * d_g * chunk`` + scratch of
-    two copies of the largest module's blocks (Cholesky factor and inverse).
+    two copies of the largest module's blocks (Cholesky factor and inverse). Raises
+    ``ObertError`` before anything is allocated when even one module cannot fit.
     """
     total = sum(sizes)
     biggest = max(sizes)
     scratch = 2 * elem_bytes * biggest * block_size
+    best: tuple[int, int, list[list[int]]] | None = None
+    # Larger gradient chunks make fewer, bigger Gram updates; take the largest chunk that
+    # still needs the fewest passes over the data (each pass is m backward passes).
     chunk = max(1, min(max_chunk, num_grads))
-    per_weight = elem_bytes * (block_size + chunk)
-    if per_weight * biggest + scratch > budget_bytes:
-        # Shrink the chunk before giving up: one gradient at a time is slower but fits.
-        chunk = 1
-        per_weight = elem_bytes * (block_size + 1)
-        if per_weight * biggest + scratch > budget_bytes:
-            need = (per_weight * biggest + scratch) / GiB
-            raise ObertError(f"the Fisher blocks of one layer need {need:.2f} GiB but only "
-                             f"{budget_bytes / GiB:.2f} GiB is available; lower --fisher-block-size "
-                             "or raise --max-memory")
+    while True:
+        groups = _pack(sizes, elem_bytes * (block_size + chunk), scratch, budget_bytes)
+        if groups is not None and (best is None or len(groups) < len(best[2])):
+            best = (chunk, len(groups), groups)
+        if chunk == 1:
+            break
+        chunk //= 2
+    if best is None:
+        need = (elem_bytes * (block_size + 1) * biggest + scratch) / GiB
+        raise ObertError(f"the Fisher blocks of one layer need {need:.2f} GiB but only "
+                         f"{budget_bytes / GiB:.2f} GiB is available; lower --fisher-block-size "
+                         "or raise --max-memory")
+    chunk, _, groups = best
+    return MemoryPlan(groups, elem_bytes * total * block_size, elem_bytes * total * chunk,
+                      scratch, chunk, budget_bytes)
+
+
+def _pack(sizes: list[int], per_weight: int, scratch: int, budget: int) -> list[list[int]] | None:
+    """Greedy in-order packing of modules into passes of at most ``budget`` bytes (None: no fit)."""
+    if per_weight * max(sizes) + scratch > budget:
+        return None
     groups: list[list[int]] = [[]]
     used = scratch
     for i, d in enumerate(sizes):
-        if groups[-1] and used + per_weight * d > budget_bytes:
+        if groups[-1] and used + per_weight * d > budget:
             groups.append([])
             used = scratch
         groups[-1].append(i)
         used += per_weight * d
-    return MemoryPlan(groups, elem_bytes * total * block_size, elem_bytes * total * chunk,
-                      scratch, chunk, budget_bytes)
+    return groups
 
 
 def batch_stream(loader_factory: Callable[[int], Iterator], num: int, seed: int) -> Iterator:
@@ -187,7 +201,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                 for i in group:
                     accs[i].update(bufs[i][:filled])
             del bufs
-            for i in group:
+            for i in tqdm(group, desc="invert Fisher blocks", disable=not progress, leave=False):
                 name = targets[i].name
                 finv = accs.pop(i).inverse()
                 if result._tmp is not None:

@@ -155,18 +155,17 @@ def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bo
     if joint:
         # Solve the masked system diag(p) F^-1 diag(p) + diag(1 - p), which is F^-1_PP on P and the
         # identity elsewhere: the right-hand side is 0 off P, so z = (F^-1_PP)^-1 w_P on P, 0 off P.
-        sub = finv * p.unsqueeze(-1) * p.unsqueeze(-2)
+        sub = finv * p.unsqueeze(-1)
+        sub.mul_(p.unsqueeze(-2))
         sub.diagonal(dim1=-2, dim2=-1).add_(1 - p)
-        # Only blocks that prune something need a solve.
+        # Only blocks that prune something need a solve (indexing copies, so skip it if all do).
         active = p.any(dim=1)
-        z = torch.zeros_like(wp)
-        if bool(active.any()):
-            sub_a = sub[active]
-            chol, info = torch.linalg.cholesky_ex(sub_a)
-            if bool((info != 0).any()):
-                z[active] = torch.linalg.solve(sub_a.double(), wp[active].double()).to(dtype)
-            else:
-                z[active] = torch.cholesky_solve(wp[active], chol)
+        if bool(active.all()):
+            z = _spd_solve(sub, wp)
+        else:
+            z = torch.zeros_like(wp)
+            if bool(active.any()):
+                z[active] = _spd_solve(sub[active], wp[active])
     else:
         ng = bsz // group_size
         if group_size == 1:
@@ -178,6 +177,16 @@ def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bo
     new = w - torch.bmm(finv, z).squeeze(-1)
     new = new.masked_fill(p.bool(), 0.0)
     return new.reshape(weights.shape).to(weights.dtype)
+
+
+def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """Solve ``a x = b`` for a batch of SPD matrices (Cholesky; float64 LU where that fails)."""
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        return torch.linalg.solve(a.double(), b.double()).to(a.dtype)
+    # Two triangular solves are several times faster than cholesky_solve on CPU batches.
+    y = torch.linalg.solve_triangular(chol, b, upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-2, -1), y, upper=True)
 
 
 def quadratic_cost(delta: Tensor, fisher: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..fisher import FisherResult, collect_fisher
 from ..obs import prune_update, saliency
@@ -53,7 +54,7 @@ class OBert(Method):
         assert self._fisher is not None, "scores() must run before update()"
         c = self.config
         t0 = time.perf_counter()
-        for t in targets:
+        for t in tqdm(targets, desc="OBS update", leave=False):
             mask = F.pad(prune[t.name].reshape(-1), (0, (-t.numel) % c.fisher_block_size))
             new = prune_update(self._flat(t), self._fisher.get(t.name), mask,
                                joint=c.update == "joint", group_size=c.group_size)
