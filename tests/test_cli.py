@@ -52,6 +52,19 @@ def test_finetune_then_prune_end_to_end(tmp_path, data_files, tiny_model_dir, ca
                 float((t.module.weight == 0).float().mean()))
         assert (out / "model.safetensors").exists()
 
+        # Masks rebuilt from the zeros survive a training step (AdamW with weight decay).
+        from obert import MaskSet
+
+        masks = MaskSet.from_zeros(targets)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        masks.attach(opt)
+        batch = {"input_ids": torch.randint(5, 30, (4, 8)), "labels": torch.tensor([0, 1, 2, 0])}
+        for _ in range(2):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            opt.step()
+        assert sum(int((t.module.weight == 0).sum()) for t in targets) == record["num_pruned"]
+
 
 def test_magnitude_needs_no_training_data(tmp_path, tiny_model_dir):
     out = tmp_path / "mag"
