@@ -58,6 +58,10 @@ def load_file(path: str | Path) -> TextData:
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise ObertError(f"unsupported data file type '{suffix}' (use .jsonl, .json or .csv): {path}")
+    with path.open(errors="replace") as f:
+        lines = sum(1 for line in f if line.strip())
+    if lines <= (1 if builder == "csv" else 0):  # a CSV header alone holds no rows
+        raise ObertError(f"{path}: no rows")
     import datasets
 
     datasets.disable_progress_bars()

@@ -1,0 +1,48 @@
+"""Data loading: JSONL/CSV, pairs, label ordering and errors."""
+
+import pytest
+from conftest import make_tokenizer
+
+from obert import ObertError
+from obert.data import Encoded, encode_labels, label_list, load_data, load_file
+
+
+def test_csv_with_pairs_and_integer_labels(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("text,text_pair,label\nalpha beta,gamma,10\ndelta,epsilon zeta,2\neta,theta,10\n")
+    rows = load_file(path)
+    assert rows.pairs == ["gamma", "epsilon zeta", "theta"]
+    labels = label_list(rows.labels)
+    assert labels == [2, 10]  # numeric order, not string order
+    label2id = {str(v): i for i, v in enumerate(labels)}
+    assert encode_labels(rows.labels, label2id) == [1, 0, 1]
+    enc = Encoded(rows, make_tokenizer(tmp_path), label2id, max_length=16)
+    batch = enc.collate([enc[0], enc[1]])
+    assert batch["input_ids"].shape[0] == 2 and batch["labels"].tolist() == [1, 0]
+    assert 1 in batch["token_type_ids"][0].tolist()  # the pair is encoded as a second segment
+
+
+def test_string_labels_sorted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "web"}\n{"text": "b", "label": "admin"}\n')
+    assert label_list(load_file(path).labels) == ["admin", "web"]
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ('{"text": "a"}\n', ".jsonl", "missing column 'label'"),
+    ('{"label": "x"}\n', ".jsonl", "missing column 'text'"),
+    ("text,label\n", ".csv", "no rows"),
+    ("whatever", ".txt", "unsupported data file type"),
+])
+def test_bad_files(tmp_path, content, suffix, message):
+    path = tmp_path / f"f{suffix}"
+    path.write_text(content)
+    with pytest.raises(ObertError, match=message):
+        load_file(path)
+
+
+def test_unknown_task_and_no_source():
+    with pytest.raises(ObertError, match="unknown task"):
+        load_data(None, "not-a-glue-task", "train")
+    with pytest.raises(ObertError):
+        load_data(None, None, "train")
