@@ -49,8 +49,10 @@ def main() -> int:
         tok, model = load_classifier(base, label_list(train_rows.labels + val_rows.labels))
         model.to(pick_device())
         train = Encoded(train_rows, tok, label_map_from_config(model.config), MAX_LENGTH)
+        t0 = time.perf_counter()
         finetune(model, tok, train, epochs=3, lr=1e-4, batch_size=32, lr_scheduler="constant")
         save_model_dir(dense_dir, model, tok)
+        console.print(f"fine-tuned in {time.perf_counter() - t0:.0f} s")
     else:
         console.print(f"[bold]1/3[/] reusing the fine-tuned model in {dense_dir}")
     tok, dense = load_classifier(str(dense_dir))
@@ -66,6 +68,7 @@ def main() -> int:
     configs = [PruneConfig(sparsity=s, method=m, num_grads=128, grad_batch_size=16, damp=1e-7)
                for m in ("magnitude", "obert") for s in SPARSITIES]
     results = {"dense": dense_acc}
+    t0 = time.perf_counter()
     for cfg, model, masks, report, _ in prune_sweep(dense, configs,
                                                      lambda bs: gradient_batches(train, bs)):
         acc = evaluate(model, val)["accuracy"]
@@ -73,6 +76,7 @@ def main() -> int:
         console.print(f"  {cfg.method:9s} {cfg.sparsity:.0%}: accuracy {acc:.4f} "
                       f"(sparsity {masks.stats()['global_sparsity']:.4f})")
 
+    console.print(f"pruned and evaluated in {time.perf_counter() - t0:.0f} s")
     console.print("[bold]3/3[/] results")
     table = Table(title=f"MiniLM on debian-sections (sample), one-shot, dense {dense_acc:.1%}")
     table.add_column("sparsity")
