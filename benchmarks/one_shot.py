@@ -177,13 +177,21 @@ def write_report(results: dict, args) -> None:
     (ROOT / "docs").mkdir(exist_ok=True)
     fig.savefig(ROOT / "docs" / "one_shot.png", dpi=110)
     timing_lines = []
-    for B in (50, 32):
-        f = results.get(f"fisher-B{B}")
-        if f:
-            timing_lines.append(f"| B={B} | {f['grad_seconds']:.0f} | {f['fisher_seconds']:.1f} |")
+    for structure, B in (("unstructured", 50), ("block4", 32)):
+        for update in ("independent", "joint"):
+            r = results.get(f"obert-{structure}-0.5-R1-{update}")
+            if r and r.get("dense_fisher"):
+                f, t = r["dense_fisher"], r["timings"]
+                phase = f["fisher_seconds"] + t["score_seconds"] + t["update_seconds"]
+                timing_lines.append(
+                    f"| {structure} B={B}, {update} | {f['grad_seconds']:.0f} | "
+                    f"{f['fisher_seconds']:.1f} | {t['score_seconds']:.1f} | "
+                    f"{t['update_seconds']:.1f} | {phase:.1f} | {150 / phase:.1f}x |")
     out = ROOT / "runs" / "one_shot_table.md"
     out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(rows) + "\n\n| Fisher | gradient collection (s) | Fisher accumulate+invert (s) |\n|---|---|---|\n"
+    out.write_text("\n".join(rows) + "\n\n| one pruning step at 50% | gradients (s) | Fisher accumulate+invert (s) | "
+                   "score (s) | update (s) | Fisher/score/update (s) | vs reference 150 s |\n"
+                   "|---|---|---|---|---|---|---|\n"
                    + "\n".join(timing_lines) + "\n")
     print(out.read_text())
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "

@@ -126,7 +126,8 @@ class FisherResult:
     finv: dict[str, Tensor] = field(default_factory=dict)
     spilled: dict[str, Path] = field(default_factory=dict)
     grad_seconds: float = 0.0
-    fisher_seconds: float = 0.0
+    fisher_seconds: float = 0.0  # Gram accumulation + inversion
+    invert_seconds: float = 0.0  # the inversion part of fisher_seconds
     plan: MemoryPlan | None = None
     _tmp: tempfile.TemporaryDirectory | None = None
 
@@ -201,6 +202,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                 for i in group:
                     accs[i].update(bufs[i][:filled])
             del bufs
+            t2 = time.perf_counter()
             for i in tqdm(group, desc="invert Fisher blocks", disable=not progress, leave=False):
                 name = targets[i].name
                 finv = accs.pop(i).inverse()
@@ -211,6 +213,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                 else:
                     result.finv[name] = finv
             result.fisher_seconds += time.perf_counter() - t1
+            result.invert_seconds += time.perf_counter() - t2
     finally:
         for t in targets:
             t.module.weight.grad = None

@@ -77,7 +77,8 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
                                           seed=config.seed, max_memory_gb=config.max_memory_gb,
                                           log=log)
             fisher = cache[k]
-            info = {"grad_seconds": fisher.grad_seconds, "fisher_seconds": fisher.fisher_seconds}
+            info = {"grad_seconds": fisher.grad_seconds, "fisher_seconds": fisher.fisher_seconds,
+                    "invert_seconds": fisher.invert_seconds}
         masks, report = prune_model(model, targets, config,
                                     loader_factory(config.grad_batch_size), fisher=fisher,
                                     log=lambda s: None)

@@ -21,8 +21,8 @@ class OBert(Method):
         super().__init__(config)
         self._given = fisher
         self._fisher: FisherResult | None = None
-        self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "score_seconds": 0.0,
-                       "update_seconds": 0.0}
+        self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "invert_seconds": 0.0,
+                       "score_seconds": 0.0, "update_seconds": 0.0}
 
     def _flat(self, t) -> Tensor:
         """Weight flattened row-major, zero-padded to whole Fisher blocks."""
@@ -41,6 +41,7 @@ class OBert(Method):
                                           max_memory_gb=c.max_memory_gb)
             self._times["grad_seconds"] += self._fisher.grad_seconds
             self._times["fisher_seconds"] += self._fisher.fisher_seconds
+            self._times["invert_seconds"] += self._fisher.invert_seconds
         t0 = time.perf_counter()
         out = {}
         for t in targets:
