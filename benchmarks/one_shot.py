@@ -9,8 +9,10 @@
    unstructured (B=50) and block4 (B=32), 1 and 4 recomputations; m=256 gradients of batch 16,
    damp 1e-7. With one recomputation every sparsity reuses the dense model's Fisher inverse
    (collected once per block size); the recomputation steps collect fresh gradients.
-Results accumulate in WORK/results.json (a rerun skips what is done), then the table and plot
-go to docs/benchmarks.md and docs/one_shot.png.
+Results accumulate in docs/one_shot_results.json (a rerun skips what is done; the dense model's
+weight hash is recorded so results from a different dense model are never mixed), then the
+table goes to runs/one_shot_table.md (pasted into docs/benchmarks.md) and the plot to
+docs/one_shot.png.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def key(c: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="dense model cache")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "one_shot_results.json"))
     ap.add_argument("--num-grads", type=int, default=256)
     ap.add_argument("--recomputations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--only-plot", action="store_true")
@@ -61,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results_path = work / "results.json"
+    results_path = Path(args.results)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if not args.only_plot:
         run(args, work, results, results_path)
@@ -92,6 +95,11 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         finetune(model, tok, ds, epochs=2, lr=1e-4, batch_size=32, seed=0, lr_scheduler="constant")
         save_model_dir(dense_dir, model, tok, {"train.json": {"seconds": time.perf_counter() - t0}})
     tok, dense = load_classifier(str(dense_dir))
+    digest = weights_digest(dense)
+    if results.get("dense_sha256", digest) != digest:
+        log("the dense model differs from the one the saved results came from: starting afresh")
+        results.clear()
+    results["dense_sha256"] = digest
     label2id = label_map_from_config(dense.config)
     val = Encoded(val_rows, tok, label2id, 128)
     grads_ds = Encoded(train_rows.subset(3000, seed=0), tok, label2id, 128)
@@ -125,6 +133,17 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
             log("time budget reached; rerun to continue")
             break
         t_prev = time.perf_counter()
+
+
+def weights_digest(model) -> str:
+    """sha256 over the model's weights (which dense model a set of results belongs to)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def write_report(results: dict, args) -> None:
@@ -171,8 +190,8 @@ def write_report(results: dict, args) -> None:
         ax.set_title(f"MiniLM one-shot, {structure}")
         ax.set_xlabel("sparsity (%)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
     axes[0].set_ylabel("validation accuracy (%)")
-    axes[1].legend(fontsize=8)
     fig.tight_layout()
     (ROOT / "docs").mkdir(exist_ok=True)
     fig.savefig(ROOT / "docs" / "one_shot.png", dpi=110)
@@ -187,13 +206,19 @@ def write_report(results: dict, args) -> None:
                     f"| {structure} B={B}, {update} | {f['grad_seconds']:.0f} | "
                     f"{f['fisher_seconds']:.1f} | {t['score_seconds']:.1f} | "
                     f"{t['update_seconds']:.1f} | {phase:.1f} | {150 / phase:.1f}x |")
-    out = ROOT / "runs" / "one_shot_table.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("\n".join(rows) + "\n\n| one pruning step at 50% | gradients (s) | Fisher accumulate+invert (s) | "
+    phase = ("| one pruning step at 50% | gradients (s) | Fisher accumulate+invert (s) | "
                    "score (s) | update (s) | Fisher/score/update (s) | vs reference 150 s |\n"
                    "|---|---|---|---|---|---|---|\n"
-                   + "\n".join(timing_lines) + "\n")
-    print(out.read_text())
+                   + "\n".join(timing_lines))
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    for name, body in (("one-shot table", "\n".join(rows).strip()), ("phase table", phase)):
+        start = f"<!-- {name}: written by benchmarks/one_shot.py -->"
+        end = f"<!-- end {name} -->"
+        if start in text and end in text:
+            text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
+    doc.write_text(text)
+    print("\n".join(rows) + "\n\n" + phase)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"python {sys.version.split()[0]}")
 
