@@ -46,3 +46,25 @@ def test_unknown_task_and_no_source():
         load_data(None, "not-a-glue-task", "train")
     with pytest.raises(ObertError):
         load_data(None, None, "train")
+
+
+def test_glue_task_maps_columns_and_eval_split(monkeypatch):
+    """--task goes through datasets.load_dataset('glue', task) with the task's own columns."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name, split):
+        calls.append((path, name, split))
+        if name == "sst2":
+            return datasets.Dataset.from_dict({"sentence": ["good", "bad"], "label": [1, 0]})
+        return datasets.Dataset.from_dict({"premise": ["a b", "c"], "hypothesis": ["d", "e f"],
+                                           "label": [2, 0], "idx": [0, 1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    rows = load_data(None, "mnli", "eval")
+    assert calls == [("glue", "mnli", "validation_matched")]
+    assert rows.texts == ["a b", "c"] and rows.pairs == ["d", "e f"] and rows.labels == [2, 0]
+    sst2 = load_data(None, "sst2", "train")
+    assert calls[-1] == ("glue", "sst2", "train")
+    assert sst2.texts == ["good", "bad"] and sst2.pairs is None

@@ -141,6 +141,17 @@ def test_prune_model_reaches_exact_sparsity(tmp_path, method, structure, scope, 
             assert abs(int((w == 0).sum()) - 0.6 * w.numel()) <= g
 
 
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_prune_other_families(tmp_path, family):
+    model = tiny_model(family)
+    targets = find_targets(model)
+    ds = _batches(tmp_path, model)
+    cfg = PruneConfig(sparsity=0.5, structure="block4", num_grads=4, grad_batch_size=8, damp=1e-5)
+    prune_model(model, targets, cfg, gradient_batches(ds, 8), log=lambda s: None)
+    zeros = sum(int((t.module.weight == 0).sum()) for t in targets)
+    assert abs(zeros - 0.5 * sum(t.numel for t in targets)) <= 4
+
+
 def test_obert_update_changes_kept_weights_and_magnitude_does_not(tmp_path):
     base = tiny_model("bert")
     ds = _batches(tmp_path, base)
