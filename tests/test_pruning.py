@@ -200,6 +200,21 @@ def test_masks_survive_training_steps(tmp_path):
         assert torch.all(~masks2.masks[t.name][~old[t.name]])
 
 
+def test_block4_on_top_of_unstructured_keeps_old_zeros(tmp_path):
+    model = tiny_model("bert")
+    targets = find_targets(model)
+    ds = _batches(tmp_path, model)
+    masks, _ = prune_model(model, targets, PruneConfig(sparsity=0.3, method="magnitude"),
+                           log=lambda s: None)
+    old = {t.name: masks.masks[t.name].clone() for t in targets}
+    cfg = PruneConfig(sparsity=0.5, structure="block4", num_grads=4, grad_batch_size=8, damp=1e-6)
+    masks, _ = prune_model(model, targets, cfg, gradient_batches(ds, 8), masks=masks,
+                           log=lambda s: None)
+    for t in targets:
+        assert torch.all(t.module.weight[~old[t.name]] == 0)
+        assert torch.equal(t.module.weight == 0, ~masks.masks[t.name])
+
+
 def test_prune_config_validation():
     for bad in (dict(sparsity=1.0), dict(sparsity=-0.1), dict(sparsity=0.5, method="random"),
                 dict(sparsity=0.5, structure="block3"), dict(sparsity=0.5, damp=0),

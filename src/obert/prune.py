@@ -88,8 +88,9 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
             kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
             scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
         chosen = select_groups(scores, target, config.scope)
+        # Weights pruned before (possibly inside groups that stay) are constrained to zero too.
         prune = {t.name: chosen[t.name].repeat_interleave(g).reshape(t.module.weight.shape)
-                 .to(t.module.weight.device) for t in targets}
+                 .to(t.module.weight.device) | ~masks.masks[t.name] for t in targets}
         method.update(targets, prune)
         for t in targets:
             masks.set(t.name, ~prune[t.name])
