@@ -207,3 +207,26 @@ def test_all_combinations_of_small_pruned_sets_are_optimal():
             pruned[list(P)] = True
             torch.testing.assert_close(prune_update(w, finv, pruned),
                                        w + brute_force_optimum(w, fisher, pruned))
+
+
+def test_badly_conditioned_float32_blocks_fall_back_to_float64():
+    """A rank-2 Fisher at damp 1e-6 and gradient scale 1e3 breaks float32 Cholesky (cond ~1e12)."""
+    torch.manual_seed(0)
+    good = torch.randn(2, 8, dtype=torch.float64) * 1e-2
+    bad = torch.randn(2, 8, dtype=torch.float64) * 1e3
+    grads = torch.cat([good, bad], dim=1)  # block 0 is benign, block 1 is not
+    f32 = (bad.T @ bad / 2).float()
+    f32.diagonal().add_(1e-6)
+    assert int(torch.linalg.cholesky_ex(f32.unsqueeze(0))[1]) != 0  # the premise
+    got = fisher_inverse_blocks(grads.float(), 8, 1e-6)
+    assert torch.isfinite(got).all()
+    ref = reference_inverse(grads, 8, 1e-6)
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-3, atol=1e-2)
+    # The bad block: symmetric, positive semi-definite up to float32 rounding of a cond-1e12
+    # inverse, and right along the gradients' directions (the rest is not determined by it).
+    torch.testing.assert_close(got[1], got[1].T)
+    evals = torch.linalg.eigvalsh(got[1].double())
+    assert float(evals.min()) > -1e-7 * float(evals.max())
+    top = torch.linalg.eigh(bad.T @ bad)[1][:, -1]
+    quad = lambda m: float(top @ m @ top)  # noqa: E731
+    assert abs(quad(got[1].double()) - quad(ref[1])) / quad(ref[1]) < 1e-2

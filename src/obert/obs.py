@@ -43,12 +43,15 @@ def invert_fisher(gram: Tensor, num_grads: int, damp: float) -> Tensor:
     fisher.diagonal(dim1=-2, dim2=-1).add_(damp)
     chol, info = torch.linalg.cholesky_ex(fisher)
     if bool((info != 0).any()):
-        # float32 Cholesky can fail on badly conditioned blocks: redo just those in float64.
+        # float32 rounding can leave a badly conditioned block indefinite. Redo those blocks in
+        # float64 through an eigendecomposition with eigenvalues clamped at damp: the inverse of
+        # the nearest matrix whose spectrum respects the damping.
         bad = (info != 0).nonzero().squeeze(1)
-        chol64 = torch.linalg.cholesky(fisher[bad].double())
-        fisher[bad] = torch.cholesky_inverse(chol64).to(fisher.dtype)
+        evals, evecs = torch.linalg.eigh(fisher[bad].double())
+        inv_bad = (evecs / evals.clamp(min=damp).unsqueeze(-2)) @ evecs.transpose(-2, -1)
         good = (info == 0).nonzero().squeeze(1)
         fisher[good] = torch.cholesky_inverse(chol[good])
+        fisher[bad] = inv_bad.to(fisher.dtype)
         return fisher
     return torch.cholesky_inverse(chol)
 
