@@ -172,12 +172,17 @@ def test_obert_update_changes_kept_weights_and_magnitude_does_not(tmp_path):
     assert max(moved) > 1e-2  # the OBS update moves the surviving weights
 
 
-def test_masks_survive_training_steps(tmp_path):
+def _magnitude_pruned(tmp_path, sparsity):
+    """A tiny BERT magnitude-pruned to ``sparsity``: (model, targets, batches, masks)."""
     model = tiny_model("bert")
     targets = find_targets(model)
-    ds = _batches(tmp_path, model)
-    masks, _ = prune_model(model, targets, PruneConfig(sparsity=0.7, method="magnitude"),
+    masks, _ = prune_model(model, targets, PruneConfig(sparsity=sparsity, method="magnitude"),
                            log=lambda s: None)
+    return model, targets, _batches(tmp_path, model), masks
+
+
+def test_masks_survive_training_steps(tmp_path):
+    model, targets, ds, masks = _magnitude_pruned(tmp_path, 0.7)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     masks.attach(opt)
     model.train()
@@ -201,11 +206,7 @@ def test_masks_survive_training_steps(tmp_path):
 
 
 def test_block4_on_top_of_unstructured_keeps_old_zeros(tmp_path):
-    model = tiny_model("bert")
-    targets = find_targets(model)
-    ds = _batches(tmp_path, model)
-    masks, _ = prune_model(model, targets, PruneConfig(sparsity=0.3, method="magnitude"),
-                           log=lambda s: None)
+    model, targets, ds, masks = _magnitude_pruned(tmp_path, 0.3)
     old = {t.name: masks.masks[t.name].clone() for t in targets}
     cfg = PruneConfig(sparsity=0.5, structure="block4", num_grads=4, grad_batch_size=8, damp=1e-6)
     masks, _ = prune_model(model, targets, cfg, gradient_batches(ds, 8), masks=masks,
