@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import ObertError
+from .errors import ObertError, first_line
 
 # GLUE tasks: (text field, pair field or None, evaluation split)
 GLUE_TASKS: dict[str, tuple[str, str | None, str]] = {
@@ -69,7 +69,7 @@ def load_file(path: str | Path) -> TextData:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for malformed files
-        raise ObertError(f"cannot read {path}: {_root_cause(exc)}") from exc
+        raise ObertError(f"cannot read {path}: {first_line(exc)}") from exc
     return _from_columns(ds, "text", "text_pair" if "text_pair" in ds.column_names else None, str(path))
 
 
@@ -84,16 +84,8 @@ def load_glue(task: str, split: str) -> TextData:
         ds = datasets.load_dataset("glue", task, split=eval_split if split == "eval" else split)
     except Exception as exc:
         raise ObertError(f"cannot load GLUE task '{task}' (is the hub reachable?): "
-                         f"{_root_cause(exc)}") from exc
+                         f"{first_line(exc)}") from exc
     return _from_columns(ds, text, pair, f"glue/{task}")
-
-
-def _root_cause(exc: BaseException) -> str:
-    """First line of the innermost exception's message (datasets wraps parse errors)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _from_columns(ds, text: str, pair: str | None, where: str) -> TextData:

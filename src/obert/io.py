@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,8 +43,7 @@ def write_json(path: str | Path, data: dict) -> None:
     os.replace(f.name, path)
 
 
-def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None,
-                   also: Callable[[Path], None] | None = None) -> Path:
+def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None) -> Path:
     """Save a Hugging Face model directory (safetensors) plus JSON files, atomically."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -52,6 +51,4 @@ def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | N
             tokenizer.save_pretrained(tmp)
         for name, data in (extra or {}).items():
             write_json(tmp / name, data)
-        if also is not None:
-            also(tmp)
     return Path(out)

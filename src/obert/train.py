@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Encoded
-from .errors import ObertError
+from .errors import ObertError, first_line
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -37,8 +37,7 @@ def load_classifier(path: str, labels: list | None = None):
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ObertError(f"cannot load model '{path}': {first}") from exc
+        raise ObertError(f"cannot load model '{path}': {first_line(exc)}") from exc
     return tokenizer, model
 
 
