@@ -1,4 +1,4 @@
-"""The ``obert`` command line: ``obert finetune`` and ``obert prune``.
+"""The ``obert`` command line: ``obert finetune``, ``obert prune`` and ``obert train``.
 
 User errors print one line (``error: ...``) and exit 2; nothing half-written is left in ``--out``.
 Set ``OBERT_DEBUG=1`` to see tracebacks.
@@ -123,6 +123,26 @@ def prune(
         typer.echo(f"accuracy before: {result['accuracy_before']:.4f}  after: "
                    f"{result['accuracy_after']:.4f}")
     typer.echo(f"sparsity {result['global_sparsity']:.4f}; saved {out}")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Option(..., "--recipe", help="YAML recipe (see recipes/)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a field: section.key=value (repeatable)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint"),
+    keep_checkpoints: bool = typer.Option(False, help="Keep OUT.checkpoints/ after a successful run"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars"),
+) -> None:
+    """Gradual pruning while fine-tuning (cubic schedule, oBERT or magnitude, distillation)."""
+    from .gradual import run_recipe
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    metrics = run_recipe(r, resume=resume, keep_checkpoints=keep_checkpoints, progress=not no_progress)
+    if metrics:
+        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
+                          if k in metrics)
+        typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
 
 
 def _check_positive(**values: float) -> None:

@@ -9,6 +9,7 @@ same as one pass), and the inverses of finished groups wait on disk.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, rank, world_size
 from .errors import ObertError
 from .masks import MaskSet
 from .obs import StreamingFisher
@@ -157,12 +159,21 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     Gradients are taken with dropout off (``model.eval()``), only for the target weights, and
     masked so already-pruned weights contribute nothing. ``loader_factory(seed)`` yields
     mini-batches (dicts with ``labels``) in a seed-determined order.
+
+    On several processes (DDP) the ``num_grads`` batches of that order are dealt round-robin to
+    the ranks; each accumulates its share of ``G_b^T G_b`` and the sums are all-reduced before
+    inversion, so every rank inverts the same Fisher a single process would.
     """
     device = next(model.parameters()).device
+    # float64 models (exactness tests) keep float64 Fisher blocks; everything else uses float32.
+    dtype = torch.float64 if targets[0].module.weight.dtype == torch.float64 else torch.float32
+    world, my_rank = world_size(), rank()
     sizes = [padded_size(t.numel, block_size) for t in targets]
     budget = int(max_memory_gb * GiB) if max_memory_gb else int(0.8 * available_memory(device))
-    plan = plan_memory(sizes, block_size, num_grads, budget)
-    log(f"[obert] {plan.describe()}")
+    plan = plan_memory(sizes, block_size, num_grads, budget, elem_bytes=dtype.itemsize)
+    progress = progress and my_rank == 0  # one progress bar and one log line per job, not per rank
+    if my_rank == 0:
+        log(f"[obert] {plan.describe()}")
     result = FisherResult(plan=plan)
     if len(plan.groups) > 1:
         result._tmp = tempfile.TemporaryDirectory(prefix="obert-finv-")
@@ -175,12 +186,14 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
         for p in model.parameters():
             p.requires_grad_(id(p) in target_weights)
         for gi, group in enumerate(plan.groups):
-            accs = {i: StreamingFisher(sizes[i], block_size, damp, device=device) for i in group}
-            bufs = {i: torch.zeros(plan.chunk, sizes[i], device=device) for i in group}
+            accs = {i: StreamingFisher(sizes[i], block_size, damp, dtype=dtype, device=device)
+                    for i in group}
+            bufs = {i: torch.zeros(plan.chunk, sizes[i], dtype=dtype, device=device) for i in group}
             filled = 0
             desc = "gradients" + (f" (pass {gi + 1}/{len(plan.groups)})" if len(plan.groups) > 1 else "")
-            batches = batch_stream(loader_factory, num_grads, seed)
-            for batch in tqdm(batches, total=num_grads, desc=desc, disable=not progress, leave=False):
+            batches = itertools.islice(batch_stream(loader_factory, num_grads, seed), my_rank, None, world)
+            mine = len(range(my_rank, num_grads, world))
+            for batch in tqdm(batches, total=mine, desc=desc, disable=not progress, leave=False):
                 t0 = time.perf_counter()
                 for t in targets:
                     t.module.weight.grad = None
@@ -202,6 +215,10 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                 for i in group:
                     accs[i].update(bufs[i][:filled])
             del bufs
+            if world > 1:
+                for acc in accs.values():
+                    all_reduce_sum(acc.gram)
+                    acc.num_grads = num_grads
             t2 = time.perf_counter()
             for i in tqdm(group, desc="invert Fisher blocks", disable=not progress, leave=False):
                 name = targets[i].name

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,12 +43,18 @@ def write_json(path: str | Path, data: dict) -> None:
     os.replace(f.name, path)
 
 
-def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None) -> Path:
-    """Save a Hugging Face model directory (safetensors) plus JSON files, atomically."""
+def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None,
+                   hook: Callable[[Path], None] | None = None) -> Path:
+    """Save a Hugging Face model directory (safetensors) plus JSON files, atomically.
+
+    ``hook(folder)`` may add more files to the directory before it takes its final name.
+    """
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra or {}).items():
             write_json(tmp / name, data)
+        if hook is not None:
+            hook(tmp)
     return Path(out)

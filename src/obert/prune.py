@@ -1,7 +1,8 @@
 """One-shot pruning of a model: score, choose the pruned groups, update weights, keep masks.
 
 With ``num_recomputations = R`` the target is reached in R sub-steps with sparsities
-``s * r / R`` (r = 1..R), each re-estimating the scores (for oBERT: fresh gradients and Fisher)
+``s0 + (s - s0) * r / R`` (r = 1..R, ``s0`` the sparsity of the masks pruning starts from: 0
+for a dense model), each re-estimating the scores (for oBERT: fresh gradients and Fisher)
 on the model pruned so far.
 """
 
@@ -81,8 +82,9 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     method = METHODS[config.method](config, fisher=fisher)
     report = PruneReport(config=config.as_dict())
     t_start = time.perf_counter()
+    start = masks.stats()["global_sparsity"]  # gradual pruning continues from earlier masks
     for r in range(1, config.num_recomputations + 1):
-        target = config.sparsity * r / config.num_recomputations
+        target = start + (config.sparsity - start) * r / config.num_recomputations
         scores = method.scores(model, targets, masks, loader_factory, step=r - 1)
         for t in targets:  # already-pruned groups stay pruned
             kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)

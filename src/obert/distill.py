@@ -1,0 +1,36 @@
+"""Knowledge distillation from a dense teacher.
+
+``loss = (1 - hardness) * task_loss + hardness * T^2 * KL(softmax(teacher / T) || softmax(student / T))``,
+the KL averaged over examples (and over the output keys: ``logits`` for classification,
+``start_logits``/``end_logits`` for question answering, as the task loss averages them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DISTILL_KEYS = ("logits", "start_logits", "end_logits")
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))`` over the last dimension, mean over rows."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).reshape(-1, student_logits.shape[-1])
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).reshape(-1, teacher_logits.shape[-1])
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def distillation_loss(task_loss: Tensor | None, student_out, teacher_out, hardness: float,
+                      temperature: float) -> Tensor:
+    """Mix of the task loss and the KD loss over the logits both outputs share."""
+    keys = [k for k in DISTILL_KEYS if getattr(student_out, k, None) is not None
+            and getattr(teacher_out, k, None) is not None]
+    if not keys:
+        raise ValueError("student and teacher outputs share no logits to distill")
+    kd = torch.stack([kd_loss(student_out[k], teacher_out[k], temperature) for k in keys]).mean()
+    if hardness >= 1.0:
+        return kd
+    if task_loss is None:
+        raise ValueError("hardness < 1 mixes in the task loss: the batch needs labels")
+    return (1.0 - hardness) * task_loss + hardness * kd

@@ -1,0 +1,319 @@
+"""``obert train``: run a recipe (gradual pruning + distillation) on the Hugging Face Trainer.
+
+Layout of a run with ``output_dir: OUT``:
+
+* ``OUT.checkpoints/checkpoint-N/``: Trainer checkpoints (weights, optimizer, scheduler, RNG,
+  trainer state) plus obert's masks, pruning and evaluation history; ``obert_complete`` is
+  written last, so a checkpoint without it (killed while saving) is never resumed from.
+* ``OUT/``: written once, atomically, at the end: the model (safetensors), tokenizer,
+  ``sparsity.json``, ``metrics.json``, ``history.json``, ``recipe.yaml`` and ``training.png``
+  (sparsity and the eval metric over training). The checkpoints are then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from .callback import OBertPruningCallback, steps_per_epoch
+from .distributed import rank, world_size
+from .errors import ObertError, first_line
+from .io import save_model_dir, write_json
+from .masks import MaskSet
+from .recipe import Recipe, dump_recipe
+from .targets import find_targets
+from .trainer import LRSchedule, ObertTrainer
+
+SEAL = "obert_complete"
+HISTORY_FILE = "obert_history.json"
+
+
+@dataclass
+class Task:
+    """What the trainer needs from a task: data, collator, model loader and evaluation."""
+
+    kind: str
+    metric: str  # the headline metric: accuracy or f1
+    tokenizer: object
+    model: torch.nn.Module
+    train_dataset: object
+    collator: Callable
+    evaluate: Callable[[torch.nn.Module], dict]
+    load_teacher: Callable[[str], torch.nn.Module]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def classification_task(recipe: Recipe) -> Task:
+    from transformers import AutoModelForSequenceClassification
+
+    from .data import Encoded, label_list, label_map_from_config, load_data
+    from .train import evaluate, load_classifier
+
+    d, tr = recipe.data, recipe.training
+    train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
+    eval_rows = load_data(d.eval_file, d.task if d.eval_file is None else None, "eval")
+    labels = label_list(train_rows.labels + eval_rows.labels)
+    tokenizer, model = load_classifier(recipe.model.path, labels)
+    label2id = label_map_from_config(model.config)
+    train_ds = Encoded(train_rows.subset(d.max_train_rows, tr.seed), tokenizer, label2id, tr.max_length)
+    eval_ds = Encoded(eval_rows.subset(d.max_eval_rows, tr.seed), tokenizer, label2id, tr.max_length)
+
+    def load_teacher(path: str):
+        teacher = _load(AutoModelForSequenceClassification, path, "teacher")
+        if {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()} != \
+                {str(k): int(v) for k, v in label2id.items()}:
+            raise ObertError(f"teacher '{path}' has different labels than the data "
+                             f"({', '.join(map(str, label2id))})")
+        return teacher
+
+    return Task("classification", "accuracy", tokenizer, model, train_ds,
+                DataCollatorWithPadding(tokenizer),
+                lambda m: evaluate(m, eval_ds, tr.eval_batch_size, progress=rank() == 0),
+                load_teacher)
+
+
+def qa_task(recipe: Recipe) -> Task:
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from .qa import eval_features, evaluate_qa, load_qa, train_features
+
+    d, tr = recipe.data, recipe.training
+    train = load_qa(d.train_file, d.task if d.train_file is None else None, "train")
+    dev = load_qa(d.eval_file, d.task if d.eval_file is None else None, "eval")
+    train, dev = train.subset(d.max_train_rows, tr.seed), dev.subset(d.max_eval_rows, tr.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ObertError(f"cannot load tokenizer '{recipe.model.path}': {first_line(exc)}") from exc
+    model = _load(AutoModelForQuestionAnswering, recipe.model.path, "model")
+    collator = DataCollatorWithPadding(tokenizer)
+    features = train_features(train, tokenizer, tr.max_length, tr.doc_stride)
+    dev_feats = eval_features(dev, tokenizer, tr.max_length, tr.doc_stride)
+    return Task("question-answering", "f1", tokenizer, model, features, collator,
+                lambda m: evaluate_qa(m, dev, dev_feats, collator, tr.eval_batch_size,
+                                      progress=rank() == 0),
+                lambda path: _load(AutoModelForQuestionAnswering, path, "teacher"))
+
+
+def _load(cls, path: str, what: str):
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}") from exc
+
+
+class RunRecorder(TrainerCallback):
+    """Evaluates every ``eval_every_epochs``, shows sparsity and loss on the progress bar,
+    and seals checkpoints (history file, then the ``obert_complete`` marker, then rotation)."""
+
+    def __init__(self, evaluate: Callable, eval_every_epochs: float, pruning: OBertPruningCallback | None,
+                 keep: int = 2) -> None:
+        self.evaluate = evaluate
+        self.every = eval_every_epochs
+        self.pruning = pruning
+        self.keep = keep
+        self.history: list[dict] = []
+        self.trainer = None
+        self._eval_steps: set[int] = set()
+
+    def sparsity(self) -> float:
+        return self.pruning.sparsity if self.pruning is not None else 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        spe = steps_per_epoch(state, args)
+        n = int(float(args.num_train_epochs) / self.every + 1e-9)
+        self._eval_steps = {round(j * self.every * spe) for j in range(1, n + 1)} - {state.max_steps}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self._eval_steps and rank() == 0:
+            self.record(state, model)
+
+    def record(self, state, model) -> dict:
+        metrics = self.evaluate(model)
+        entry = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                 "sparsity": self.sparsity(), **metrics}
+        self.history.append(entry)
+        shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+        _print(f"[obert] epoch {entry['epoch']:.2f}: sparsity {entry['sparsity']:.4f} {shown}")
+        return entry
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.trainer is None or not logs or "loss" not in logs:
+            return
+        for cb in self.trainer.callback_handler.callbacks:
+            if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                cb.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", sparsity=f"{self.sparsity():.3f}")
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        write_json(folder / HISTORY_FILE, {"history": self.history})
+        (folder / SEAL).write_text("ok\n")
+        for old in sealed_checkpoints(Path(args.output_dir))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        if (folder / HISTORY_FILE).is_file():
+            self.history = json.loads((folder / HISTORY_FILE).read_text())["history"]
+
+
+def _print(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)
+
+
+def sealed_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in ``folder``, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("checkpoint-*") if (p / SEAL).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    out = Path(recipe.output_dir)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def build_task(recipe: Recipe) -> Task:
+    _quiet_transformers()
+    return qa_task(recipe) if recipe.model.task_type == "question-answering" else classification_task(recipe)
+
+
+def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,
+               extra_callbacks: list | None = None, progress: bool = True) -> dict:
+    """Train (and gradually prune) as ``recipe`` says; returns the final metrics."""
+    from transformers import TrainingArguments
+
+    from .train import pick_device
+
+    tr = recipe.training
+    ckpt = checkpoint_dir(recipe)
+    resume_from = None
+    if resume:
+        sealed = sealed_checkpoints(ckpt)
+        resume_from = sealed[-1] if sealed else None
+        if resume_from is None and rank() == 0:
+            _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
+    elif sealed_checkpoints(ckpt):
+        raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
+                         "it, or remove that directory")
+
+    task = build_task(recipe)
+    model = task.model
+    device = pick_device(tr.device)
+    use_cpu = device.type == "cpu"
+    pruning_cb = None
+    if recipe.pruning is not None:
+        find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
+        pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
+                                          task.collator, include=recipe.pruning.include,
+                                          exclude=recipe.pruning.exclude, log=_print)
+    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb)
+    teacher = None
+    dist_cfg = recipe.distillation
+    if dist_cfg is not None and dist_cfg.hardness > 0:
+        teacher = task.load_teacher(dist_cfg.teacher)
+
+    save_ratio = tr.save_every_epochs / tr.epochs
+    args = TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=tr.epochs, learning_rate=tr.lr,
+        per_device_train_batch_size=tr.batch_size, weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm, gradient_accumulation_steps=tr.gradient_accumulation_steps,
+        seed=tr.seed, data_seed=tr.seed, report_to="none", logging_strategy="steps",
+        logging_steps=tr.logging_steps, save_strategy="steps" if save_ratio < 1 else "no",
+        save_steps=save_ratio if save_ratio < 1 else 500, save_total_limit=None,
+        disable_tqdm=not progress or rank() != 0, dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
+        fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
+    )
+    callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
+    trainer = ObertTrainer(
+        model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
+        callbacks=callbacks, teacher=teacher,
+        hardness=dist_cfg.hardness if dist_cfg else 0.0,
+        temperature=dist_cfg.temperature if dist_cfg else 1.0,
+        lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
+                               recipe.schedule() if recipe.pruning else None),
+    )
+    recorder.trainer = trainer
+    if resume_from is not None:
+        if pruning_cb is not None:
+            pruning_cb.load_checkpoint(resume_from)
+        recorder.load_checkpoint(resume_from)
+        if rank() == 0:
+            _print(f"[obert] resuming from {resume_from}")
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - t0
+    if rank() != 0:
+        return {}
+    model = trainer.model
+    final = recorder.record(trainer.state, model)
+    masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
+    stats = masks.stats()
+    metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
+    metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
+                   world_size=world_size(), metric=task.metric)
+    sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
+                "structure": recipe.pruning.structure if recipe.pruning else None,
+                "scope": recipe.pruning.scope if recipe.pruning else None,
+                "source_model": recipe.model.path,
+                "settings": recipe.pruning.model_dump() if recipe.pruning else None,
+                "steps": pruning_cb.history if pruning_cb else []}
+    history = {"eval": recorder.history, "pruning": sparsity["steps"],
+               "log": [e for e in trainer.state.log_history if "loss" in e]}
+
+    def extra(folder: Path) -> None:
+        (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+        plot_history(history, task.metric, folder / "training.png")
+
+    save_model_dir(recipe.output_dir, model, task.tokenizer,
+                   {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
+                   hook=extra)
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
+
+
+def plot_history(history: dict, metric: str, path: Path) -> None:
+    """Sparsity (step function over pruning steps) and the eval metric against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    evals = history["eval"]
+    xs = [e["epoch"] for e in evals]
+    ax.plot(xs, [e["sparsity"] for e in evals], "o-", color="tab:blue", label="sparsity")
+    for p in history["pruning"]:
+        ax.axvline(p["epoch"], color="tab:blue", alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("sparsity", color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [e.get(metric, float("nan")) for e in evals], "s-", color="tab:red", label=metric)
+    ax2.set_ylabel(metric, color="tab:red")
+    ax.set_title("gradual pruning: sparsity and eval " + metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""Recipes: one YAML file describes a gradual-pruning run, validated before anything starts.
+
+    model:        {path, task_type: classification | question-answering}
+    data:         {task | train_file + eval_file, max_train_rows, max_eval_rows}
+    training:     {epochs, lr, batch_size, max_length, doc_stride, lr_schedule, final_lr_ratio,
+                   weight_decay, seed, fp16, save_every_epochs, eval_every_epochs, ...}
+    pruning:      {method, structure, init_sparsity, final_sparsity, start_epoch, end_epoch,
+                   frequency, num_grads, grad_batch_size, fisher_block_size, damp, scope,
+                   num_recomputations, update, include, exclude}      (omit for dense training)
+    distillation: {teacher, hardness, temperature}                  (omit for no distillation)
+    output_dir:   where the final model, sparsity.json and metrics.json go
+
+Unknown fields are errors (a typo must not silently fall back to a default). ``--set
+section.key=value`` overrides any field; values are parsed as YAML (``0.9``, ``true``, ``[a, b]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ObertError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    path: str
+    task_type: Literal["classification", "question-answering"] = "classification"
+
+
+class DataSection(_Section):
+    task: str | None = None
+    train_file: str | None = None
+    eval_file: str | None = None
+    max_train_rows: int | None = Field(None, gt=0)
+    max_eval_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.task is None and (self.train_file is None or self.eval_file is None):
+            raise ValueError("give data.task, or both data.train_file and data.eval_file")
+        return self
+
+
+class TrainingSection(_Section):
+    epochs: float = Field(gt=0)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    max_length: int = Field(128, ge=8)
+    doc_stride: int = Field(128, gt=0)  # question answering only
+    lr_schedule: Literal["rewind", "linear", "constant"] = "rewind"
+    final_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    seed: int = 42
+    fp16: bool = False  # used on CUDA only
+    save_every_epochs: float = Field(1.0, gt=0)
+    eval_every_epochs: float = Field(1.0, gt=0)
+    logging_steps: int = Field(50, gt=0)
+    device: str | None = None
+
+
+class PruningSection(_Section):
+    method: Literal["obert", "magnitude"] = "obert"
+    structure: Literal["unstructured", "block4"] = "unstructured"
+    init_sparsity: float = Field(ge=0, lt=1)
+    final_sparsity: float = Field(ge=0, lt=1)
+    start_epoch: float = Field(ge=0)
+    end_epoch: float = Field(ge=0)
+    frequency: float = Field(1.0, gt=0)
+    num_grads: int = Field(1024, gt=0)
+    grad_batch_size: int = Field(16, gt=0)
+    fisher_block_size: int | None = Field(None, gt=0)
+    damp: float = Field(1e-7, gt=0)
+    scope: Literal["global", "uniform"] = "global"
+    num_recomputations: int = Field(1, gt=0)
+    update: Literal["joint", "independent"] = "joint"
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    max_memory_gb: float | None = Field(None, gt=0)
+
+
+class DistillationSection(_Section):
+    teacher: str
+    hardness: float = Field(1.0, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    training: TrainingSection
+    pruning: PruningSection | None = None
+    distillation: DistillationSection | None = None
+    output_dir: str
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        p = self.pruning
+        if p is not None:
+            if p.end_epoch > self.training.epochs:
+                raise ValueError(f"pruning.end_epoch ({p.end_epoch}) is after the last epoch "
+                                 f"(training.epochs = {self.training.epochs})")
+            # The schedule checks its own arithmetic (frequency dividing the pruning span, ...).
+            try:
+                self.schedule()
+                self.prune_config()
+            except ObertError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def schedule(self):
+        from .schedule import PruningSchedule
+
+        p = self.pruning
+        return PruningSchedule(p.init_sparsity, p.final_sparsity, p.start_epoch, p.end_epoch,
+                               p.frequency)
+
+    def prune_config(self):
+        """The per-step pruning settings (the sparsity is set by the schedule at each step)."""
+        from .methods import PruneConfig
+
+        p = self.pruning
+        return PruneConfig(sparsity=p.final_sparsity, method=p.method, structure=p.structure,
+                           scope=p.scope, num_grads=p.num_grads, grad_batch_size=p.grad_batch_size,
+                           fisher_block_size=p.fisher_block_size, damp=p.damp,
+                           num_recomputations=p.num_recomputations, update=p.update,
+                           max_memory_gb=p.max_memory_gb, seed=self.training.seed)
+
+
+def _set(doc: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ObertError(f"--set expects section.key=value, got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = doc
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise ObertError(f"--set {key}: '{p}' is not a section")
+        node = node[p]
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _format_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {loc}: {msg}{more}"
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                doc: dict | None = None) -> Recipe:
+    """Parse and validate a recipe file (or ``doc``), applying ``--set`` overrides first."""
+    where = str(path) if path else "recipe"
+    if doc is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ObertError(f"recipe not found: {path}")
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ObertError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(doc, dict):
+        raise ObertError(f"{where}: a recipe is a mapping of sections (model, data, training, ...)")
+    for assignment in overrides or []:
+        _set(doc, assignment)
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as exc:
+        raise ObertError(_format_error(exc, where)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)

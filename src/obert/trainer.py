@@ -1,0 +1,76 @@
+"""A ``transformers.Trainer`` with knowledge distillation and learning-rate rewinding.
+
+``ObertTrainer(teacher=..., hardness=..., temperature=...)`` replaces the task loss by
+``obert.distill.distillation_loss``; ``lr_schedule=LRSchedule(...)`` replaces the Trainer's
+scheduler by ``obert.schedule.lr_factor`` with restarts at the pruning steps. Everything else
+(devices, DDP, mixed precision, checkpoints) is the stock Trainer, except that the task loss
+is taken as the per-batch mean it is (see ``__init__``): use this class rather than the plain
+Trainer for pruning on several processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from .callback import steps_per_epoch
+from .distill import distillation_loss
+from .schedule import LRFactor, PruningSchedule
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """``mode``: rewind, linear or constant; restarts come from the pruning schedule."""
+
+    mode: str = "rewind"
+    final_ratio: float = 0.1
+    pruning: PruningSchedule | None = None
+
+
+class ObertTrainer(Trainer):
+    def __init__(self, *args, teacher: torch.nn.Module | None = None, hardness: float = 1.0,
+                 temperature: float = 2.0, lr_schedule: LRSchedule | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Encoder task heads (sequence classification, QA) return a per-batch mean loss and ignore
+        # ``num_items_in_batch``; the stock Trainer still multiplies their loss by the number of
+        # processes when their ``forward`` takes ``**kwargs``, making DDP gradients world_size
+        # times too large (it changes clipping and Adam's epsilon). Treat the loss as what it is.
+        self.model_accepts_loss_kwargs = False
+        if teacher is not None:
+            teacher.to(self.args.device).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.teacher = teacher
+        self.hardness = hardness
+        self.temperature = temperature
+        self.lr_schedule = lr_schedule
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or self.hardness <= 0:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        with torch.no_grad():
+            teacher_out = self.teacher(**{k: v for k, v in inputs.items()
+                                          if k not in ("labels", "start_positions", "end_positions")})
+        loss = distillation_loss(outputs.get("loss"), outputs, teacher_out, self.hardness,
+                                 self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_schedule is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            s = self.lr_schedule
+            spe = num_training_steps / max(float(self.args.num_train_epochs), 1e-12)
+            restarts = [step for step, _ in s.pruning.steps(spe)] if s.pruning else []
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer if optimizer is not None else self.optimizer,
+                LRFactor(num_training_steps, restarts, s.mode, s.final_ratio))
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+__all__ = ["LRSchedule", "ObertTrainer", "steps_per_epoch"]
