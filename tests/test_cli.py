@@ -143,3 +143,57 @@ def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "obert.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "finetune" in proc.stdout and "prune" in proc.stdout
     assert torch.__version__
+
+
+def _recipe_file(tmp_path, data_files, model_dir, **changes):
+    import yaml
+
+    doc = {"model": {"path": model_dir},
+           "data": {"train_file": data_files[0], "eval_file": data_files[1]},
+           "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 16, "seed": 0},
+           "pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.5,
+                       "start_epoch": 0, "end_epoch": 1, "frequency": 1},
+           "output_dir": str(tmp_path / "out")}
+    for key, value in changes.items():
+        section, field = key.split("__")
+        doc[section][field] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_train_command_end_to_end(tmp_path, data_files, tiny_model_dir, capsys):
+    recipe = _recipe_file(tmp_path, data_files, tiny_model_dir)
+    assert run_cli("train", "--recipe", recipe, "--set", "pruning.final_sparsity=0.6",
+                   "--no-progress") == 0
+    assert "sparsity 0.6" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert record["method"] == "magnitude" and record["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["missing-recipe", "bad-yaml", "unknown-field", "bad-set",
+                                  "no-model", "end-after-training", "checkpoints-exist"])
+def test_train_bad_input_one_line_error(case, tmp_path, data_files, tiny_model_dir, capsys):
+    args = ["train", "--recipe", _recipe_file(tmp_path, data_files, tiny_model_dir)]
+    if case == "missing-recipe":
+        args = ["train", "--recipe", tmp_path / "none.yaml"]
+    elif case == "bad-yaml":
+        (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+        args = ["train", "--recipe", tmp_path / "bad.yaml"]
+    elif case == "unknown-field":
+        args += ["--set", "training.epochz=3"]
+    elif case == "bad-set":
+        args += ["--set", "training"]
+    elif case == "no-model":
+        args += ["--set", f"model.path={tmp_path / 'nothing'}"]
+    elif case == "end-after-training":
+        args += ["--set", "pruning.end_epoch=5", "--set", "pruning.frequency=5"]
+    elif case == "checkpoints-exist":
+        ck = tmp_path / "out.checkpoints" / "checkpoint-3"
+        ck.mkdir(parents=True)
+        (ck / "obert_complete").write_text("ok\n")
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

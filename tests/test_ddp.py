@@ -33,3 +33,36 @@ def test_two_processes_give_the_masks_of_one(tmp_path):
     pruned = sum(int((~m).sum()) for m in one["masks"].values())
     total = sum(m.numel() for m in one["masks"].values())
     assert pruned / total == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.timeout(900)
+def test_obert_train_under_torchrun(tmp_path):
+    """``torchrun -m obert.cli train`` with 2 processes: one output, written by rank 0, with the
+    pruning steps placed by the optimizer steps of one process (96 rows / (2 x 16) = 3 per epoch)."""
+    import json
+
+    import yaml
+
+    from conftest import make_rows, make_tokenizer, tiny_model, write_jsonl
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("bert").save_pretrained(model_dir)
+    make_tokenizer(tmp_path).save_pretrained(model_dir)
+    recipe = {"model": {"path": str(model_dir)},
+              "data": {"train_file": write_jsonl(tmp_path / "train.jsonl", make_rows(96, 0)),
+                       "eval_file": write_jsonl(tmp_path / "eval.jsonl", make_rows(32, 1))},
+              "training": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "max_length": 16, "seed": 0},
+              "pruning": {"init_sparsity": 0.4, "final_sparsity": 0.6, "start_epoch": 1, "end_epoch": 2,
+                          "frequency": 1, "num_grads": 8, "grad_batch_size": 4, "fisher_block_size": 16},
+              "distillation": {"teacher": str(model_dir), "hardness": 1.0},
+              "output_dir": str(tmp_path / "out")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+          "29537", "-m", "obert.cli", "train", "--recipe", str(tmp_path / "r.yaml"), "--no-progress"],
+         tmp_path)
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert [s["step"] for s in record["steps"]] == [3, 6]
+    assert record["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and 0 <= metrics["accuracy"] <= 1
+    assert not (tmp_path / "out.checkpoints").exists()

@@ -5,29 +5,41 @@ Every function is the identity on a single process, so the same code runs everyw
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Processes in the job (from the launcher's environment before the process group exists)."""
+    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
+
+
+def process_group() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised process group; ``(1, 0)`` without one."""
+    return (dist.get_world_size(), dist.get_rank()) if _initialized() else (1, 0)
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum ``t`` over processes in place (CPU tensors work on gloo, CUDA ones on nccl)."""
-    if world_size() > 1:
+    if _initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast(t: Tensor, src: int = 0) -> Tensor:
     """Overwrite ``t`` on every process with rank ``src``'s value (bool tensors go as uint8)."""
-    if world_size() > 1:
+    if _initialized() and world_size() > 1:
         if t.dtype == torch.bool:
             buf = t.to(torch.uint8)
             dist.broadcast(buf, src)
@@ -38,5 +50,5 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if _initialized() and world_size() > 1:
         dist.barrier()

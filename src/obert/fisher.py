@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, rank, world_size
+from .distributed import all_reduce_sum, process_group
 from .errors import ObertError
 from .masks import MaskSet
 from .obs import StreamingFisher
@@ -167,7 +167,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     device = next(model.parameters()).device
     # float64 models (exactness tests) keep float64 Fisher blocks; everything else uses float32.
     dtype = torch.float64 if targets[0].module.weight.dtype == torch.float64 else torch.float32
-    world, my_rank = world_size(), rank()
+    world, my_rank = process_group()  # gradients are dealt across ranks only when they can be summed
     sizes = [padded_size(t.numel, block_size) for t in targets]
     budget = int(max_memory_gb * GiB) if max_memory_gb else int(0.8 * available_memory(device))
     plan = plan_memory(sizes, block_size, num_grads, budget, elem_bytes=dtype.itemsize)

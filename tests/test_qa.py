@@ -1,0 +1,113 @@
+"""Question answering: windows and answer positions, span post-processing, SQuAD F1/EM, a run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import WORDS, make_tokenizer
+from obert.qa import (QAData, best_answers, eval_features, f1_score, normalize_answer,
+                      squad_metrics, train_features)
+
+CONTEXT = "alpha beta gamma delta red green blue cyan magenta yellow black white omega psi chi"
+
+
+def example(answer: str = "blue cyan") -> QAData:
+    start = CONTEXT.index(answer)
+    return QAData(["q1"], ["what is gamma"], [CONTEXT],
+                  [{"text": [answer], "answer_start": [start]}])
+
+
+def test_train_windows_point_at_the_answer(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    data = example("yellow black")
+    feats = train_features(data, tok, max_length=14, doc_stride=4)
+    assert len(feats) > 1  # the context is split into overlapping windows
+    enc = eval_features(data, tok, max_length=14, doc_stride=4)
+    found = 0
+    for f, offsets in zip(feats, enc.offsets):
+        s, e = f["start_positions"], f["end_positions"]
+        if s == 0:
+            assert e == 0
+            continue
+        found += 1
+        assert CONTEXT[offsets[s][0]:offsets[e][1]] == "yellow black"
+    assert found >= 1
+
+
+def test_best_answer_is_the_best_valid_span(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    data = example()
+    feats = eval_features(data, tok, max_length=64, doc_stride=16)
+    offsets = feats.offsets[0]
+    ctx = [i for i, o in enumerate(offsets) if o is not None]
+    n = len(offsets)
+    start, end = np.zeros(n), np.zeros(n)
+    blue, cyan = ctx[6], ctx[7]
+    start[blue], end[cyan] = 5.0, 5.0
+    start[1] = end[1] = 50.0  # a question token: never an answer
+    end[ctx[2]] = 9.0  # the best end comes before the best start: invalid pair
+    start[ctx[10]] = 4.0
+    preds = best_answers(data, feats, [start], [end])
+    assert preds == {"q1": "blue cyan"}
+    # One-token answers only: the best is "gamma" (start 0 + end 9 beats 5 + 0 at blue or cyan).
+    preds = best_answers(data, feats, [start], [end], max_answer_length=1)
+    assert preds == {"q1": "gamma"}
+
+
+def test_squad_metrics_by_hand():
+    assert normalize_answer("The  Cat, sat!") == "cat sat"
+    assert f1_score("capital paris", "Paris") == pytest.approx(2 / 3)
+    data = QAData(["a", "b"], ["", ""], ["", ""],
+                  [{"text": ["Paris", "the city of Paris"], "answer_start": [0, 0]},
+                   {"text": ["blue"], "answer_start": [0]}])
+    m = squad_metrics({"a": "the Paris", "b": "red green"}, data)
+    assert m == {"exact_match": pytest.approx(50.0), "f1": pytest.approx(50.0)}
+    m = squad_metrics({"a": "city of Paris today", "b": "blue"}, data)
+    # a: best gold "the city of Paris" -> tokens city/of/paris vs city/of/paris/today: P=3/4, R=1
+    assert m["f1"] == pytest.approx(100 * (2 * 0.75 / 1.75 + 1) / 2)
+    assert m["exact_match"] == pytest.approx(50.0)
+
+
+def _qa_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS[:20]) for _ in range(rng.randint(8, 20))]
+        pos = rng.randrange(len(words))
+        words[pos] = rng.choice(["red", "green", "blue"])  # the answer is the colour word
+        context = " ".join(words)
+        start = len(" ".join(words[:pos])) + (1 if pos else 0)
+        rows.append({"id": f"{seed}-{i}", "question": "which colour", "context": context,
+                     "answers": {"text": [words[pos]], "answer_start": [start]}})
+    return rows
+
+
+def test_gradual_qa_run(tmp_path):
+    from transformers import AutoModelForQuestionAnswering, BertConfig
+
+    from obert.gradual import run_recipe
+    from obert.recipe import load_recipe
+
+    model_dir = tmp_path / "qa-model"
+    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    AutoModelForQuestionAnswering.from_config(cfg).save_pretrained(model_dir)
+    make_tokenizer(tmp_path).save_pretrained(model_dir)
+    for name, n, seed in (("train.jsonl", 64, 0), ("dev.jsonl", 24, 1)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(n, seed)))
+    doc = {"model": {"path": str(model_dir), "task_type": "question-answering"},
+           "data": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "dev.jsonl")},
+           "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 32, "doc_stride": 8,
+                        "seed": 0},
+           "pruning": {"init_sparsity": 0.4, "final_sparsity": 0.6, "start_epoch": 0, "end_epoch": 1,
+                       "frequency": 1, "num_grads": 8, "grad_batch_size": 8, "fisher_block_size": 16},
+           "distillation": {"teacher": str(model_dir), "hardness": 0.5, "temperature": 2.0},
+           "output_dir": str(tmp_path / "out")}
+    metrics = run_recipe(load_recipe(doc=doc), progress=False)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert 0.0 <= saved["f1"] <= 100.0 and 0.0 <= saved["exact_match"] <= saved["f1"] + 1e-9
+    assert saved["global_sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["metric"] == "f1"
