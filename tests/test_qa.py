@@ -111,3 +111,32 @@ def test_gradual_qa_run(tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert 0.0 <= saved["f1"] <= 100.0 and 0.0 <= saved["exact_match"] <= saved["f1"] + 1e-9
     assert saved["global_sparsity"] == pytest.approx(0.6, abs=1e-3) and metrics["metric"] == "f1"
+
+
+def test_load_qa_formats(tmp_path, monkeypatch):
+    from obert.errors import ObertError
+    from obert.qa import load_qa
+
+    official = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": CONTEXT, "qas": [{"id": "x1", "question": "what", "answers": [
+            {"text": "blue", "answer_start": CONTEXT.index("blue")}]}]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(official))
+    data = load_qa(str(tmp_path / "dev.json"))
+    assert data.ids == ["x1"] and data.answers[0] == {"text": ["blue"], "answer_start": [CONTEXT.index("blue")]}
+
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([{"id": "s1", "title": "t", "context": CONTEXT,
+                                            "question": "q", "answers": {"text": ["red"], "answer_start": [18]}}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_qa(task="squad", split="eval").ids == ["s1"] and calls == [("squad", "validation")]
+    (tmp_path / "bad.jsonl").write_text('{"id": "1", "question": "q"}\n')
+    with pytest.raises(ObertError, match="missing context, answers"):
+        load_qa(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(ObertError, match="unknown question-answering task"):
+        load_qa(task="hotpot")
