@@ -172,7 +172,8 @@ def test_train_command_end_to_end(tmp_path, data_files, tiny_model_dir, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing-recipe", "bad-yaml", "unknown-field", "bad-set",
-                                  "no-model", "end-after-training", "checkpoints-exist"])
+                                  "no-model", "end-after-training", "checkpoints-exist",
+                                  "teacher-labels"])
 def test_train_bad_input_one_line_error(case, tmp_path, data_files, tiny_model_dir, capsys):
     args = ["train", "--recipe", _recipe_file(tmp_path, data_files, tiny_model_dir)]
     if case == "missing-recipe":
@@ -188,10 +189,19 @@ def test_train_bad_input_one_line_error(case, tmp_path, data_files, tiny_model_d
         args += ["--set", f"model.path={tmp_path / 'nothing'}"]
     elif case == "end-after-training":
         args += ["--set", "pruning.end_epoch=5", "--set", "pruning.frequency=5"]
+    elif case == "teacher-labels":
+        from conftest import tiny_config
+        from transformers import AutoModelForSequenceClassification
+
+        cfg = tiny_config("bert")
+        cfg.id2label, cfg.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}
+        AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "teacher2")
+        args += ["--set", f"distillation={{teacher: {tmp_path / 'teacher2'}}}"]
     elif case == "checkpoints-exist":
         ck = tmp_path / "out.checkpoints" / "checkpoint-3"
         ck.mkdir(parents=True)
         (ck / "obert_complete").write_text("ok\n")
+    capsys.readouterr()  # only what the command prints counts
     code = run_cli(*args)
     err = capsys.readouterr().err.strip()
     assert code == 2, err

@@ -13,6 +13,7 @@ Layout of a run with ``output_dir: OUT``:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -74,10 +75,15 @@ def classification_task(recipe: Recipe) -> Task:
 
     def load_teacher(path: str):
         teacher = _load(AutoModelForSequenceClassification, path, "teacher")
-        if {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()} != \
-                {str(k): int(v) for k, v in label2id.items()}:
-            raise ObertError(f"teacher '{path}' has different labels than the data "
-                             f"({', '.join(map(str, label2id))})")
+        if teacher.config.num_labels != len(label2id):
+            raise ObertError(f"teacher '{path}' predicts {teacher.config.num_labels} labels but the "
+                             f"data has {len(label2id)}")
+        names = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()}
+        generic = all(re.fullmatch(r"LABEL_\d+", k) for k in names)
+        if not generic and names != {str(k): int(v) for k, v in label2id.items()}:
+            # Hub teachers name GLUE classes ("entailment", ...) where the data has ids 0..n-1.
+            _print(f"[obert] note: teacher labels {sorted(names, key=names.get)} are taken to be "
+                   f"the data's labels {list(label2id)} in id order")
         return teacher
 
     return Task("classification", "accuracy", tokenizer, model, train_ds,
@@ -211,6 +217,10 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     if resume:
         sealed = sealed_checkpoints(ckpt)
         resume_from = sealed[-1] if sealed else None
+        if rank() == 0:  # checkpoints a kill left half-written are never used: clear them
+            for p in ckpt.glob("checkpoint-*") if ckpt.is_dir() else []:
+                if p not in sealed:
+                    shutil.rmtree(p, ignore_errors=True)
         if resume_from is None and rank() == 0:
             _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
     elif sealed_checkpoints(ckpt):
