@@ -174,6 +174,12 @@ def test_gradual_run_end_to_end(tmp_path, data_files, model_dir):
     assert zeros / total == pytest.approx(sparsity["global_sparsity"], abs=1e-6)
     history = json.loads((out / "history.json").read_text())
     assert len(history["eval"]) == 4 and history["eval"][-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    # LR rewinding in the Trainer: the LR logged at step s drove optimizer step s (index s - 1);
+    # cycles restart at the pruning steps 6, 12 and 18 (lr 1e-3 decaying to 1e-4 in each).
+    lr = {e["step"]: e["learning_rate"] for e in history["log"] if "learning_rate" in e}
+    assert lr[6] == pytest.approx(1e-3 * (1 - 0.9 * 5 / 6))
+    assert lr[8] == pytest.approx(1e-3 * (1 - 0.9 * 1 / 6))  # rewound after the step at 6
+    assert lr[14] == pytest.approx(1e-3 * (1 - 0.9 * 1 / 6)) and lr[20] == pytest.approx(1e-3 * (1 - 0.9 * 1 / 6))
 
 
 class _Crash(Exception):
