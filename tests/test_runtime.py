@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from obert.runtime import SparseLinear, csr_from_dense
+from obert.runtime import SparseLinear, pack_weight, unpack_weight
 from obert.runtime import kernels
 
 
@@ -31,8 +31,8 @@ def test_native_kernels_build_here():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("group", [1, 4])
-@pytest.mark.parametrize("shape", [(1, 8, 3), (5, 16, 7), (63, 64, 17), (64, 32, 16), (130, 96, 33),
-                                   (257, 40, 50)])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (5, 16, 7), (63, 64, 17), (64, 32, 16), (130, 200, 33),
+                                   (257, 40, 50), (70, 132, 16)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
 def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
     tokens, n_in, n_out = shape
@@ -49,8 +49,7 @@ def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-    fallback = kernels._fallback(x, sl.row_ptr, sl.col, sl.val, sl.bias, n_out, group)
-    torch.testing.assert_close(fallback.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sparse_linear_batched_input_no_bias_and_storage():
@@ -61,6 +60,8 @@ def test_sparse_linear_batched_input_no_bias_and_storage():
     torch.testing.assert_close(sl(x).double(), F.linear(x.double(), lin.weight.double()),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl.to_dense_weight(), lin.weight.data)
-    row_ptr, col, val = csr_from_dense(lin.weight.data, 4)
+    seg_ptr, col, val = pack_weight(lin.weight.data, 4)
     assert val.numel() == 4 * col.numel() == int((lin.weight != 0).sum())
+    assert int(seg_ptr[-1]) == col.numel()
+    torch.testing.assert_close(unpack_weight(seg_ptr, col, val, (24, 32), 4), lin.weight.data)
     assert SparseLinear.from_linear(pruned_linear(8, 16, 0.5, 1, seed=3)).group == 1

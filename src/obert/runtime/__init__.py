@@ -1,5 +1,5 @@
 """Sparse CPU inference for pruned models (work in progress, issue 4): ``SparseLinear``."""
 
-from .linear import SparseLinear, csr_from_dense
+from .linear import SparseLinear, pack_weight, unpack_weight
 
-__all__ = ["SparseLinear", "csr_from_dense"]
+__all__ = ["SparseLinear", "pack_weight", "unpack_weight"]

@@ -4,8 +4,8 @@
 -march=native``: vector FMAs for this CPU's ISA) into ``~/.cache/obert/ext-<hash>`` the first time,
 and imports it afterwards (``make setup`` runs ``obert.runtime.kernels.build()`` so nothing
 compiles on first use). Where no compiler is available it returns ``None`` and
-``sparse_linear`` falls back to PyTorch's CSR matmul (correct, not fast); ``native_available()``
-says which one runs.
+``SparseLinear`` falls back to ``csr_linear``, PyTorch's CSR matmul (correct, not fast);
+``native_available()`` says which one runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -59,24 +58,9 @@ def native_available() -> bool:
     return load() is not None
 
 
-def sparse_linear(x: Tensor, row_ptr: Tensor, col: Tensor, val: Tensor, bias: Tensor | None,
-                  out_features: int, group: int) -> Tensor:
-    """``x [T, K] @ W^T + b`` with ``W`` in CSR (group 1) or block4 (group 4) form."""
-    ext = load()
-    if ext is not None:
-        return ext.sparse_linear(x, row_ptr, col, val, bias, out_features, group)
-    return _fallback(x, row_ptr, col, val, bias, out_features, group)
-
-
-def _fallback(x, row_ptr, col, val, bias, out_features, group):
-    if group == 4:  # expand blocks to single weights: k, k+1, k+2, k+3
-        col = (col.long().unsqueeze(1) + torch.arange(4)).reshape(-1)
-        row_ptr = row_ptr.long() * 4
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        w = torch.sparse_csr_tensor(row_ptr.long(), col.long(), val.reshape(-1),
-                                    size=(out_features, x.shape[1]))
-    y = torch.sparse.mm(w, x.t().contiguous()).t()
+def csr_linear(x: Tensor, weight_csr: Tensor, bias: Tensor | None) -> Tensor:
+    """The fallback: ``x @ W^T + b`` through PyTorch's CSR matmul (correct, not fast)."""
+    y = torch.sparse.mm(weight_csr, x.t().contiguous()).t()
     return y + bias if bias is not None else y.contiguous()
 
 
