@@ -65,3 +65,57 @@ def test_sparse_linear_batched_input_no_bias_and_storage():
     assert int(seg_ptr[-1]) == col.numel()
     torch.testing.assert_close(unpack_weight(seg_ptr, col, val, (24, 32), 4), lin.weight.data)
     assert SparseLinear.from_linear(pruned_linear(8, 16, 0.5, 1, seed=3)).group == 1
+
+
+def _pruned_tiny_model(sparsity=0.8):
+    from conftest import tiny_model
+
+    from obert import find_targets
+
+    model = tiny_model("bert").eval()
+    torch.manual_seed(1)
+    for t in find_targets(model):
+        w = t.module.weight.data
+        w.mul_(torch.rand_like(w) >= sparsity)
+    model.bert.encoder.layer[1].output.dense.weight.data.normal_()  # one dense layer stays dense
+    return model
+
+
+def test_compile_matches_the_model_and_reports_what_runs_sparse():
+    import copy
+
+    from obert.runtime import compile, sparse_modules
+
+    model = _pruned_tiny_model()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(5, 30, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    report = compile(model)
+    assert len(report.sparse_layers) == 11 and report.dense_layers == ["bert.encoder.layer.1.output.dense"]
+    assert len(sparse_modules(model)) == 11
+    assert 0.8 < report.sparse_fraction < 0.95 and "11 of 12" in report.summary()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_model_save_load_round_trip(tmp_path):
+    from obert.errors import ObertError
+    from obert.runtime import compile, load_compiled, save_compiled
+
+    model = _pruned_tiny_model(0.9)
+    dense_dir = tmp_path / "dense"
+    model.save_pretrained(dense_dir)
+    compile(model)
+    save_compiled(model, tmp_path / "compiled")
+    loaded = load_compiled(tmp_path / "compiled")
+    ids = torch.randint(5, 30, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    sparse_bytes = (tmp_path / "compiled" / "sparse_model.safetensors").stat().st_size
+    dense_bytes = (dense_dir / "model.safetensors").stat().st_size
+    assert sparse_bytes < 0.85 * dense_bytes  # the encoder's Linear weights are 90% zeros
+    with pytest.raises(ObertError, match="not a compiled"):
+        load_compiled(dense_dir)

@@ -1,0 +1,135 @@
+"""Compile a pruned Hugging Face model for sparse CPU inference, and save/load the compiled form.
+
+``compile(model)`` swaps every prunable Linear (``obert.targets``) whose sparsity reaches
+``min_sparsity`` for a ``SparseLinear``; denser layers stay dense (the sparse kernel only pays
+off well below 50% density). The report says how much of the Linear work now runs sparsely, so
+a fall-back to dense is never silent.
+
+Saved form (``save_compiled``): ``config.json`` (+ tokenizer files when given), ``sparse_model.safetensors``
+holding the dense parameters of everything else and, per compiled layer, only its non-zeros and
+their indices, and ``obert_runtime.json`` naming the compiled layers. ``load_compiled`` rebuilds the
+model from the config and puts the runtime modules back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import ObertError
+from ..io import atomic_dir
+from ..targets import find_targets
+from .linear import SparseLinear
+
+RUNTIME_FILE = "obert_runtime.json"
+WEIGHTS_FILE = "sparse_model.safetensors"
+
+
+@dataclass
+class CompileReport:
+    """Which layers run sparse, and the share of the Linear multiply-adds they carry."""
+
+    sparse_layers: list[str] = field(default_factory=list)
+    dense_layers: list[str] = field(default_factory=list)
+    linear_macs: int = 0  # multiply-adds per token of all target Linear layers, dense
+    sparse_macs: int = 0  # of those, the ones left after pruning in compiled layers
+    compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
+
+    @property
+    def sparse_fraction(self) -> float:
+        """Fraction of the target Linear work (dense multiply-adds) handled by sparse kernels."""
+        return self.compiled_dense_macs / max(self.linear_macs, 1)
+
+    def summary(self) -> str:
+        return (f"{len(self.sparse_layers)} of {len(self.sparse_layers) + len(self.dense_layers)} "
+                f"Linear layers run sparse ({100 * self.sparse_fraction:.1f}% of their dense work; "
+                f"{self.sparse_macs / max(self.compiled_dense_macs, 1):.3f} density where compiled)")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "sparse_fraction": self.sparse_fraction}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def compile(model: nn.Module, *, min_sparsity: float = 0.5, include: list[str] | None = None,
+            exclude: list[str] | None = None, group: int | None = None) -> CompileReport:
+    """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``."""
+    model.eval()
+    report = CompileReport()
+    for t in find_targets(model, include, exclude):
+        w = t.module.weight
+        macs = w.numel()
+        report.linear_macs += macs
+        nnz = int((w != 0).sum())
+        if 1.0 - nnz / macs >= min_sparsity and w.dtype == torch.float32:
+            _set_module(model, t.name, SparseLinear.from_linear(t.module, group=group))
+            report.sparse_layers.append(t.name)
+            report.sparse_macs += nnz
+            report.compiled_dense_macs += macs
+        else:
+            report.dense_layers.append(t.name)
+    return report
+
+
+def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
+    """Write the compiled model atomically (see the module docstring for the files)."""
+    layers = sparse_modules(model)
+    if not layers:
+        raise ObertError("the model has no compiled sparse layers (run obert.runtime.compile first)")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": 1, "architectures": getattr(model.config, "architectures", None),
+            "model_class": type(model).__name__,
+            "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
+                           "group": m.group, "chunk": m.chunk, "bias": m.bias is not None}
+                       for n, m in layers.items()}}
+    with atomic_dir(out) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / RUNTIME_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out)
+
+
+def load_compiled(path: str | Path) -> nn.Module:
+    """Rebuild a model saved by ``save_compiled``: config, runtime modules, weights."""
+    import transformers
+
+    path = Path(path)
+    if not (path / RUNTIME_FILE).is_file():
+        raise ObertError(f"{path} is not a compiled obert model (no {RUNTIME_FILE})")
+    meta = json.loads((path / RUNTIME_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = getattr(transformers, meta["model_class"], None)
+    if cls is None:
+        raise ObertError(f"unknown model class {meta['model_class']}")
+    model = cls(config)  # on CPU: non-persistent buffers (position ids) get their real values
+    state = load_file(str(path / WEIGHTS_FILE))
+    for name, spec in meta["layers"].items():
+        prefix = name + "."
+        module = SparseLinear(spec["in_features"], spec["out_features"], state[prefix + "seg_ptr"],
+                              state[prefix + "col"], state[prefix + "val"],
+                              state.get(prefix + "bias") if spec["bias"] else None, spec["group"],
+                              spec["chunk"])
+        _set_module(model, name, module)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ObertError(f"{path}: weights do not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
