@@ -14,7 +14,7 @@ from obert.runtime import kernels
 
 def pruned_linear(n_out, n_in, sparsity, group, seed=0, bias=True):
     torch.manual_seed(seed)
-    lin = torch.nn.Linear(n_in, n_out, bias=bias)
+    lin = torch.nn.Linear(n_in, n_out, bias=bias).requires_grad_(False)
     w = lin.weight.data
     if group == 1:
         w.mul_(torch.rand_like(w) >= sparsity)
@@ -119,3 +119,66 @@ def test_compiled_model_save_load_round_trip(tmp_path):
     assert sparse_bytes < 0.85 * dense_bytes  # the encoder's Linear weights are 90% zeros
     with pytest.raises(ObertError, match="not a compiled"):
         load_compiled(dense_dir)
+
+
+def _quantised_reference(x, lin):
+    """float64 y of the int8 scheme: per-row weight scales, per-token input scales."""
+    w = lin.weight.double()
+    ws = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    qw = (w / ws[:, None]).round().clamp(-127, 127)
+    xs = x.double().abs().amax(1, keepdim=True) / 127
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+    qx = (x.double() / xs).round().clamp(-127, 127)
+    return (qx @ qw.t()) * xs * ws + lin.bias.double()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (64, 64, 64)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
+def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads):
+    tokens, n_in, n_out = shape
+    lin = pruned_linear(n_out, n_in, sparsity, 4, seed=tokens)
+    sl = SparseLinear.from_linear(lin, dtype="int8")
+    x = torch.randn(tokens, n_in)
+    x[0] = 0  # an all-zero token
+    expected = _quantised_reference(x, lin)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = sl(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-4)
+    # Against the float layer: the stated bound, 2% of the output range on Gaussian inputs.
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert float((got.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max()) + 1e-6
+
+
+def test_int8_needs_block4_and_compile_int8(tmp_path):
+    from obert.errors import ObertError
+    from obert.runtime import compile, load_compiled, save_compiled
+
+    with pytest.raises(ObertError, match="block4"):
+        SparseLinear.from_linear(pruned_linear(8, 16, 0.5, 1, seed=3), dtype="int8")
+    from conftest import tiny_model
+
+    from obert import find_targets
+
+    model = tiny_model("bert").eval()
+    torch.manual_seed(2)
+    for t in find_targets(model):
+        w = t.module.weight.data
+        w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.8).repeat_interleave(4, 1))
+    ids = torch.randint(5, 30, (4, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    report = compile(model, dtype="int8")
+    assert report.float32_layers == [] and all(m.quantized for m in __import__("obert.runtime", fromlist=["x"]).sparse_modules(model).values())
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    save_compiled(model, tmp_path / "c8")
+    with torch.no_grad():
+        torch.testing.assert_close(load_compiled(tmp_path / "c8")(input_ids=ids).logits, got)

@@ -36,6 +36,7 @@ class CompileReport:
 
     sparse_layers: list[str] = field(default_factory=list)
     dense_layers: list[str] = field(default_factory=list)
+    float32_layers: list[str] = field(default_factory=list)  # asked for int8, not block4
     linear_macs: int = 0  # multiply-adds per token of all target Linear layers, dense
     sparse_macs: int = 0  # of those, the ones left after pruning in compiled layers
     compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
@@ -61,9 +62,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def compile(model: nn.Module, *, min_sparsity: float = 0.5, include: list[str] | None = None,
-            exclude: list[str] | None = None, group: int | None = None) -> CompileReport:
-    """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``."""
+def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float32",
+            include: list[str] | None = None, exclude: list[str] | None = None,
+            group: int | None = None) -> CompileReport:
+    """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
+
+    ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
+    report lists them under ``float32_layers``).
+    """
     model.eval()
     report = CompileReport()
     for t in find_targets(model, include, exclude):
@@ -72,7 +78,12 @@ def compile(model: nn.Module, *, min_sparsity: float = 0.5, include: list[str] |
         report.linear_macs += macs
         nnz = int((w != 0).sum())
         if 1.0 - nnz / macs >= min_sparsity and w.dtype == torch.float32:
-            _set_module(model, t.name, SparseLinear.from_linear(t.module, group=group))
+            layer = SparseLinear.from_linear(t.module, group=group)
+            if dtype == "int8" and layer.group == 4:
+                layer = SparseLinear.from_linear(t.module, dtype="int8")
+            elif dtype == "int8":
+                report.float32_layers.append(t.name)
+            _set_module(model, t.name, layer)
             report.sparse_layers.append(t.name)
             report.sparse_macs += nnz
             report.compiled_dense_macs += macs
@@ -94,7 +105,8 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     meta = {"format": 1, "architectures": getattr(model.config, "architectures", None),
             "model_class": type(model).__name__,
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
-                           "group": m.group, "chunk": m.chunk, "bias": m.bias is not None}
+                           "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
+                           "int8": m.quantized}
                        for n, m in layers.items()}}
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
@@ -124,7 +136,7 @@ def load_compiled(path: str | Path) -> nn.Module:
         module = SparseLinear(spec["in_features"], spec["out_features"], state[prefix + "seg_ptr"],
                               state[prefix + "col"], state[prefix + "val"],
                               state.get(prefix + "bias") if spec["bias"] else None, spec["group"],
-                              spec["chunk"])
+                              spec["chunk"], state.get(prefix + "w_scale"), state.get(prefix + "row_sum"))
         _set_module(model, name, module)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -47,9 +47,7 @@ def unpack_weight(seg_ptr: Tensor, col: Tensor, val: Tensor, shape: tuple[int, i
                   chunk: int = CHUNK) -> Tensor:
     """The dense ``[N, K]`` weight back from the segment layout."""
     n, k = shape
-    chunks = -(-k // chunk)
-    seg = torch.repeat_interleave(torch.arange(seg_ptr.numel() - 1), seg_ptr[1:] - seg_ptr[:-1])
-    rows = (seg // (chunks * ROWS)) * ROWS + seg % ROWS
+    rows = _entry_rows(seg_ptr, k, chunk)
     w = torch.zeros(n, k)
     cols = col.long().unsqueeze(1) + torch.arange(group)
     w[rows.unsqueeze(1).expand_as(cols), cols] = val.reshape(-1, group)
@@ -60,29 +58,54 @@ class SparseLinear(nn.Module):
     """``y = x W^T + b`` computed from ``W``'s non-zeros (float32; unstructured or block4)."""
 
     def __init__(self, in_features: int, out_features: int, seg_ptr: Tensor, col: Tensor,
-                 val: Tensor, bias: Tensor | None, group: int, chunk: int = CHUNK) -> None:
+                 val: Tensor, bias: Tensor | None, group: int, chunk: int = CHUNK,
+                 w_scale: Tensor | None = None, row_sum: Tensor | None = None) -> None:
+        """``val`` float32 values, or int8 ones with per-row ``w_scale`` and ``row_sum`` (int8)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group, self.chunk = group, chunk
+        self.quantized = val.dtype == torch.int8
+        if self.quantized and (group != 4 or w_scale is None or row_sum is None):
+            raise ObertError("int8 sparse layers are block4 with per-row scales and sums")
         self.register_buffer("seg_ptr", seg_ptr)
         self.register_buffer("col", col)
         self.register_buffer("val", val)
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("row_sum", row_sum)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
         self._csr: Tensor | None = None  # the fallback's torch CSR weight, built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "float32", group: int | None = None) -> "SparseLinear":
-        """From a pruned Linear; ``group`` 4 (block4) when every zero lies in a zero block of 4."""
-        if dtype != "float32":
-            raise ObertError(f"unsupported sparse dtype '{dtype}' (float32 for now)")
-        w = linear.weight.detach()
+        """From a pruned Linear; ``group`` 4 (block4) when every zero lies in a zero block of 4.
+
+        ``dtype="int8"`` (block4 only): weights quantised per output row, ``q = round(w / s_n)``
+        with ``s_n = max|w_n| / 127``; inputs are quantised per token at run time.
+        """
+        if dtype not in ("float32", "int8"):
+            raise ObertError(f"unsupported sparse dtype '{dtype}' (float32 or int8)")
+        w = linear.weight.detach().float()
         if group is None:
             group = 4 if w.shape[1] % 4 == 0 and _is_block4(w) else 1
+        if dtype == "int8":
+            if group != 4:
+                raise ObertError("int8 needs block4 sparsity (groups of 4 consecutive input weights)")
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+            q = (w / scale[:, None]).round().clamp(-127, 127)
+            seg_ptr, col, _ = pack_weight(w, 4)
+            # Quantised values of the kept blocks (a weight may round to 0 inside a kept block).
+            rows = _entry_rows(seg_ptr, w.shape[1])
+            qval = q[rows.unsqueeze(1), col.long().unsqueeze(1) + torch.arange(4)].to(torch.int8)
+            row_sum = torch.zeros(w.shape[0], dtype=torch.int32)
+            row_sum.index_add_(0, rows, qval.int().sum(1, dtype=torch.int32))
+            return cls(w.shape[1], w.shape[0], seg_ptr, col, qval.reshape(-1).contiguous(),
+                       linear.bias, 4, CHUNK, scale.contiguous(), row_sum)
         seg_ptr, col, val = pack_weight(w, group)
         return cls(w.shape[1], w.shape[0], seg_ptr, col, val, linear.bias, group)
 
     @property
     def nnz(self) -> int:
+        """Stored weights (for block4: 4 per kept block)."""
         return int(self.val.numel())
 
     @property
@@ -90,10 +113,19 @@ class SparseLinear(nn.Module):
         return self.nnz / (self.in_features * self.out_features)
 
     def to_dense_weight(self) -> Tensor:
-        return unpack_weight(self.seg_ptr, self.col, self.val, (self.out_features, self.in_features),
+        """The weight as a dense float32 tensor (dequantised for int8)."""
+        val = self.val.float()
+        if self.quantized:
+            rows = _entry_rows(self.seg_ptr, self.in_features, self.chunk)
+            val = (val.reshape(-1, 4) * self.w_scale[rows, None]).reshape(-1)
+        return unpack_weight(self.seg_ptr, self.col, val, (self.out_features, self.in_features),
                              self.group, self.chunk)
 
     def _fallback(self, x2: Tensor) -> Tensor:
+        if self.quantized:  # the same quantised arithmetic, in float
+            scale = (x2.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
+            scale = torch.where(x2.abs().amax(1, keepdim=True) > 0, scale, torch.ones_like(scale))
+            x2 = (x2 / scale).round().clamp(-127, 127) * scale
         if self._csr is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
@@ -109,6 +141,9 @@ class SparseLinear(nn.Module):
         ext = kernels.load()
         if ext is None:
             y = self._fallback(x2)
+        elif self.quantized:
+            y = ext.sparse_linear_int8(x2, self.seg_ptr, self.col, self.val, self.w_scale,
+                                       self.row_sum, self.bias, self.out_features, self.chunk)
         else:
             y = ext.sparse_linear(x2, self.seg_ptr, self.col, self.val, self.bias, self.out_features,
                                   self.group, self.chunk)
@@ -116,7 +151,15 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{'block4' if self.group == 4 else 'unstructured'}, density={self.density:.3f}")
+                f"{'block4' if self.group == 4 else 'unstructured'}, "
+                f"{'int8' if self.quantized else 'float32'}, density={self.density:.3f}")
+
+
+def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int = CHUNK) -> Tensor:
+    """Output row of every entry of the segment layout."""
+    chunks = -(-in_features // chunk)
+    seg = torch.repeat_interleave(torch.arange(seg_ptr.numel() - 1), seg_ptr[1:] - seg_ptr[:-1])
+    return (seg // (chunks * ROWS)) * ROWS + seg % ROWS
 
 
 def _is_block4(w: Tensor) -> bool:
