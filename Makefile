@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,demo]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,demo,onnx]'
 	$(BIN)/python -c "from obert.runtime import kernels; kernels.build()"
 	touch $@
 
