@@ -192,3 +192,20 @@ def test_onnx_export_of_a_pruned_model_matches_pytorch(tmp_path):
     path = export_onnx(model, tmp_path / "m.onnx")
     assert path.is_file() and not list(tmp_path.glob(".*tmp"))
     assert check_onnx(model, path) < 1e-4  # batch and sequence differ from the export's
+
+
+def test_bench_command_on_a_tiny_pruned_model(tmp_path, capsys):
+    from obert.cli import main
+
+    model = _pruned_tiny_model(0.9)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["bench", str(tmp_path / "m"), "--batch-size", "2", "--seq-len", "16",
+                 "--rounds", "2", "--iters", "1", "--threads", "1", "--no-onnx",
+                 "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| obert fp32 sparse |" in out and "| torch fp32 dense |" in out and "11 of 12" in out
+    import json
+
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["max_abs_diff"]["obert fp32 sparse"] < 1e-4 and (tmp_path / "b.png").is_file()
+    assert main(["bench", str(tmp_path / "nothing"), "--no-onnx"]) == 2

@@ -1,4 +1,4 @@
-"""The ``obert`` command line: ``obert finetune``, ``obert prune`` and ``obert train``.
+"""The ``obert`` command line: ``finetune``, ``prune``, ``train`` and ``bench``.
 
 User errors print one line (``error: ...``) and exit 2; nothing half-written is left in ``--out``.
 Set ``OBERT_DEBUG=1`` to see tracebacks.
@@ -143,6 +143,35 @@ def train(
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
                           if k in metrics)
         typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Pruned model directory (or hub id)"),
+    batch_size: int = typer.Option(16, help="Sequences per batch"),
+    seq_len: int = typer.Option(128, help="Tokens per sequence"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: PyTorch's)"),
+    rounds: int = typer.Option(5, help="Interleaved timing rounds"),
+    iters: int = typer.Option(3, help="Timed calls per variant and round"),
+    int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="Measure the int8 block4 path (default: when block4)"),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also measure dense ONNX Runtime fp32 and int8"),
+    plot: Optional[Path] = typer.Option(None, help="Write a chart (PNG)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON"),
+) -> None:
+    """Throughput of the same model dense vs sparse on this CPU (like for like)."""
+    from .io import write_json
+    from .runtime.bench import format_table, plot as plot_chart, run_bench
+
+    _check_positive(batch_size=batch_size, seq_len=seq_len, rounds=rounds, iters=iters)
+    if threads is not None:
+        _check_positive(threads=threads)
+    result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
+                       iters=iters, onnx=onnx, int8=int8)
+    typer.echo(format_table(result))
+    if plot is not None:
+        plot_chart(result, plot)
+    if json_out is not None:
+        write_json(json_out, result)
 
 
 def _check_positive(**values: float) -> None:

@@ -1,0 +1,230 @@
+"""``obert bench``: like-for-like speed of a pruned model, dense vs sparse, on this CPU.
+
+Same model, batch size, sequence length and thread count for every variant:
+
+* ``torch fp32 dense``: the pruned model as PyTorch runs it (zeros included): the baseline.
+* ``obert fp32 sparse``: ``obert.runtime.compile`` (sparse Linear layers on the native kernels).
+* ``obert int8 sparse``: the same with block4 layers quantised (only when the model is block4).
+* ``onnxruntime fp32`` / ``onnxruntime int8 dynamic``: what users would run instead, measured in a
+  separate process (two runtimes in one process fight over threads).
+
+The torch variants are timed in interleaved rounds and the speed-up is the median of per-round
+ratios (this machine's timings drift between runs; interleaving cancels most of it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ObertError, first_line
+
+
+def cpu_info() -> dict:
+    """CPU model and the vector ISA extensions the kernels can use."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
+           if f in flags]
+    return {"cpu": model, "machine": platform.machine(), "isa": isa}
+
+
+def load_model(path: str):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    for cls in (AutoModelForSequenceClassification, AutoModel):
+        try:
+            return cls.from_pretrained(path).float().eval()
+        except (OSError, ValueError, KeyError) as exc:
+            err = exc
+    raise ObertError(f"cannot load model '{path}': {first_line(err)}")
+
+
+def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> dict:
+    vocab = getattr(model.config, "vocab_size", 1000)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, max(vocab - 1, 6), (batch, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _time(fn, iters: int) -> float:
+    """Median seconds of ``iters`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _output(model, inputs):
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@torch.no_grad()
+def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
+                int8: bool | None = None, min_sparsity: float = 0.5) -> dict:
+    """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
+    from . import compile, kernels
+
+    inputs = _inputs(model, batch, seq_len)
+    variants = {"torch fp32 dense": model}
+    sparse = copy.deepcopy(model)
+    report = compile(sparse, min_sparsity=min_sparsity)
+    variants["obert fp32 sparse"] = sparse
+    reports = {"obert fp32 sparse": report.as_dict()}
+    ref = _output(model, inputs)
+    errors = {"obert fp32 sparse": float((_output(sparse, inputs) - ref).abs().max())}
+    block4 = report.sparse_layers and all(m.group == 4 for m in _sparse_layers(sparse))
+    if int8 or (int8 is None and block4):
+        q = copy.deepcopy(model)
+        reports["obert int8 sparse"] = compile(q, min_sparsity=min_sparsity, dtype="int8").as_dict()
+        variants["obert int8 sparse"] = q
+        out = _output(q, inputs)
+        errors["obert int8 sparse"] = float((out - ref).abs().max())
+        if out.dim() == 2:
+            errors["obert int8 sparse argmax agreement"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    seconds = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, m in variants.items():
+            seconds[name].append(_time(lambda m=m: m(**inputs), iters))
+    base = seconds["torch fp32 dense"]
+    rows = {}
+    for name, ts in seconds.items():
+        rows[name] = {"ms_per_batch": 1e3 * statistics.median(ts),
+                      "sequences_per_s": batch / statistics.median(ts),
+                      "speedup": statistics.median(b / t for b, t in zip(base, ts))}
+    return {"rows": rows, "compile": reports, "max_abs_diff": errors,
+            "native_kernels": kernels.native_available()}
+
+
+def _sparse_layers(model):
+    from .linear import SparseLinear
+
+    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+
+
+def bench_onnxruntime(model_dir: str, *, batch: int, seq_len: int, threads: int, iters: int,
+                      rounds: int) -> dict:
+    """ONNX Runtime fp32 and int8 dynamic of the same model, in a child process."""
+    cmd = [sys.executable, "-m", "obert.runtime.bench", model_dir, str(batch), str(seq_len),
+           str(threads), str(iters), str(rounds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: int, rounds: int) -> dict:
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .onnx_export import export_onnx
+
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    inputs = {k: v.numpy() for k, v in _inputs(model, batch, seq_len).items()}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="obert-ort-") as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "model.onnx")
+        int8 = Path(tmp) / "model-int8.onnx"
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sessions = {"onnxruntime fp32": ort.InferenceSession(str(fp32), opts, providers=["CPUExecutionProvider"]),
+                    "onnxruntime int8 dynamic": ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])}
+        times = {name: [] for name in sessions}
+        for _ in range(rounds):
+            for name, s in sessions.items():
+                times[name].append(_time(lambda s=s: s.run(None, inputs), iters))
+    for name, ts in times.items():
+        out[name] = {"ms_per_batch": 1e3 * statistics.median(ts), "sequences_per_s": batch / statistics.median(ts)}
+    return out
+
+
+def run_bench(model_dir: str, *, batch: int = 16, seq_len: int = 128, threads: int | None = None,
+              rounds: int = 5, iters: int = 3, onnx: bool = True, int8: bool | None = None,
+              min_sparsity: float = 0.5) -> dict:
+    """Everything ``obert bench`` prints, as a dict."""
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = load_model(model_dir)
+    result = {"model": model_dir, "batch": batch, "seq_len": seq_len, "threads": threads,
+              "torch": torch.__version__, **cpu_info()}
+    result.update(bench_torch(model, batch=batch, seq_len=seq_len, rounds=rounds, iters=iters,
+                              int8=int8, min_sparsity=min_sparsity))
+    if onnx:
+        ort_rows = bench_onnxruntime(model_dir, batch=batch, seq_len=seq_len, threads=threads,
+                                     iters=iters, rounds=rounds)
+        if "error" in ort_rows:
+            result["onnxruntime_error"] = ort_rows["error"]
+        else:
+            base = result["rows"]["torch fp32 dense"]["ms_per_batch"]
+            for name, row in ort_rows.items():
+                # Different process: a ratio of medians, not a median of interleaved ratios.
+                result["rows"][name] = {**row, "speedup": base / row["ms_per_batch"]}
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"model {result['model']}  batch {result['batch']} x {result['seq_len']} tokens  "
+             f"threads {result['threads']}",
+             f"cpu {result['cpu']} ({result['machine']}; {' '.join(result['isa']) or 'no SIMD flags read'}); "
+             f"torch {result['torch']}; native kernels: {'yes' if result['native_kernels'] else 'no (fallback)'}"]
+    for name, rep in result["compile"].items():
+        lines.append(f"{name}: {len(rep['sparse_layers'])} of "
+                     f"{len(rep['sparse_layers']) + len(rep['dense_layers'])} Linear layers sparse "
+                     f"({100 * rep['sparse_fraction']:.1f}% of Linear work), "
+                     f"max |diff| vs dense {result['max_abs_diff'][name]:.2e}")
+    lines += ["", f"| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |",
+              "|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        lines.append(f"| {name} | {row['ms_per_batch']:.1f} | {row['sequences_per_s']:.1f} | "
+                     f"{row['speedup']:.2f}x |")
+    if "onnxruntime_error" in result:
+        lines.append(f"(onnxruntime not measured: {result['onnxruntime_error']})")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["rows"])
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
+    ax.barh(names, [result["rows"][n]["sequences_per_s"] for n in names], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel("sequences / s")
+    ax.set_title(f"{Path(result['model']).name}: batch {result['batch']} x {result['seq_len']}, "
+                 f"{result['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # the ONNX Runtime child of bench_onnxruntime
+    a = sys.argv[1:]
+    print(json.dumps(_ort_child(a[0], int(a[1]), int(a[2]), int(a[3]), int(a[4]), int(a[5]))))
