@@ -32,6 +32,48 @@ inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 static_assert(TILE == 64, "a segment keeps 4 vectors of 16 tokens");
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// out[i][r] = in[r][i] for a 16 x 16 block: in rows are 16 floats at in + r * in_stride,
+// out rows at out + i * out_stride.
+inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m512 r[16], t[16];
+  for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * in_stride);
+  for (int k = 0; k < 16; k += 2) {
+    t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {
+    r[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0x88);
+    t[k + 4] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0xDD);
+    t[k + 8] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0x88);
+    t[k + 12] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0xDD);
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
+  }
+  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(out + k * out_stride, r[k]);
+}
+#endif
+
+// y[t0 + i][n0 + r] = acc[r][i] for i < tn, r < rows (acc is ROWS x TILE, y has N columns).
+inline void write_block(const float* acc, int64_t tn, int64_t rows, float* y, int64_t N) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (rows == ROWS)  // whole 16 x 16 blocks: transpose in registers, one 64-byte store per token
+    for (; i + 16 <= tn; i += 16) transpose16(acc + i, TILE, y + i * N, N);
+#endif
+  for (; i < tn; ++i)
+    for (int64_t r = 0; r < rows; ++r) y[i * N + r] = acc[r * TILE + i];
+}
+
 // xt[tile][k][TILE] from x[T][K]; the last tile is zero-padded.
 void pack_tiles(const float* x, int64_t T, int64_t K, float* xt) {
   const int64_t tiles = (T + TILE - 1) / TILE;
@@ -89,10 +131,7 @@ void sparse_linear_impl(const float* xt, int64_t T, int64_t K, int64_t N, int64_
         for (int64_t r = 0; r < rows; ++r)
           segment<G>(xtile, col, val, sp[c * ROWS + r], sp[c * ROWS + r + 1], acc[r]);
       const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-      for (int64_t i = 0; i < tn; ++i) {
-        float* dst = y + (t0 + i) * N + n0;
-        for (int64_t r = 0; r < rows; ++r) dst[r] = acc[r][i];
-      }
+      write_block(&acc[0][0], tn, rows, y + t0 * N + n0, N);
     }
   });
 }
