@@ -183,20 +183,28 @@ constexpr bool kVnni = false;
 #endif
 
 void pack_int8(const float* x, int64_t T, int64_t K, uint8_t* xq, float* scale) {
-  const int64_t tiles = (T + TILE - 1) / TILE;
+  const int64_t tiles = (T + TILE - 1) / TILE, groups = K / 4;
   at::parallel_for(0, tiles * TILE, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tile = t / TILE, i = t % TILE;
+      uint8_t* base = xq + (tile * groups * TILE + i) * 4;
+      if (t >= T) {  // padding tokens: zero (u8 128) so they add nothing
+        for (int64_t g = 0; g < groups; ++g) std::memset(base + g * TILE * 4, 128, 4);
+        scale[t] = 1.f;
+        continue;
+      }
+      const float* xr = x + t * K;
       float amax = 0.f;
-      if (t < T)
-        for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x[t * K + k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
+      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
       scale[t] = s;
-      const float inv = 1.f / s;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = t < T ? x[t * K + k] * inv : 0.f;
-        const int q = static_cast<int>(std::nearbyint(std::min(127.f, std::max(-127.f, v))));
-        xq[((tile * (K / 4) + k / 4) * TILE + i) * 4 + (k % 4)] = static_cast<uint8_t>(q + 128);
+      for (int64_t g = 0; g < groups; ++g) {
+        uint32_t packed = 0;
+        for (int j = 0; j < 4; ++j) {
+          const float v = std::min(127.f, std::max(-127.f, xr[4 * g + j] * inv));
+          packed |= static_cast<uint32_t>(static_cast<int>(std::nearbyint(v)) + 128) << (8 * j);
+        }
+        std::memcpy(base + g * TILE * 4, &packed, 4);
       }
     }
   });
@@ -269,6 +277,7 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[ROWS][TILE];
+    alignas(64) float out[ROWS][TILE];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t tile = item / row_blocks, rb = item % row_blocks;
       const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
@@ -279,14 +288,14 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
         for (int64_t r = 0; r < rows; ++r)
           segment_int8(xtile, cp, qp, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
       const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-      for (int64_t i = 0; i < tn; ++i) {
-        float* dst = yp + (t0 + i) * N + n0;
-        const float st = sxp[t0 + i];
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t n = n0 + r;
-          dst[r] = static_cast<float>(acc[r][i] - 128 * rs[n]) * st * ws[n] + (b ? b[n] : 0.f);
-        }
+      const float* st = sxp + t0;
+      for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
+        const int64_t n = n0 + r;
+        const int32_t zero = 128 * rs[n];
+        const float w = ws[n], bn = b ? b[n] : 0.f;
+        for (int64_t i = 0; i < TILE; ++i) out[r][i] = static_cast<float>(acc[r][i] - zero) * (st[i] * w) + bn;
       }
+      write_block(&out[0][0], tn, rows, yp + t0 * N + n0, N);
     }
   });
   return y;
