@@ -47,3 +47,12 @@ def weights_digest(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def guard_results(results: dict, model, log: Callable[[str], None] = log) -> None:
+    """Drop saved results that came from a different dense model; record this one's hash."""
+    digest = weights_digest(model)
+    if results.get("dense_sha256", digest) != digest:
+        log("the dense model differs from the one the saved results came from: starting afresh")
+        results.clear()
+    results["dense_sha256"] = digest

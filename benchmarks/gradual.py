@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, log, weights_digest  # noqa: E402
+from common import DATA, ROOT, dense_minilm, guard_results, log  # noqa: E402
 
 RUNS = ["obert80", "magnitude80", "obert90", "magnitude90"]
 BEGIN, END = "<!-- gradual:begin -->", "<!-- gradual:end -->"
@@ -52,11 +52,7 @@ def run(args, work: Path, results: dict, path: Path) -> None:
 
     dense_dir = dense_minilm(work / "bench" / "dense", log)
     tok, dense = load_classifier(str(dense_dir))
-    digest = weights_digest(dense)
-    if results.get("dense_sha256", digest) != digest:
-        log("the dense model differs from the saved results' one: starting afresh")
-        results.clear()
-    results["dense_sha256"] = digest
+    guard_results(results, dense, log)
     if "dense" not in results:
         val = Encoded(load_file(DATA / "validation.jsonl"), tok, label_map_from_config(dense.config), 64)
         results["dense"] = evaluate(dense, val)

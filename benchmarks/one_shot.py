@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, log, weights_digest  # noqa: E402
+from common import DATA, ROOT, dense_minilm, guard_results, log  # noqa: E402
 
 SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
 REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
@@ -80,11 +80,7 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
     val_rows = load_file(DATA / "validation.jsonl")
     dense_dir = dense_minilm(work / "dense", log)
     tok, dense = load_classifier(str(dense_dir))
-    digest = weights_digest(dense)
-    if results.get("dense_sha256", digest) != digest:
-        log("the dense model differs from the one the saved results came from: starting afresh")
-        results.clear()
-    results["dense_sha256"] = digest
+    guard_results(results, dense, log)
     label2id = label_map_from_config(dense.config)
     val = Encoded(val_rows, tok, label2id, 128)
     grads_ds = Encoded(train_rows.subset(3000, seed=0), tok, label2id, 128)

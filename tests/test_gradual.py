@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer
 from obert.errors import ObertError
 from obert.schedule import PruningSchedule, cubic_sparsity, lr_factor
 
@@ -135,11 +135,8 @@ def test_shipped_recipes_validate():
 
 # -- training with the callback ----------------------------------------------------------------
 @pytest.fixture
-def model_dir(tmp_path):
-    out = tmp_path / "tiny"
-    tiny_model("bert").save_pretrained(out)
-    make_tokenizer(tmp_path).save_pretrained(out)
-    return str(out)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _masks_of(out: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -10,6 +11,16 @@ import torch.nn.functional as F
 
 from obert.runtime import SparseLinear, pack_weight, unpack_weight
 from obert.runtime import kernels
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pruned_linear(n_out, n_in, sparsity, group, seed=0, bias=True):
@@ -42,12 +53,8 @@ def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
     sl = SparseLinear.from_linear(lin, group=group)
     x = torch.randn(tokens, n_in)
     expected = F.linear(x.double(), lin.weight.double(), lin.bias.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = sl(x)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -142,12 +149,8 @@ def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads):
     x = torch.randn(tokens, n_in)
     x[0] = 0  # an all-zero token
     expected = _quantised_reference(x, lin)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         got = sl(x)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-4)
     # Against the float layer: the stated bound, 2% of the output range on Gaussian inputs.

@@ -29,6 +29,13 @@ GLUE_TASKS: dict[str, tuple[str, str | None, str]] = {
 }
 
 
+def sample_indices(n_rows: int, n: int | None, seed: int = 0) -> list[int] | None:
+    """``n`` row indices drawn without replacement with ``seed``; None when all rows are kept."""
+    if n is None or n >= n_rows:
+        return None
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
 @dataclass
 class TextData:
     """Raw rows of one split: ``texts``, optional ``pairs`` and raw ``labels``."""
@@ -42,9 +49,9 @@ class TextData:
 
     def subset(self, n: int | None, seed: int = 0) -> "TextData":
         """``n`` rows drawn without replacement with ``seed`` (all rows when n is None)."""
-        if n is None or n >= len(self):
+        idx = sample_indices(len(self), n, seed)
+        if idx is None:
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return TextData(pick(self.texts), pick(self.pairs) if self.pairs else None, pick(self.labels))
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import sample_indices
 from .errors import ObertError, first_line
 
 
@@ -41,9 +42,9 @@ class QAData:
         return len(self.ids)
 
     def subset(self, n: int | None, seed: int = 0) -> "QAData":
-        if n is None or n >= len(self):
+        idx = sample_indices(len(self), n, seed)
+        if idx is None:
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         return QAData(*([xs[i] for i in idx] for xs in (self.ids, self.questions, self.contexts,
                                                         self.answers)))
 
