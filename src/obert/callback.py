@@ -37,16 +37,11 @@ from .io import write_json
 from .masks import MaskSet
 from .methods import PruneConfig
 from .prune import prune_model
-from .schedule import PruningSchedule
+from .schedule import PruningSchedule, steps_per_epoch
 from .targets import find_targets
 
 MASKS_FILE = "obert_masks.safetensors"
 STATE_FILE = "obert_pruning.json"
-
-
-def steps_per_epoch(state, args) -> float:
-    """Optimizer steps per epoch of this process, as the Trainer counts them."""
-    return state.max_steps / max(float(args.num_train_epochs), 1e-12)
 
 
 class OBertPruningCallback(TrainerCallback):
@@ -87,7 +82,7 @@ class OBertPruningCallback(TrainerCallback):
         if self.schedule.end_epoch > float(args.num_train_epochs) + 1e-9:
             raise ValueError(f"pruning ends at epoch {self.schedule.end_epoch} but training "
                              f"has only {args.num_train_epochs} epochs")
-        self.plan = self.schedule.steps(steps_per_epoch(state, args))
+        self.plan = self.schedule.steps(steps_per_epoch(state.max_steps, args.num_train_epochs))
         if self._resume_masks is not None:
             self.masks = MaskSet(targets, self._resume_masks)
         elif state.global_step > 0:  # resumed without our state: pruned weights are the zeros

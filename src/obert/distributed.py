@@ -47,8 +47,3 @@ def broadcast(t: Tensor, src: int = 0) -> Tensor:
         else:
             dist.broadcast(t, src)
     return t
-
-
-def barrier() -> None:
-    if _initialized() and world_size() > 1:
-        dist.barrier()

@@ -24,12 +24,13 @@ import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .callback import OBertPruningCallback, steps_per_epoch
+from .callback import OBertPruningCallback
 from .distributed import rank, world_size
 from .errors import ObertError, first_line
 from .io import save_model_dir, write_json
 from .masks import MaskSet
 from .recipe import Recipe, dump_recipe
+from .schedule import steps_per_epoch
 from .targets import find_targets
 from .trainer import LRSchedule, ObertTrainer
 
@@ -140,7 +141,7 @@ class RunRecorder(TrainerCallback):
         return self.pruning.sparsity if self.pruning is not None else 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        spe = steps_per_epoch(state, args)
+        spe = steps_per_epoch(state.max_steps, args.num_train_epochs)
         n = int(float(args.num_train_epochs) / self.every + 1e-9)
         self._eval_steps = {round(j * self.every * spe) for j in range(1, n + 1)} - {state.max_steps}
 

@@ -19,6 +19,14 @@ from dataclasses import dataclass
 from .errors import ObertError
 
 
+def steps_per_epoch(max_steps: int, num_train_epochs: float) -> float:
+    """Optimizer steps per epoch of one process, as the Trainer counts them (``max_steps / epochs``).
+
+    The pruning callback and the LR schedule both place pruning steps with it, so they agree.
+    """
+    return max_steps / max(float(num_train_epochs), 1e-12)
+
+
 def cubic_sparsity(k: int, n: int, init_sparsity: float, final_sparsity: float) -> float:
     """Sparsity of pruning step ``k`` of ``0..n``: ``s_f + (s_i - s_f) * (1 - k/n)^3``."""
     if n == 0:

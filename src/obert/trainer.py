@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from .callback import steps_per_epoch
 from .distill import distillation_loss
-from .schedule import LRFactor, PruningSchedule
+from .schedule import LRFactor, PruningSchedule, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class ObertTrainer(Trainer):
             return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             s = self.lr_schedule
-            spe = num_training_steps / max(float(self.args.num_train_epochs), 1e-12)
+            spe = steps_per_epoch(num_training_steps, self.args.num_train_epochs)
             restarts = [step for step, _ in s.pruning.steps(spe)] if s.pruning else []
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer if optimizer is not None else self.optimizer,
@@ -73,4 +72,4 @@ class ObertTrainer(Trainer):
         return self.lr_scheduler
 
 
-__all__ = ["LRSchedule", "ObertTrainer", "steps_per_epoch"]
+__all__ = ["LRSchedule", "ObertTrainer"]
