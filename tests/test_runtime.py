@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from obert.runtime import SparseLinear, pack_weight, unpack_weight
+from obert.runtime.linear import fp32_chunk
 from obert.runtime import kernels
 
 
@@ -59,6 +60,45 @@ def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
     torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("shape,chunk", [((40, 1100, 24), None), ((33, 1100, 17), 192), ((17, 300, 35), 8),
+                                         ((50, 300, 16), 100), ((16, 64, 16), 12), ((70, 1028, 40), 1028)])
+def test_sparse_linear_chunks_and_tiles(shape, chunk, group):
+    """Several chunks per row (segments), 16- and 32-token tiles, a last chunk cut short."""
+    tokens, n_in, n_out = shape
+    lin = pruned_linear(n_out, n_in, 0.85, group, seed=n_in + n_out)
+    chunk = chunk or fp32_chunk(n_in)
+    seg_ptr, col, val = pack_weight(lin.weight.data, group, chunk)
+    sl = SparseLinear(n_in, n_out, seg_ptr, col, val, lin.bias, group, chunk)
+    x = torch.randn(tokens, n_in)
+    expected = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    for threads in (1, 2):
+        with num_threads(threads):
+            torch.testing.assert_close(sl(x).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sl.to_dense_weight(), lin.weight.data)
+
+
+@pytest.mark.parametrize("dtype,group", [("float32", 1), ("float32", 4), ("int8", 4)])
+def test_fused_gelu_matches_exact_gelu(dtype, group):
+    """GELU in the kernel epilogue (erf by a polynomial and a vector exp) against float64 erf GELU,
+    pre-activations spread over +-12 so both tails and the centre are exercised."""
+    lin = pruned_linear(48, 64, 0.6, group, seed=5)
+    lin.weight.data *= 3
+    sl = SparseLinear.from_linear(lin, dtype=dtype)
+    sl.activation = "gelu"
+    x = 3 * torch.randn(37, 64)
+    pre = SparseLinear.from_linear(lin, dtype=dtype)(x).double()  # the kernel's own pre-activation
+    assert float(pre.abs().max()) > 8 and float(pre.min()) < -8
+    expected = F.gelu(pre)
+    for threads in (1, 2):
+        with num_threads(threads):
+            torch.testing.assert_close(sl(x).double(), expected, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-4, atol=1e-4)
+    assert "activation=gelu" in repr(sl)
+    with pytest.raises(Exception, match="unsupported fused activation"):
+        SparseLinear(64, 48, sl.seg_ptr, sl.col, sl.val, None, sl.group, sl.chunk, activation="relu")
+
+
 def test_sparse_linear_batched_input_no_bias_and_storage():
     lin = pruned_linear(24, 32, 0.8, 4, bias=False)
     sl = SparseLinear.from_linear(lin)
@@ -67,10 +107,10 @@ def test_sparse_linear_batched_input_no_bias_and_storage():
     torch.testing.assert_close(sl(x).double(), F.linear(x.double(), lin.weight.double()),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl.to_dense_weight(), lin.weight.data)
-    seg_ptr, col, val = pack_weight(lin.weight.data, 4)
+    seg_ptr, col, val = pack_weight(lin.weight.data, 4, chunk=8)
     assert val.numel() == 4 * col.numel() == int((lin.weight != 0).sum())
     assert int(seg_ptr[-1]) == col.numel()
-    torch.testing.assert_close(unpack_weight(seg_ptr, col, val, (24, 32), 4), lin.weight.data)
+    torch.testing.assert_close(unpack_weight(seg_ptr, col, val, (24, 32), 4, 8), lin.weight.data)
     assert SparseLinear.from_linear(pruned_linear(8, 16, 0.5, 1, seed=3)).group == 1
 
 
@@ -100,6 +140,9 @@ def test_compile_matches_the_model_and_reports_what_runs_sparse():
     mask[1, 7:] = 0
     report = compile(model)
     assert len(report.sparse_layers) == 11 and report.dense_layers == ["bert.encoder.layer.1.output.dense"]
+    n_layers = len(model.bert.encoder.layer)
+    assert report.fused_activations == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(n_layers)]
+    assert isinstance(model.bert.encoder.layer[0].intermediate.intermediate_act_fn, torch.nn.Identity)
     assert len(sparse_modules(model)) == 11
     assert 0.8 < report.sparse_fraction < 0.95 and "11 of 12" in report.summary()
     with torch.no_grad():
@@ -140,7 +183,7 @@ def _quantised_reference(x, lin):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (64, 64, 64)])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (64, 64, 64), (20, 1100, 24)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
 def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads):
     tokens, n_in, n_out = shape

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ObertError
@@ -40,6 +41,7 @@ class CompileReport:
     linear_macs: int = 0  # multiply-adds per token of all target Linear layers, dense
     sparse_macs: int = 0  # of those, the ones left after pruning in compiled layers
     compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
+    fused_activations: list[str] = field(default_factory=list)  # layers that apply GELU themselves
 
     @property
     def sparse_fraction(self) -> float:
@@ -64,8 +66,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
-            group: int | None = None) -> CompileReport:
+            group: int | None = None, fuse: bool = True) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
+
+    ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
     report lists them under ``float32_layers``).
@@ -89,7 +93,28 @@ def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float3
             report.compiled_dense_macs += macs
         else:
             report.dense_layers.append(t.name)
+    if fuse:
+        _fuse_activations(model, report)
     return report
+
+
+def _is_exact_gelu(act) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
+
+
+def _fuse_activations(model: nn.Module, report: CompileReport) -> None:
+    """BERT-style feed-forward blocks (``dense`` then ``intermediate_act_fn``, exact GELU): the
+    sparse layer applies the GELU in its output pass and the activation module becomes Identity,
+    saving one read and write of the largest activation tensor."""
+    for name, mod in model.named_modules():
+        dense = getattr(mod, "dense", None)
+        if isinstance(dense, SparseLinear) and dense.activation is None and \
+                _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
+            dense.activation = "gelu"
+            mod.intermediate_act_fn = nn.Identity()
+            report.fused_activations.append(f"{name}.dense" if name else "dense")
 
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
@@ -106,7 +131,7 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
             "model_class": type(model).__name__,
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
-                           "int8": m.quantized}
+                           "int8": m.quantized, "activation": m.activation}
                        for n, m in layers.items()}}
     with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
@@ -136,8 +161,13 @@ def load_compiled(path: str | Path) -> nn.Module:
         module = SparseLinear(spec["in_features"], spec["out_features"], state[prefix + "seg_ptr"],
                               state[prefix + "col"], state[prefix + "val"],
                               state.get(prefix + "bias") if spec["bias"] else None, spec["group"],
-                              spec["chunk"], state.get(prefix + "w_scale"), state.get(prefix + "row_sum"))
+                              spec["chunk"], state.get(prefix + "w_scale"), state.get(prefix + "row_sum"),
+                              spec.get("activation"))
         _set_module(model, name, module)
+        if module.activation is not None:  # the fused activation module is an Identity now
+            parent = name.rpartition(".")[0]
+            _set_module(model, f"{parent}.intermediate_act_fn" if parent else "intermediate_act_fn",
+                        nn.Identity())
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ObertError(f"{path}: weights do not match the model (missing {missing[:3]}, "

@@ -13,10 +13,17 @@ from . import kernels
 
 
 ROWS = 16  # output rows per block of the native layout (the kernel's ROWS)
-CHUNK = 64  # input columns per chunk: 64 x 64 tokens x 4 bytes = 16 KB of packed input in L1
+INT8_CHUNK = 4096  # int8: whole rows up to this input size (long segments beat an L1-sized chunk)
+WHOLE_ROWS = 1024  # float32: inputs up to this size run whole rows on 16-token tiles
+FP32_CHUNK = 192  # float32, larger inputs: 192 columns x 32 tokens x 4 bytes = 24 KB in L1
 
 
-def pack_weight(weight: Tensor, group: int = 1, chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+def fp32_chunk(in_features: int) -> int:
+    """Input columns per chunk of the float32 kernel (see csrc/sparse_linear.cpp for why)."""
+    return in_features if in_features <= WHOLE_ROWS else FP32_CHUNK
+
+
+def pack_weight(weight: Tensor, group: int = 1, chunk: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(seg_ptr, col, val)``: the non-zeros of ``weight [N, K]`` in the kernel's segment layout.
 
     Entries are single weights (``group=1``) or blocks of 4 consecutive input weights with any
@@ -25,6 +32,7 @@ def pack_weight(weight: Tensor, group: int = 1, chunk: int = CHUNK) -> tuple[Ten
     ``row_block * ROWS + r`` whose k lies in that chunk; rows past N are empty.
     """
     n, k = weight.shape
+    chunk = chunk or fp32_chunk(k)
     if k % group or chunk % group:
         raise ObertError(f"input size {k} and chunk {chunk} must be multiples of the block size {group}")
     w = weight.detach().float()
@@ -44,7 +52,7 @@ def pack_weight(weight: Tensor, group: int = 1, chunk: int = CHUNK) -> tuple[Ten
 
 
 def unpack_weight(seg_ptr: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int], group: int,
-                  chunk: int = CHUNK) -> Tensor:
+                  chunk: int) -> Tensor:
     """The dense ``[N, K]`` weight back from the segment layout."""
     n, k = shape
     rows = _entry_rows(seg_ptr, k, chunk)
@@ -54,16 +62,23 @@ def unpack_weight(seg_ptr: Tensor, col: Tensor, val: Tensor, shape: tuple[int, i
     return w
 
 
+ACTIVATIONS = {None: 0, "gelu": 1}  # epilogues the kernels fuse (GELU: the exact, erf one)
+
+
 class SparseLinear(nn.Module):
-    """``y = x W^T + b`` computed from ``W``'s non-zeros (float32; unstructured or block4)."""
+    """``y = act(x W^T + b)`` computed from ``W``'s non-zeros (float32 or int8; unstructured or
+    block4); ``act`` is the identity or GELU fused into the kernel's output pass."""
 
     def __init__(self, in_features: int, out_features: int, seg_ptr: Tensor, col: Tensor,
-                 val: Tensor, bias: Tensor | None, group: int, chunk: int = CHUNK,
-                 w_scale: Tensor | None = None, row_sum: Tensor | None = None) -> None:
+                 val: Tensor, bias: Tensor | None, group: int, chunk: int,
+                 w_scale: Tensor | None = None, row_sum: Tensor | None = None,
+                 activation: str | None = None) -> None:
         """``val`` float32 values, or int8 ones with per-row ``w_scale`` and ``row_sum`` (int8)."""
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ObertError(f"unsupported fused activation '{activation}' (gelu or none)")
         self.in_features, self.out_features = in_features, out_features
-        self.group, self.chunk = group, chunk
+        self.group, self.chunk, self.activation = group, chunk, activation
         self.quantized = val.dtype == torch.int8
         if self.quantized and (group != 4 or w_scale is None or row_sum is None):
             raise ObertError("int8 sparse layers are block4 with per-row scales and sums")
@@ -92,16 +107,18 @@ class SparseLinear(nn.Module):
                 raise ObertError("int8 needs block4 sparsity (groups of 4 consecutive input weights)")
             scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
             q = (w / scale[:, None]).round().clamp(-127, 127)
-            seg_ptr, col, _ = pack_weight(w, 4)
+            chunk = min(w.shape[1], INT8_CHUNK)
+            seg_ptr, col, _ = pack_weight(w, 4, chunk)
             # Quantised values of the kept blocks (a weight may round to 0 inside a kept block).
-            rows = _entry_rows(seg_ptr, w.shape[1])
+            rows = _entry_rows(seg_ptr, w.shape[1], chunk)
             qval = q[rows.unsqueeze(1), col.long().unsqueeze(1) + torch.arange(4)].to(torch.int8)
             row_sum = torch.zeros(w.shape[0], dtype=torch.int32)
             row_sum.index_add_(0, rows, qval.int().sum(1, dtype=torch.int32))
             return cls(w.shape[1], w.shape[0], seg_ptr, col, qval.reshape(-1).contiguous(),
-                       linear.bias, 4, CHUNK, scale.contiguous(), row_sum)
-        seg_ptr, col, val = pack_weight(w, group)
-        return cls(w.shape[1], w.shape[0], seg_ptr, col, val, linear.bias, group)
+                       linear.bias, 4, chunk, scale.contiguous(), row_sum)
+        chunk = fp32_chunk(w.shape[1])
+        seg_ptr, col, val = pack_weight(w, group, chunk)
+        return cls(w.shape[1], w.shape[0], seg_ptr, col, val, linear.bias, group, chunk)
 
     @property
     def nnz(self) -> int:
@@ -130,32 +147,36 @@ class SparseLinear(nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
                 self._csr = self.to_dense_weight().to_sparse_csr()
-        return kernels.csr_linear(x2, self._csr, self.bias)
+        y = kernels.csr_linear(x2, self._csr, self.bias)
+        return F.gelu(y) if self.activation == "gelu" else y
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32:
-            return F.linear(x, self.to_dense_weight().to(x.dtype), None if self.bias is None
-                            else self.bias.to(x.dtype))
+            y = F.linear(x, self.to_dense_weight().to(x.dtype), None if self.bias is None
+                         else self.bias.to(x.dtype))
+            return F.gelu(y) if self.activation == "gelu" else y
         ext = kernels.load()
+        act = ACTIVATIONS[self.activation]
         if ext is None:
             y = self._fallback(x2)
         elif self.quantized:
             y = ext.sparse_linear_int8(x2, self.seg_ptr, self.col, self.val, self.w_scale,
-                                       self.row_sum, self.bias, self.out_features, self.chunk)
+                                       self.row_sum, self.bias, self.out_features, self.chunk, act)
         else:
             y = ext.sparse_linear(x2, self.seg_ptr, self.col, self.val, self.bias, self.out_features,
-                                  self.group, self.chunk)
+                                  self.group, self.chunk, act)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{'block4' if self.group == 4 else 'unstructured'}, "
-                f"{'int8' if self.quantized else 'float32'}, density={self.density:.3f}")
+                f"{'int8' if self.quantized else 'float32'}, density={self.density:.3f}"
+                + (f", activation={self.activation}" if self.activation else ""))
 
 
-def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int = CHUNK) -> Tensor:
+def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:
     """Output row of every entry of the segment layout."""
     chunks = -(-in_features // chunk)
     seg = torch.repeat_interleave(torch.arange(seg_ptr.numel() - 1), seg_ptr[1:] - seg_ptr[:-1])

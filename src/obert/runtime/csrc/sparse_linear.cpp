@@ -6,11 +6,17 @@
 // col (input index k) and val. Unstructured (group 1): one weight per entry. Block4 (group 4):
 // one entry per block of 4 consecutive input weights, col its first k, val[4 e .. 4 e + 3].
 //
-// x (T x K) is packed into tiles of TILE tokens, transposed: xt[tile][k][TILE]. For a tile and a
-// row block, the chunk loop keeps KC x TILE floats of xt (16 KB at KC = 64) in L1 while every
-// row of the block consumes its non-zeros there: acc[0..TILE) += w * xt[k][0..TILE), four
-// 16-float vector FMAs per weight. Accumulators live in a ROWS x TILE scratch (4 KB, L1) and are
-// written to y row-major in runs of ROWS floats, so y needs no transpose pass.
+// x (T x K) is packed into tiles of TT tokens, transposed: xt[tile][k][TT], so one non-zero w at
+// (n, k) is acc_n[0..TT) += w * xt[k][0..TT): TT / 16 vector FMAs from one broadcast. What limits
+// the loop (measured on a Cascade Lake core) is loads, not FMAs: every FMA needs one 64-byte load
+// of xt and every non-zero two more (index, value), and a miss of L1 costs more than the FMA.
+// So the tile must keep the chunk of xt it reads in L1 (KC * TT * 4 bytes): small inputs
+// (K <= 1024) run whole rows (KC = K) on 16-token tiles (48 KB at K = 768, mostly L1 hits: the
+// fastest variant measured), larger ones 32-token tiles on 192-column chunks (24 KB). Long
+// segments matter as much: each one ends in a mispredicted branch and an accumulator round trip,
+// so chunks are as wide as L1 allows. Two accumulator sets per row hide the FMA latency.
+// Accumulators of a ROWS-row block live in a ROWS x TT scratch and go to y row-major through a
+// 16 x 16 register transpose, so y needs no transpose pass.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,11 +24,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
-constexpr int64_t TILE = 64;  // tokens per tile: 4 AVX-512 vectors (8 AVX2 vectors) of floats
-constexpr int64_t ROWS = 16;  // output rows per work item
+constexpr int64_t ROWS = 16;       // output rows per work item
+constexpr int64_t TILE = 64;       // tokens per tile of the int8 kernel
+constexpr int64_t L1_TILE = 24 * 1024;  // bytes of packed input a chunk may take
 
 // 16 floats: one AVX-512 register or two AVX2 ones (GCC vector extension: the same source
 // compiles to what -march=native offers; explicit vectors also stop GCC from vectorising the
@@ -30,7 +38,49 @@ constexpr int64_t ROWS = 16;  // output rows per work item
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-static_assert(TILE == 64, "a segment keeps 4 vectors of 16 tokens");
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp(y) for y <= 0: 2^n * p(r), n = round(y / ln 2), r = y - n ln 2 (two-part ln 2), p the
+// degree-6 Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2).
+inline v16 exp_nonpositive(v16 y) {
+  y = y < -87.f ? v16{} - 87.f : y;
+  const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (y * 1.44269504f + magic) - magic;
+  const v16 r = (y - n * 0.693145752f) - n * 1.42860677e-6f;
+  v16 p = v16{} + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * reinterpret_cast<const v16&>(bits);
+}
+
+// GELU(x) = x / 2 * (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7),
+// the same function as torch's exact (erf) GELU to float precision.
+inline v16 gelu16(v16 x) {
+  const v16 z = x * 0.707106781f;
+  const vi16 zbits = reinterpret_cast<const vi16&>(z);
+  const vi16 abits = zbits & 0x7fffffff, sign = zbits & static_cast<int32_t>(0x80000000);
+  const v16 az = reinterpret_cast<const v16&>(abits);
+  const v16 t = 1.f / (1.f + 0.3275911f * az);
+  v16 poly = 1.061405429f * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  poly = poly * t;
+  const v16 erf_abs = 1.f - poly * exp_nonpositive(-az * az);
+  const vi16 ebits = reinterpret_cast<const vi16&>(erf_abs) | sign;
+  return 0.5f * x * (1.f + reinterpret_cast<const v16&>(ebits));
+}
+
+// Epilogue of one accumulator row (n a multiple of 16): act 0 none, 1 GELU.
+inline void activate(float* row, int64_t n, int64_t act) {
+  if (act == 1)
+    for (int64_t i = 0; i < n; i += 16) store16(row + i, gelu16(load16(row + i)));
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -63,87 +113,149 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
 }
 #endif
 
-// y[t0 + i][n0 + r] = acc[r][i] for i < tn, r < rows (acc is ROWS x TILE, y has N columns).
-inline void write_block(const float* acc, int64_t tn, int64_t rows, float* y, int64_t N) {
+// y[t0 + i][n0 + r] = acc[r * stride + i] for i < tn, r < rows (y has N columns).
+inline void write_block(const float* acc, int64_t stride, int64_t tn, int64_t rows, float* y,
+                        int64_t N) {
   int64_t i = 0;
 #if defined(__AVX512F__)
   if (rows == ROWS)  // whole 16 x 16 blocks: transpose in registers, one 64-byte store per token
-    for (; i + 16 <= tn; i += 16) transpose16(acc + i, TILE, y + i * N, N);
+    for (; i + 16 <= tn; i += 16) transpose16(acc + i, stride, y + i * N, N);
 #endif
   for (; i < tn; ++i)
-    for (int64_t r = 0; r < rows; ++r) y[i * N + r] = acc[r * TILE + i];
+    for (int64_t r = 0; r < rows; ++r) y[i * N + r] = acc[r * stride + i];
 }
 
-// xt[tile][k][TILE] from x[T][K]; the last tile is zero-padded.
-void pack_tiles(const float* x, int64_t T, int64_t K, float* xt) {
-  const int64_t tiles = (T + TILE - 1) / TILE;
-  at::parallel_for(0, tiles * K, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t tile = idx / K, k = idx % K;
-      float* dst = xt + (tile * K + k) * TILE;
-      const int64_t t0 = tile * TILE, n = std::min(TILE, T - t0);
-      for (int64_t i = 0; i < n; ++i) dst[i] = x[(t0 + i) * K + k];
-      for (int64_t i = n; i < TILE; ++i) dst[i] = 0.f;
-    }
-  });
-}
+// Tokens per tile for a chunk of kc columns: 32 while the chunk's packed input fits L1_TILE.
+inline int64_t tile_tokens(int64_t kc) { return kc * 32 * 4 <= L1_TILE ? 32 : 16; }
 
-template <int G>
-inline void segment(const float* __restrict xt, const int32_t* __restrict col,
-                    const float* __restrict val, int64_t e0, int64_t e1, float* __restrict acc) {
-  if (e0 == e1) return;
-  v16 a0 = load16(acc), a1 = load16(acc + 16), a2 = load16(acc + 32), a3 = load16(acc + 48);
-  for (int64_t e = e0; e < e1; ++e) {
-    const float* xk = xt + static_cast<int64_t>(col[e]) * TILE;
-    for (int j = 0; j < G; ++j) {
-      const float w = val[G * e + j];
-      const float* xj = xk + j * TILE;
-      a0 += w * load16(xj);
-      a1 += w * load16(xj + 16);
-      a2 += w * load16(xj + 32);
-      a3 += w * load16(xj + 48);
+// dst[k][tt] = x[tile * tt + i][k] for one tile (tokens past T are zero).
+void pack_tile(const float* x, int64_t T, int64_t K, int64_t tt, int64_t tile, float* dst) {
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t kn = std::min<int64_t>(16, K - k0);
+    for (int64_t i0 = 0; i0 < tt; i0 += 16) {
+      const int64_t t0 = tile * tt + i0, n = std::max<int64_t>(0, std::min<int64_t>(16, T - t0));
+#if defined(__AVX512F__)
+      if (n == 16 && kn == 16) {  // x[t0 .. t0+16][k0 .. k0+16] -> dst[k][i0 .. i0+16]
+        transpose16(x + t0 * K + k0, K, dst + k0 * tt + i0, tt);
+        continue;
+      }
+#endif
+      for (int64_t k = 0; k < kn; ++k)
+        for (int64_t i = 0; i < 16; ++i)
+          dst[(k0 + k) * tt + i0 + i] = i < n ? x[(t0 + i) * K + k0 + k] : 0.f;
     }
   }
-  store16(acc, a0);
-  store16(acc + 16, a1);
-  store16(acc + 32, a2);
-  store16(acc + 48, a3);
 }
 
-template <int G>
-void sparse_linear_impl(const float* xt, int64_t T, int64_t K, int64_t N, int64_t chunks,
-                        const int64_t* seg_ptr, const int32_t* col, const float* val,
-                        const float* bias, float* y) {
-  const int64_t tiles = (T + TILE - 1) / TILE;
-  const int64_t row_blocks = (N + ROWS - 1) / ROWS;
-  at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[ROWS][TILE];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / row_blocks, rb = item % row_blocks;
-      const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
-      for (int64_t r = 0; r < ROWS; ++r) {
-        const float b = (bias && r < rows) ? bias[n0 + r] : 0.f;
-        for (int64_t i = 0; i < TILE; ++i) acc[r][i] = b;
+inline uint8_t* align64(uint8_t* p) {
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// Runs compute(tile, row_block, packed) over every (tile, row block) pair. With enough tiles,
+// each thread packs one tile at a time into its own buffer and runs every row block on it while
+// it sits in L2, so the packed copy of x never travels through memory (at 2,048 tokens packing
+// everything first cost as much as the non-zeros). With few tiles (short inputs), everything is
+// packed first and the pairs are shared out, so both threads get work.
+template <class Pack, class Compute>
+void for_tiles(int64_t tiles, int64_t row_blocks, int64_t tile_bytes, const Pack& pack,
+               const Compute& compute) {
+  if (tiles >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> buf(tile_bytes + 64);
+      uint8_t* p = align64(buf.data());
+      for (int64_t tile = begin; tile < end; ++tile) {
+        pack(tile, p);
+        for (int64_t rb = 0; rb < row_blocks; ++rb) compute(tile, rb, p);
       }
-      const float* xtile = xt + tile * K * TILE;
-      const int64_t* sp = seg_ptr + rb * chunks * ROWS;
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t r = 0; r < rows; ++r)
-          segment<G>(xtile, col, val, sp[c * ROWS + r], sp[c * ROWS + r + 1], acc[r]);
-      const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-      write_block(&acc[0][0], tn, rows, y + t0 * N + n0, N);
+    });
+    return;
+  }
+  std::vector<uint8_t> all(tiles * tile_bytes + 64);
+  uint8_t* base = align64(all.data());
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) pack(tile, base + tile * tile_bytes);
+  });
+  at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t tile = item / row_blocks;
+      compute(tile, item % row_blocks, base + tile * tile_bytes);
     }
   });
+}
+
+// acc[0..TT) (+)= sum over entries e0..e1 of val * xt[col] (G weights per entry).
+template <int G, int TT>
+inline void segment(const float* __restrict xt, const int32_t* __restrict col,
+                    const float* __restrict val, int64_t e0, int64_t e1, float* __restrict acc,
+                    bool add) {
+  constexpr int NV = TT / 16;
+  v16 a[NV], b[NV];
+  for (int v = 0; v < NV; ++v) {
+    a[v] = add ? load16(acc + 16 * v) : v16{};
+    b[v] = v16{};
+  }
+  int64_t e = e0;
+  if (G == 1) {  // two entries per iteration into two accumulator sets
+    for (; e + 2 <= e1; e += 2) {
+      const float* xa = xt + static_cast<int64_t>(col[e]) * TT;
+      const float* xb = xt + static_cast<int64_t>(col[e + 1]) * TT;
+      const float wa = val[e], wb = val[e + 1];
+      for (int v = 0; v < NV; ++v) {
+        a[v] += wa * load16(xa + 16 * v);
+        b[v] += wb * load16(xb + 16 * v);
+      }
+    }
+  }
+  for (; e < e1; ++e) {
+    const float* xk = xt + static_cast<int64_t>(col[e]) * TT;
+    for (int j = 0; j < G; ++j) {
+      const float w = val[G * e + j];
+      for (int v = 0; v < NV; ++v) {
+        if (j % 2) b[v] += w * load16(xk + j * TT + 16 * v);
+        else a[v] += w * load16(xk + j * TT + 16 * v);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) store16(acc + 16 * v, a[v] + b[v]);
+}
+
+template <int G, int TT>
+void sparse_linear_impl(const float* x, int64_t T, int64_t K, int64_t N, int64_t chunks,
+                        const int64_t* seg_ptr, const int32_t* col, const float* val,
+                        const float* bias, int64_t act, float* y) {
+  const int64_t tiles = (T + TT - 1) / TT;
+  const int64_t row_blocks = (N + ROWS - 1) / ROWS;
+  auto pack = [&](int64_t tile, uint8_t* dst) {
+    pack_tile(x, T, K, TT, tile, reinterpret_cast<float*>(dst));
+  };
+  auto compute = [&](int64_t tile, int64_t rb, const uint8_t* packed) {
+    alignas(64) float acc[ROWS][TT];
+    const float* xtile = reinterpret_cast<const float*>(packed);
+    const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
+    const int64_t* sp = seg_ptr + rb * chunks * ROWS;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t r = 0; r < rows; ++r)
+        segment<G, TT>(xtile, col, val, sp[c * ROWS + r], sp[c * ROWS + r + 1], acc[r], c > 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float b = bias ? bias[n0 + r] : 0.f;
+      for (int64_t i = 0; i < TT; ++i) acc[r][i] += b;
+      activate(acc[r], TT, act);
+    }
+    const int64_t t0 = tile * TT, tn = std::min<int64_t>(TT, T - t0);
+    write_block(&acc[0][0], TT, tn, rows, y + t0 * N + n0, N);
+  };
+  for_tiles(tiles, row_blocks, K * TT * 4, pack, compute);
 }
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                             torch::Tensor val, c10::optional<torch::Tensor> bias, int64_t N,
-                            int64_t group, int64_t chunk) {
+                            int64_t group, int64_t chunk, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
   TORCH_CHECK(seg_ptr.scalar_type() == torch::kInt64, "seg_ptr must be int64");
   TORCH_CHECK(col.scalar_type() == torch::kInt32, "col must be int32");
   TORCH_CHECK(val.scalar_type() == torch::kFloat32, "values must be float32");
   TORCH_CHECK(group == 1 || group == 4, "group must be 1 or 4");
+  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
   x = x.contiguous();
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(chunk > 0 && chunk % group == 0, "chunk must be a positive multiple of the group");
@@ -151,9 +263,7 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tenso
   TORCH_CHECK(seg_ptr.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
-  const int64_t tiles = (T + TILE - 1) / TILE;
-  auto xt = torch::empty({tiles * K * TILE}, x.options());
-  pack_tiles(x.data_ptr<float>(), T, K, xt.data_ptr<float>());
+  const int64_t tt = tile_tokens(std::min(chunk, K));
   const float* b = nullptr;
   torch::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -162,9 +272,10 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tenso
     b = bias_c.data_ptr<float>();
   }
   auto sp = seg_ptr.contiguous(), c = col.contiguous(), v = val.contiguous();
-  auto run = group == 1 ? sparse_linear_impl<1> : sparse_linear_impl<4>;
-  run(xt.data_ptr<float>(), T, K, N, chunks, sp.data_ptr<int64_t>(), c.data_ptr<int32_t>(),
-      v.data_ptr<float>(), b, y.data_ptr<float>());
+  auto run = group == 1 ? (tt == 32 ? sparse_linear_impl<1, 32> : sparse_linear_impl<1, 16>)
+                        : (tt == 32 ? sparse_linear_impl<4, 32> : sparse_linear_impl<4, 16>);
+  run(x.data_ptr<float>(), T, K, N, chunks, sp.data_ptr<int64_t>(), c.data_ptr<int32_t>(),
+      v.data_ptr<float>(), b, act, y.data_ptr<float>());
   return y;
 }
 
@@ -182,32 +293,54 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif
 
-void pack_int8(const float* x, int64_t T, int64_t K, uint8_t* xq, float* scale) {
-  const int64_t tiles = (T + TILE - 1) / TILE, groups = K / 4;
-  at::parallel_for(0, tiles * TILE, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t tile = t / TILE, i = t % TILE;
-      uint8_t* base = xq + (tile * groups * TILE + i) * 4;
-      if (t >= T) {  // padding tokens: zero (u8 128) so they add nothing
-        for (int64_t g = 0; g < groups; ++g) std::memset(base + g * TILE * 4, 128, 4);
-        scale[t] = 1.f;
-        continue;
-      }
-      const float* xr = x + t * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-      scale[t] = s;
-      for (int64_t g = 0; g < groups; ++g) {
-        uint32_t packed = 0;
-        for (int j = 0; j < 4; ++j) {
-          const float v = std::min(127.f, std::max(-127.f, xr[4 * g + j] * inv));
-          packed |= static_cast<uint32_t>(static_cast<int>(std::nearbyint(v)) + 128) << (8 * j);
-        }
-        std::memcpy(base + g * TILE * 4, &packed, 4);
+// Quantise token row xr[0..K) to u8 (q + 128) in q; returns its scale s_t.
+inline float quantize_row(const float* xr, int64_t K, uint8_t* q) {
+  float amax = 0.f;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
+  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  const __m512i off = _mm512_set1_epi32(128);
+  for (; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even, as nearbyint does
+    const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
+  }
+#endif
+  for (; k < K; ++k) {
+    const float v = std::min(127.f, std::max(-127.f, xr[k] * inv));
+    q[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + 128);
+  }
+  return s;
+}
+
+// One tile of xq[k / 4][TILE][4] (u8) and its per-token scales from x[T][K]; padding tokens
+// are u8 128 (zero). 16 tokens at a time: quantised row by row, then interleaved 4 bytes apiece.
+void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t* dst, float* scale) {
+  const int64_t groups = K / 4;
+  std::vector<uint8_t> q(16 * K);
+  for (int64_t i0 = 0; i0 < TILE; i0 += 16) {
+    const int64_t t0 = tile * TILE + i0;
+    for (int64_t i = 0; i < 16; ++i) {
+      if (t0 + i < T) {
+        scale[i0 + i] = quantize_row(x + (t0 + i) * K, K, q.data() + i * K);
+      } else {
+        scale[i0 + i] = 1.f;
+        std::memset(q.data() + i * K, 128, K);
       }
     }
-  });
+    for (int64_t g = 0; g < groups; ++g) {  // 16 tokens x 4 bytes of group g: one 64-byte line
+      uint32_t* out = reinterpret_cast<uint32_t*>(dst + (g * TILE + i0) * 4);
+      for (int64_t i = 0; i < 16; ++i) std::memcpy(out + i, q.data() + i * K + 4 * g, 4);
+    }
+  }
 }
 
 inline void segment_int8(const uint8_t* __restrict xq, const int32_t* __restrict col,
@@ -243,7 +376,8 @@ inline void segment_int8(const uint8_t* __restrict xq, const int32_t* __restrict
 
 torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                                  torch::Tensor qval, torch::Tensor w_scale, torch::Tensor row_sum,
-                                 c10::optional<torch::Tensor> bias, int64_t N, int64_t chunk) {
+                                 c10::optional<torch::Tensor> bias, int64_t N, int64_t chunk,
+                                 int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
   TORCH_CHECK(qval.scalar_type() == torch::kInt8 && row_sum.scalar_type() == torch::kInt32 &&
               w_scale.scalar_type() == torch::kFloat32 && seg_ptr.scalar_type() == torch::kInt64 &&
@@ -251,14 +385,13 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
   x = x.contiguous();
   const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 4 == 0 && chunk % 4 == 0, "int8 block4 needs K and chunk multiples of 4");
+  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
   const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
   TORCH_CHECK(seg_ptr.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   const int64_t tiles = (T + TILE - 1) / TILE;
-  auto xq = torch::empty({tiles * K * TILE}, x.options().dtype(torch::kUInt8));
-  auto sx = torch::empty({tiles * TILE}, x.options());
-  pack_int8(x.data_ptr<float>(), T, K, xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  std::vector<float> sx(tiles * TILE);
   torch::Tensor bias_c;
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -272,32 +405,35 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
   const int8_t* qp = q_t.data_ptr<int8_t>();
   const float* ws = ws_t.data_ptr<float>();
   const int32_t* rs = rs_t.data_ptr<int32_t>();
-  const uint8_t* xqp = xq.data_ptr<uint8_t>();
-  const float* sxp = sx.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
+  auto pack = [&](int64_t tile, uint8_t* dst) {
+    pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE);
+  };
+  auto compute = [&](int64_t tile, int64_t rb, const uint8_t* xtile) {
     alignas(64) int32_t acc[ROWS][TILE];
     alignas(64) float out[ROWS][TILE];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t tile = item / row_blocks, rb = item % row_blocks;
-      const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
-      std::memset(acc, 0, sizeof(acc));
-      const uint8_t* xtile = xqp + tile * K * TILE;
-      const int64_t* s = sp + rb * chunks * ROWS;
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t r = 0; r < rows; ++r)
-          segment_int8(xtile, cp, qp, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
-      const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-      const float* st = sxp + t0;
-      for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
-        const int64_t n = n0 + r;
-        const int32_t zero = 128 * rs[n];
-        const float w = ws[n], bn = b ? b[n] : 0.f;
-        for (int64_t i = 0; i < TILE; ++i) out[r][i] = static_cast<float>(acc[r][i] - zero) * (st[i] * w) + bn;
+    const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
+    std::memset(acc, 0, sizeof(acc));
+    const int64_t* s = sp + rb * chunks * ROWS;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t r = 0; r < rows; ++r)
+        segment_int8(xtile, cp, qp, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
+    const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
+    const float* st = sx.data() + t0;
+    for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
+      const int64_t n = n0 + r;
+      const int32_t zero = 128 * rs[n];
+      const float w = ws[n], bn = b ? b[n] : 0.f;
+      for (int64_t i = 0; i < TILE; i += 16) {
+        const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - zero;
+        store16(&out[r][i], __builtin_convertvector(a, v16) * (load16(st + i) * w) + bn);
       }
-      write_block(&out[0][0], tn, rows, yp + t0 * N + n0, N);
+      activate(out[r], TILE, act);
     }
-  });
+    write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + n0, N);
+  };
+  for_tiles(tiles, row_blocks, K * TILE, pack, compute);
   return y;
 }
 
@@ -305,9 +441,10 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear,
-        "y = x W^T + b with W in segment form (group 1: single weights, group 4: blocks of 4)");
+        "act(x W^T + b) with W in segment form (group 1: single weights, group 4: blocks of 4)");
   m.def("sparse_linear_int8", &sparse_linear_int8,
         "int8 block4 y = x W^T + b (per-channel weight scales, dynamic per-token input scales)");
   m.attr("ROWS") = ROWS;
+  m.attr("L1_TILE") = L1_TILE;
   m.attr("VNNI") = kVnni;
 }
