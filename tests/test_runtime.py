@@ -62,7 +62,8 @@ def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
 
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("shape,chunk", [((40, 1100, 24), None), ((33, 1100, 17), 192), ((17, 300, 35), 8),
-                                         ((50, 300, 16), 100), ((16, 64, 16), 12), ((70, 1028, 40), 1028)])
+                                         ((50, 300, 16), 100), ((16, 64, 16), 12), ((70, 1028, 40), 1028),
+                                         ((600, 96, 20), None), ((131, 40, 33), None)])
 def test_sparse_linear_chunks_and_tiles(shape, chunk, group):
     """Several chunks per row (segments), 16- and 32-token tiles, a last chunk cut short."""
     tokens, n_in, n_out = shape
@@ -72,9 +73,13 @@ def test_sparse_linear_chunks_and_tiles(shape, chunk, group):
     sl = SparseLinear(n_in, n_out, seg_ptr, col, val, lin.bias, group, chunk)
     x = torch.randn(tokens, n_in)
     expected = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    ext = kernels.load()
     for threads in (1, 2):
         with num_threads(threads):
             torch.testing.assert_close(sl(x).double(), expected, rtol=1e-5, atol=1e-5)
+            for tile in (16, 32, 64) if ext is not None else ():  # every tile width the kernel has
+                got = ext.sparse_linear(x, seg_ptr, col, val, lin.bias, n_out, group, chunk, tile, 0)
+                torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl.to_dense_weight(), lin.weight.data)
 
 

@@ -14,8 +14,14 @@ from . import kernels
 
 ROWS = 16  # output rows per block of the native layout (the kernel's ROWS)
 INT8_CHUNK = 4096  # int8: whole rows up to this input size (long segments beat an L1-sized chunk)
-WHOLE_ROWS = 1024  # float32: inputs up to this size run whole rows on 16-token tiles
-FP32_CHUNK = 192  # float32, larger inputs: 192 columns x 32 tokens x 4 bytes = 24 KB in L1
+WHOLE_ROWS = 1024  # float32: inputs up to this size run whole rows (one segment per row)
+FP32_CHUNK = 384  # float32, larger inputs: chunks of 384 columns
+
+
+def fp32_tile(tokens: int) -> int:
+    """Tokens per tile of the float32 kernel: 64 for short inputs, 32 for long ones (measured:
+    64 is ~15% faster at 128 tokens, 32 slightly faster at 2,048, where tiles outnumber threads)."""
+    return 64 if tokens <= 512 else 32
 
 
 def fp32_chunk(in_features: int) -> int:
@@ -166,7 +172,8 @@ class SparseLinear(nn.Module):
                                        self.row_sum, self.bias, self.out_features, self.chunk, act)
         else:
             y = ext.sparse_linear(x2, self.seg_ptr, self.col, self.val, self.bias, self.out_features,
-                                  self.group, self.chunk, act)
+                                  self.group, self.chunk,
+                                  fp32_tile(x2.shape[0]), act)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

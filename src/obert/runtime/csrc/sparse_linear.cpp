@@ -6,15 +6,15 @@
 // col (input index k) and val. Unstructured (group 1): one weight per entry. Block4 (group 4):
 // one entry per block of 4 consecutive input weights, col its first k, val[4 e .. 4 e + 3].
 //
-// x (T x K) is packed into tiles of TT tokens, transposed: xt[tile][k][TT], so one non-zero w at
+// x (T x K) is packed into tiles of TT tokens, transposed: xt[k][TT], so one non-zero w at
 // (n, k) is acc_n[0..TT) += w * xt[k][0..TT): TT / 16 vector FMAs from one broadcast. What limits
-// the loop (measured on a Cascade Lake core) is loads, not FMAs: every FMA needs one 64-byte load
-// of xt and every non-zero two more (index, value), and a miss of L1 costs more than the FMA.
-// So the tile must keep the chunk of xt it reads in L1 (KC * TT * 4 bytes): small inputs
-// (K <= 1024) run whole rows (KC = K) on 16-token tiles (48 KB at K = 768, mostly L1 hits: the
-// fastest variant measured), larger ones 32-token tiles on 192-column chunks (24 KB). Long
-// segments matter as much: each one ends in a mispredicted branch and an accumulator round trip,
-// so chunks are as wide as L1 allows. Two accumulator sets per row hide the FMA latency.
+// the loop (measured on a Cascade Lake core) is loads and branches, not FMAs: every FMA needs a
+// 64-byte load of xt and every non-zero two more (index, value), and every segment ends in a
+// mispredicted branch and an accumulator round trip. Measured in one process, interleaved (1
+// thread, 90%): wide tiles (32-64 tokens) beat 16 even though 16-token tiles of a 768-wide input
+// would fit L1 and wider ones do not, and whole rows beat L1-sized chunks of 96-192 columns; so
+// rows are whole up to K = 1024 (384-column chunks above), and the caller picks 64-token tiles
+// for short inputs, 32 for long ones. Two accumulator sets per row hide the FMA latency.
 // Accumulators of a ROWS-row block live in a ROWS x TT scratch and go to y row-major through a
 // 16 x 16 register transpose, so y needs no transpose pass.
 #include <torch/extension.h>
@@ -30,7 +30,6 @@ namespace {
 
 constexpr int64_t ROWS = 16;       // output rows per work item
 constexpr int64_t TILE = 64;       // tokens per tile of the int8 kernel
-constexpr int64_t L1_TILE = 24 * 1024;  // bytes of packed input a chunk may take
 
 // 16 floats: one AVX-512 register or two AVX2 ones (GCC vector extension: the same source
 // compiles to what -march=native offers; explicit vectors also stop GCC from vectorising the
@@ -124,9 +123,6 @@ inline void write_block(const float* acc, int64_t stride, int64_t tn, int64_t ro
   for (; i < tn; ++i)
     for (int64_t r = 0; r < rows; ++r) y[i * N + r] = acc[r * stride + i];
 }
-
-// Tokens per tile for a chunk of kc columns: 32 while the chunk's packed input fits L1_TILE.
-inline int64_t tile_tokens(int64_t kc) { return kc * 32 * 4 <= L1_TILE ? 32 : 16; }
 
 // dst[k][tt] = x[tile * tt + i][k] for one tile (tokens past T are zero).
 void pack_tile(const float* x, int64_t T, int64_t K, int64_t tt, int64_t tile, float* dst) {
@@ -249,12 +245,13 @@ void sparse_linear_impl(const float* x, int64_t T, int64_t K, int64_t N, int64_t
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                             torch::Tensor val, c10::optional<torch::Tensor> bias, int64_t N,
-                            int64_t group, int64_t chunk, int64_t act) {
+                            int64_t group, int64_t chunk, int64_t tt, int64_t act) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
   TORCH_CHECK(seg_ptr.scalar_type() == torch::kInt64, "seg_ptr must be int64");
   TORCH_CHECK(col.scalar_type() == torch::kInt32, "col must be int32");
   TORCH_CHECK(val.scalar_type() == torch::kFloat32, "values must be float32");
   TORCH_CHECK(group == 1 || group == 4, "group must be 1 or 4");
+  TORCH_CHECK(tt == 16 || tt == 32 || tt == 64, "tile must be 16, 32 or 64 tokens");
   TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
   x = x.contiguous();
   const int64_t T = x.size(0), K = x.size(1);
@@ -263,7 +260,6 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tenso
   TORCH_CHECK(seg_ptr.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
-  const int64_t tt = tile_tokens(std::min(chunk, K));
   const float* b = nullptr;
   torch::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
@@ -272,8 +268,12 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tenso
     b = bias_c.data_ptr<float>();
   }
   auto sp = seg_ptr.contiguous(), c = col.contiguous(), v = val.contiguous();
-  auto run = group == 1 ? (tt == 32 ? sparse_linear_impl<1, 32> : sparse_linear_impl<1, 16>)
-                        : (tt == 32 ? sparse_linear_impl<4, 32> : sparse_linear_impl<4, 16>);
+  auto pick = [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    return tt == 16 ? sparse_linear_impl<G, 16> : tt == 32 ? sparse_linear_impl<G, 32>
+                                                           : sparse_linear_impl<G, 64>;
+  };
+  auto run = group == 1 ? pick(std::integral_constant<int, 1>{}) : pick(std::integral_constant<int, 4>{});
   run(x.data_ptr<float>(), T, K, N, chunks, sp.data_ptr<int64_t>(), c.data_ptr<int32_t>(),
       v.data_ptr<float>(), b, act, y.data_ptr<float>());
   return y;
@@ -445,6 +445,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear_int8", &sparse_linear_int8,
         "int8 block4 y = x W^T + b (per-channel weight scales, dynamic per-token input scales)");
   m.attr("ROWS") = ROWS;
-  m.attr("L1_TILE") = L1_TILE;
   m.attr("VNNI") = kVnni;
 }
