@@ -117,6 +117,16 @@ def test_sparse_linear_batched_input_no_bias_and_storage():
     assert int(seg_ptr[-1]) == col.numel()
     torch.testing.assert_close(unpack_weight(seg_ptr, col, val, (24, 32), 4, 8), lin.weight.data)
     assert SparseLinear.from_linear(pruned_linear(8, 16, 0.5, 1, seed=3)).group == 1
+    # A weight that happens to be exactly 0 inside a kept block keeps the layer block4 (and int8-able).
+    big = pruned_linear(64, 64, 0.7, 4, seed=4)
+    kept = big.weight.data.reshape(64, 16, 4).ne(0).all(-1).nonzero()[0]
+    big.weight.data[kept[0], 4 * kept[1] + 2] = 0.0
+    assert SparseLinear.from_linear(big).group == 4
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(SparseLinear.from_linear(big)(x).double(),
+                               F.linear(x.double(), big.weight.double(), big.bias.double()),
+                               rtol=1e-5, atol=1e-5)
+    assert SparseLinear.from_linear(big, dtype="int8").quantized
 
 
 def _pruned_tiny_model(sparsity=0.8):
