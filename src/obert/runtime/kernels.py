@@ -26,8 +26,8 @@ SOURCES = ["sparse_linear.cpp"]
 
 def _build_dir() -> Path:
     h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((CSRC / name).read_bytes())
+    for path in sorted(CSRC.iterdir()):  # sources and headers
+        h.update(path.name.encode() + path.read_bytes())
     h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}".encode())
     base = Path(os.environ.get("OBERT_CACHE", Path.home() / ".cache" / "obert"))
     return base / f"ext-{h.hexdigest()[:16]}"

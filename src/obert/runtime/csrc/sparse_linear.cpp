@@ -26,54 +26,12 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
 constexpr int64_t ROWS = 16;       // output rows per work item
 constexpr int64_t TILE = 64;       // tokens per tile of the int8 kernel
-
-// 16 floats: one AVX-512 register or two AVX2 ones (GCC vector extension: the same source
-// compiles to what -march=native offers; explicit vectors also stop GCC from vectorising the
-// loop over non-zeros with gathers instead of the loop over tokens).
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
-
-// exp(y) for y <= 0: 2^n * p(r), n = round(y / ln 2), r = y - n ln 2 (two-part ln 2), p the
-// degree-6 Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2).
-inline v16 exp_nonpositive(v16 y) {
-  y = y < -87.f ? v16{} - 87.f : y;
-  const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 n = (y * 1.44269504f + magic) - magic;
-  const v16 r = (y - n * 0.693145752f) - n * 1.42860677e-6f;
-  v16 p = v16{} + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return p * reinterpret_cast<const v16&>(bits);
-}
-
-// GELU(x) = x / 2 * (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7),
-// the same function as torch's exact (erf) GELU to float precision.
-inline v16 gelu16(v16 x) {
-  const v16 z = x * 0.707106781f;
-  const vi16 zbits = reinterpret_cast<const vi16&>(z);
-  const vi16 abits = zbits & 0x7fffffff, sign = zbits & static_cast<int32_t>(0x80000000);
-  const v16 az = reinterpret_cast<const v16&>(abits);
-  const v16 t = 1.f / (1.f + 0.3275911f * az);
-  v16 poly = 1.061405429f * t - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  poly = poly * t;
-  const v16 erf_abs = 1.f - poly * exp_nonpositive(-az * az);
-  const vi16 ebits = reinterpret_cast<const vi16&>(erf_abs) | sign;
-  return 0.5f * x * (1.f + reinterpret_cast<const v16&>(ebits));
-}
 
 // Epilogue of one accumulator row (n a multiple of 16): act 0 none, 1 GELU.
 inline void activate(float* row, int64_t n, int64_t act) {
