@@ -84,7 +84,7 @@ def _output(model, inputs):
 
 @torch.no_grad()
 def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
-                int8: bool | None = None, min_sparsity: float = 0.5) -> dict:
+                int8: bool | None = None, min_sparsity: float | None = None) -> dict:
     """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
     from . import compile, kernels
 
@@ -165,7 +165,7 @@ def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: in
 
 def run_bench(model_dir: str, *, batch: int = 16, seq_len: int = 128, threads: int | None = None,
               rounds: int = 5, iters: int = 3, onnx: bool = True, int8: bool | None = None,
-              min_sparsity: float = 0.5) -> dict:
+              min_sparsity: float | None = None) -> dict:
     """Everything ``obert bench`` prints, as a dict."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)

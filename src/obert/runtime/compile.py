@@ -1,9 +1,10 @@
 """Compile a pruned Hugging Face model for sparse CPU inference, and save/load the compiled form.
 
 ``compile(model)`` swaps every prunable Linear (``obert.targets``) whose sparsity reaches
-``min_sparsity`` for a ``SparseLinear``; denser layers stay dense (the sparse kernel only pays
-off well below 50% density). The report says how much of the Linear work now runs sparsely, so
-a fall-back to dense is never silent.
+``min_sparsity`` for a ``SparseLinear``; denser layers stay dense. By default the threshold is
+where the kernels start to beat dense torch (docs/benchmarks.md): 70% for float32 (1.2x there,
+slower below ~65%), 50% for int8 block4 (3.7x already at 70%). The report says how much of the
+Linear work now runs sparsely, so a fall-back to dense is never silent.
 
 Saved form (``save_compiled``): ``config.json`` (+ tokenizer files when given), ``sparse_model.safetensors``
 holding the dense parameters of everything else and, per compiled layer, only its non-zeros and
@@ -25,7 +26,10 @@ from torch import nn
 from ..errors import ObertError
 from ..io import atomic_dir
 from ..targets import find_targets
-from .linear import SparseLinear
+from .linear import SparseLinear, is_block4
+
+FP32_MIN_SPARSITY = 0.7
+INT8_MIN_SPARSITY = 0.5
 
 RUNTIME_FILE = "obert_runtime.json"
 WEIGHTS_FILE = "sparse_model.safetensors"
@@ -64,7 +68,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float32",
+def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
             group: int | None = None, fuse: bool = True) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
@@ -72,7 +76,8 @@ def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float3
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
-    report lists them under ``float32_layers``).
+    report lists them under ``float32_layers``). ``min_sparsity``: one threshold for every layer
+    instead of the per-kernel defaults.
     """
     model.eval()
     report = CompileReport()
@@ -81,12 +86,16 @@ def compile(model: nn.Module, *, min_sparsity: float = 0.5, dtype: str = "float3
         macs = w.numel()
         report.linear_macs += macs
         nnz = int((w != 0).sum())
-        if 1.0 - nnz / macs >= min_sparsity and w.dtype == torch.float32:
-            layer = SparseLinear.from_linear(t.module, group=group)
-            if dtype == "int8" and layer.group == 4:
+        int8 = dtype == "int8" and group in (None, 4) and w.shape[1] % 4 == 0 and is_block4(w)
+        threshold = min_sparsity if min_sparsity is not None else \
+            (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
+        if 1.0 - nnz / macs >= threshold and w.dtype == torch.float32:
+            if int8:
                 layer = SparseLinear.from_linear(t.module, dtype="int8")
-            elif dtype == "int8":
-                report.float32_layers.append(t.name)
+            else:
+                layer = SparseLinear.from_linear(t.module, group=group)
+                if dtype == "int8":
+                    report.float32_layers.append(t.name)
             _set_module(model, t.name, layer)
             report.sparse_layers.append(t.name)
             report.sparse_macs += nnz

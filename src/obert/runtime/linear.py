@@ -107,7 +107,7 @@ class SparseLinear(nn.Module):
             raise ObertError(f"unsupported sparse dtype '{dtype}' (float32 or int8)")
         w = linear.weight.detach().float()
         if group is None:
-            group = 4 if w.shape[1] % 4 == 0 and _is_block4(w) else 1
+            group = 4 if w.shape[1] % 4 == 0 and is_block4(w) else 1
         if dtype == "int8":
             if group != 4:
                 raise ObertError("int8 needs block4 sparsity (groups of 4 consecutive input weights)")
@@ -193,7 +193,7 @@ def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:
 BLOCK4_SLACK = 1.05  # block4 when storing whole blocks costs at most 5% more weights
 
 
-def _is_block4(w: Tensor) -> bool:
+def is_block4(w: Tensor) -> bool:
     """Block4-structured: the kept blocks of 4 hold the non-zeros with at most 5% padding (a
     weight that is exactly zero inside a kept block, e.g. from initialisation, does not count)."""
     kept = int((w.reshape(w.shape[0], -1, 4) != 0).any(-1).sum())
