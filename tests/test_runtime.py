@@ -270,3 +270,25 @@ def test_bench_command_on_a_tiny_pruned_model(tmp_path, capsys):
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["max_abs_diff"]["obert fp32 sparse"] < 1e-4 and (tmp_path / "b.png").is_file()
     assert main(["bench", str(tmp_path / "nothing"), "--no-onnx"]) == 2
+
+
+def test_compile_default_thresholds_per_kernel():
+    """60% sparse block4 layers: float32 keeps them dense (its kernel is slower than dense there),
+    int8 block4 compiles them; an explicit min_sparsity applies to every layer."""
+    from conftest import tiny_model
+
+    from obert import find_targets
+    from obert.runtime import compile
+
+    def pruned_model():
+        model = tiny_model("bert").eval()
+        torch.manual_seed(2)
+        for t in find_targets(model):
+            w = t.module.weight.data
+            w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.6).repeat_interleave(4, 1))
+        return model
+
+    assert compile(pruned_model()).sparse_layers == []
+    int8 = compile(pruned_model(), dtype="int8")
+    assert len(int8.sparse_layers) == 12 and int8.float32_layers == []
+    assert len(compile(pruned_model(), min_sparsity=0.5).sparse_layers) == 12
