@@ -5,9 +5,11 @@
 1. Dense: MiniLM fine-tuned on 3,000 train rows (the one-shot benchmark's dense model, cached in
    runs/bench/dense); evaluated on the whole validation split at length 64 (the runs' length).
 2. Gradual runs from that dense model with it as the KD teacher, same budget and schedule for
-   both methods (recipes/minilm_debian_{obert,magnitude}{80,90}.yaml): 3,000 rows, length 64,
-   4 epochs, one-shot to 50% at epoch 0, cubic steps at epochs 1 and 2, 2 epochs fine-tuning,
-   LR 1e-4 rewound at each pruning step, hardness 1 / T 2, m=128 gradients of batch 8.
+   both methods (recipes/minilm_debian_{obert,magnitude}{80,90}.yaml): ~564 optimizer steps of
+   32 rows at length 64 = 3 epochs over a 6,000-row transfer set (the dense model's 3,000 rows and
+   3,000 more; hardness 1, so no labels are used); one-shot to 50% at epoch 0, cubic steps every
+   quarter epoch to epoch 1.5, then 1.5 epochs with the mask fixed; LR 1e-4 rewound at each
+   pruning step; T 2; m=128 gradients of batch 8.
 Each finished run is stored in docs/gradual_results.json (with the dense model's hash); a
 killed run resumes from its last checkpoint. Writes the table into docs/benchmarks.md and the
 accuracy-over-training plot to docs/gradual.png.
