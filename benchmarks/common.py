@@ -56,3 +56,18 @@ def guard_results(results: dict, model, log: Callable[[str], None] = log) -> Non
         log("the dense model differs from the one the saved results came from: starting afresh")
         results.clear()
     results["dense_sha256"] = digest
+
+
+def replace_doc_block(begin: str, end: str, body: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Put ``body`` between the ``begin``/``end`` markers of ``doc`` (appended when absent), atomically."""
+    import re
+
+    text = doc.read_text()
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text += "\n" + block + "\n"
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(doc)

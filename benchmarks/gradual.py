@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, guard_results, log  # noqa: E402
+from common import DATA, ROOT, dense_minilm, guard_results, log, replace_doc_block  # noqa: E402
 
 RUNS = ["obert80", "magnitude80", "obert90", "magnitude90"]
 BEGIN, END = "<!-- gradual:begin -->", "<!-- gradual:end -->"
@@ -112,14 +111,7 @@ def report(results: dict) -> None:
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "gradual.png", dpi=110)
     plt.close(fig)
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text()
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text += "\n" + block + "\n"
-    doc.write_text(text)
+    replace_doc_block(BEGIN, END, table)
 
 
 if __name__ == "__main__":

@@ -14,18 +14,15 @@ docs/benchmarks.md between ``<!-- sparse-linear:begin/end -->``.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, log  # noqa: E402
+from common import ROOT, log, replace_doc_block  # noqa: E402
 
 SHAPES = [(3072, 768), (768, 3072)]
 SPARSITIES = [0.7, 0.8, 0.9, 0.95, 0.97]
@@ -40,17 +37,9 @@ def pruned(n_out: int, n_in: int, sparsity: float, group: int, seed: int = 0) ->
     return lin
 
 
-def median_time(fn, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(n_out: int, n_in: int, sparsity: float, tokens: int, rounds: int, calls: int) -> dict:
     from obert.runtime import SparseLinear
+    from obert.runtime.bench import _time
 
     x = torch.randn(tokens, n_in)
     unstructured = pruned(n_out, n_in, sparsity, 1)
@@ -68,10 +57,10 @@ def measure(n_out: int, n_in: int, sparsity: float, tokens: int, rounds: int, ca
     ratios: dict[str, list[float]] = {k: [] for k in variants}
     dense_times, sparse_times = [], {k: [] for k in variants}
     for _ in range(rounds):
-        t_dense = median_time(lambda: F.linear(x, dense_w, dense_b), calls)
+        t_dense = _time(lambda: F.linear(x, dense_w, dense_b), calls)
         dense_times.append(t_dense)
         for name, m in variants.items():
-            t = median_time(lambda: m(x), calls)
+            t = _time(lambda: m(x), calls)
             sparse_times[name].append(t)
             ratios[name].append(t_dense / t)
     t_dense = statistics.median(dense_times)
@@ -111,6 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     from obert.runtime import kernels
     from obert.runtime.bench import cpu_info
+    from obert.io import write_json
 
     if not kernels.native_available():
         sys.exit("the native kernels are not built here (run make setup)")
@@ -130,16 +120,9 @@ def main() -> None:
     print(text)
     if args.no_docs:
         return
-    out = {"cpu": info, "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
-    (ROOT / "docs" / "sparse_linear_results.json").write_text(json.dumps(out, indent=1) + "\n")
-    doc = ROOT / "docs" / "benchmarks.md"
-    body = doc.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        body = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, body, flags=re.S)
-    else:
-        body += "\n" + block + "\n"
-    doc.write_text(body)
+    write_json(ROOT / "docs" / "sparse_linear_results.json",
+               {"cpu": info, "torch": torch.__version__, "command": " ".join(sys.argv), "results": results})
+    replace_doc_block(BEGIN, END, text)
 
 
 if __name__ == "__main__":
