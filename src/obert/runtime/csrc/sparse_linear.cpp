@@ -283,7 +283,8 @@ inline float quantize_row(const float* xr, int64_t K, uint8_t* q) {
 // are u8 128 (zero). 16 tokens at a time: quantised row by row, then interleaved 4 bytes apiece.
 void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t* dst, float* scale) {
   const int64_t groups = K / 4;
-  std::vector<uint8_t> q(16 * K);
+  thread_local std::vector<uint8_t> q;  // scratch reused across tiles and calls
+  q.resize(16 * K);
   for (int64_t i0 = 0; i0 < TILE; i0 += 16) {
     const int64_t t0 = tile * TILE + i0;
     for (int64_t i = 0; i < 16; ++i) {
