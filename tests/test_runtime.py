@@ -292,3 +292,19 @@ def test_compile_default_thresholds_per_kernel():
     int8 = compile(pruned_model(), dtype="int8")
     assert len(int8.sparse_layers) == 12 and int8.float32_layers == []
     assert len(compile(pruned_model(), min_sparsity=0.5).sparse_layers) == 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_layers_still_run_after_moving_to_cuda(dtype):
+    # The kernels are CPU-only: on CUDA a compiled layer must run (densely, on the GPU), not
+    # hand a device pointer to the CPU kernel.
+    lin = pruned_linear(48, 64, 0.8, 4)
+    sl = SparseLinear.from_linear(lin, dtype=dtype).cuda()
+    x = torch.randn(5, 64)
+    expected = SparseLinear.from_linear(lin, dtype=dtype)(x)
+    y = sl(x.cuda())
+    assert y.device.type == "cuda"
+    tol = 1e-5 if dtype == "float32" else 0.05
+    torch.testing.assert_close(y.cpu(), expected if dtype == "float32" else F.linear(x, lin.weight, lin.bias),
+                               rtol=tol, atol=tol)

@@ -62,8 +62,8 @@ def unpack_weight(seg_ptr: Tensor, col: Tensor, val: Tensor, shape: tuple[int, i
     """The dense ``[N, K]`` weight back from the segment layout."""
     n, k = shape
     rows = _entry_rows(seg_ptr, k, chunk)
-    w = torch.zeros(n, k)
-    cols = col.long().unsqueeze(1) + torch.arange(group)
+    w = torch.zeros(n, k, device=val.device)
+    cols = col.long().unsqueeze(1) + torch.arange(group, device=col.device)
     w[rows.unsqueeze(1).expand_as(cols), cols] = val.reshape(-1, group)
     return w
 
@@ -159,7 +159,9 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32:
+        if x2.dtype != torch.float32 or x2.device.type != "cpu":
+            # The kernels are CPU float32; elsewhere (CUDA, half precision) run the dense weight
+            # so a compiled model still works after .to(device) / .half(), just not sparsely.
             y = F.linear(x, self.to_dense_weight().to(x.dtype), None if self.bias is None
                          else self.bias.to(x.dtype))
             return F.gelu(y) if self.activation == "gelu" else y
@@ -186,7 +188,8 @@ class SparseLinear(nn.Module):
 def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:
     """Output row of every entry of the segment layout."""
     chunks = -(-in_features // chunk)
-    seg = torch.repeat_interleave(torch.arange(seg_ptr.numel() - 1), seg_ptr[1:] - seg_ptr[:-1])
+    seg = torch.repeat_interleave(torch.arange(seg_ptr.numel() - 1, device=seg_ptr.device),
+                                  seg_ptr[1:] - seg_ptr[:-1])
     return (seg // (chunks * ROWS)) * ROWS + seg % ROWS
 
 
