@@ -37,9 +37,15 @@ def padded_size(numel: int, block_size: int) -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for Fisher blocks on ``device``."""
+    """Bytes free for Fisher blocks on ``device``.
+
+    On CUDA that is the driver's free memory plus what PyTorch's caching allocator holds
+    without using (after training steps the cache can hold most of the card, and it is
+    reused for our allocations before the driver is asked for more).
+    """
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return psutil.virtual_memory().available
 
 
@@ -123,7 +129,10 @@ def batch_stream(loader_factory: Callable[[int], Iterator], num: int, seed: int)
 
 @dataclass
 class FisherResult:
-    """Inverse Fisher blocks per target name (in memory or spilled to ``spill_dir``)."""
+    """Inverse Fisher blocks per target name (in memory or spilled to a temporary directory).
+
+    ``get`` returns blocks on ``device`` (the model's), also those that waited on disk.
+    """
 
     finv: dict[str, Tensor] = field(default_factory=dict)
     spilled: dict[str, Path] = field(default_factory=dict)
@@ -131,12 +140,13 @@ class FisherResult:
     fisher_seconds: float = 0.0  # Gram accumulation + inversion
     invert_seconds: float = 0.0  # the inversion part of fisher_seconds
     plan: MemoryPlan | None = None
+    device: torch.device | None = None  # where ``get`` puts spilled blocks (None: CPU)
     _tmp: tempfile.TemporaryDirectory | None = None
 
     def get(self, name: str) -> Tensor:
         if name in self.finv:
             return self.finv[name]
-        return torch.load(self.spilled[name], weights_only=True)
+        return torch.load(self.spilled[name], weights_only=True, map_location=self.device)
 
     def close(self) -> None:
         self.finv.clear()
@@ -174,7 +184,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     progress = progress and my_rank == 0  # one progress bar and one log line per job, not per rank
     if my_rank == 0:
         log(f"[obert] {plan.describe()}")
-    result = FisherResult(plan=plan)
+    result = FisherResult(plan=plan, device=device)
     if len(plan.groups) > 1:
         result._tmp = tempfile.TemporaryDirectory(prefix="obert-finv-")
 

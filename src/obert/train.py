@@ -66,6 +66,8 @@ def finetune(model, tokenizer, train: Encoded, *, epochs: float, lr: float, batc
     """Dense fine-tuning with the Hugging Face Trainer (AdamW); returns the trained model."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+    # The Trainer moves the model to CUDA whenever CUDA exists: keep it where the caller put it.
+    on_cpu = next(model.parameters()).device.type == "cpu"
     with tempfile.TemporaryDirectory(prefix="obert-trainer-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, num_train_epochs=epochs, learning_rate=lr,
@@ -73,7 +75,7 @@ def finetune(model, tokenizer, train: Encoded, *, epochs: float, lr: float, batc
             weight_decay=weight_decay, warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
             save_strategy="no", report_to="none", logging_strategy="no",
             disable_tqdm=not progress, dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
+            dataloader_pin_memory=not on_cpu, use_cpu=on_cpu,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train,
                           data_collator=DataCollatorWithPadding(tokenizer),
