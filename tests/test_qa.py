@@ -86,11 +86,9 @@ def _qa_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def test_gradual_qa_run(tmp_path):
+def tiny_qa_recipe(tmp_path) -> dict:
+    """A recipe for gradual pruning of a tiny random BERT QA model on colour-word questions."""
     from transformers import AutoModelForQuestionAnswering, BertConfig
-
-    from obert.gradual import run_recipe
-    from obert.recipe import load_recipe
 
     model_dir = tmp_path / "qa-model"
     cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
@@ -99,14 +97,21 @@ def test_gradual_qa_run(tmp_path):
     make_tokenizer(tmp_path).save_pretrained(model_dir)
     for name, n, seed in (("train.jsonl", 64, 0), ("dev.jsonl", 24, 1)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(n, seed)))
-    doc = {"model": {"path": str(model_dir), "task_type": "question-answering"},
-           "data": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "dev.jsonl")},
-           "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 32, "doc_stride": 8,
-                        "seed": 0},
-           "pruning": {"init_sparsity": 0.4, "final_sparsity": 0.6, "start_epoch": 0, "end_epoch": 1,
-                       "frequency": 1, "num_grads": 8, "grad_batch_size": 8, "fisher_block_size": 16},
-           "distillation": {"teacher": str(model_dir), "hardness": 0.5, "temperature": 2.0},
-           "output_dir": str(tmp_path / "out")}
+    return {"model": {"path": str(model_dir), "task_type": "question-answering"},
+            "data": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "dev.jsonl")},
+            "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 32, "doc_stride": 8,
+                         "seed": 0},
+            "pruning": {"init_sparsity": 0.4, "final_sparsity": 0.6, "start_epoch": 0, "end_epoch": 1,
+                        "frequency": 1, "num_grads": 8, "grad_batch_size": 8, "fisher_block_size": 16},
+            "distillation": {"teacher": str(model_dir), "hardness": 0.5, "temperature": 2.0},
+            "output_dir": str(tmp_path / "out")}
+
+
+def test_gradual_qa_run(tmp_path):
+    from obert.gradual import run_recipe
+    from obert.recipe import load_recipe
+
+    doc = tiny_qa_recipe(tmp_path)
     metrics = run_recipe(load_recipe(doc=doc), progress=False)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert 0.0 <= saved["f1"] <= 100.0 and 0.0 <= saved["exact_match"] <= saved["f1"] + 1e-9
