@@ -186,6 +186,79 @@ def test_compiled_model_save_load_round_trip(tmp_path):
         load_compiled(dense_dir)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("groups", [(1, 1), (4, 1), (1, 4), (4, 4)])
+@pytest.mark.parametrize("shape", [(64, 32, 40, 24), (200, 48, 1100, 20), (129, 16, 64, 16)])
+def test_fused_ffn_float32_matches_float64(shape, groups, threads):
+    from obert.runtime.linear import SparseFFN
+
+    tokens, n_in, hidden, n_out = shape
+    lin1 = pruned_linear(hidden, n_in, 0.8, groups[0], seed=1)
+    lin2 = pruned_linear(n_out, hidden, 0.9, groups[1], seed=2)
+    lin2.weight.data[3] = 0  # an empty output row
+    fc1 = SparseLinear.from_linear(lin1, group=groups[0])
+    fc1.activation = "gelu"
+    ffn = SparseFFN(fc1, SparseLinear.from_linear(lin2, group=groups[1]))
+    x = torch.randn(tokens, n_in)
+    expected = F.linear(F.gelu(F.linear(x.double(), lin1.weight.double(), lin1.bias.double())),
+                        lin2.weight.double(), lin2.bias.double())
+    with num_threads(threads):
+        torch.testing.assert_close(ffn(x).double(), expected, rtol=1e-4, atol=1e-5)
+        # and through the one-layer-at-a-time path the fused kernel replaces
+        torch.testing.assert_close(ffn.fc2(ffn.fc1(x)).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(64, 32, 40, 24), (130, 48, 200, 20), (300, 16, 64, 8)])
+def test_fused_ffn_int8_equals_the_two_int8_layers(shape, threads):
+    from obert.runtime.linear import SparseFFN
+
+    tokens, n_in, hidden, n_out = shape
+    lin1 = pruned_linear(hidden, n_in, 0.7, 4, seed=3)
+    lin2 = pruned_linear(n_out, hidden, 0.8, 4, seed=4)
+    fc1, fc2 = SparseLinear.from_linear(lin1, dtype="int8"), SparseLinear.from_linear(lin2, dtype="int8")
+    fc1.activation = "gelu"
+    x = torch.randn(tokens, n_in)
+    x[5] = 0  # an all-zero token (scale 1)
+    with num_threads(threads):
+        fused = SparseFFN(fc1, fc2)(x)
+        # The hidden activations are quantised in the cache exactly as fc2 quantises its input.
+        assert torch.equal(fused, fc2(fc1(x)))
+    exact = F.linear(F.gelu(F.linear(x.double(), lin1.weight.double(), lin1.bias.double())),
+                     lin2.weight.double(), lin2.bias.double())
+    assert (fused.double() - exact).abs().max() < 0.03 * exact.abs().max()
+    with pytest.raises(Exception, match="both float32 or both int8"):
+        SparseFFN(fc1, SparseLinear.from_linear(lin2))
+
+
+def test_compile_fuses_ffn_blocks_and_saves_them(tmp_path):
+    import copy
+
+    from obert.runtime import compile, load_compiled, save_compiled
+    from obert.runtime.linear import SparseFFN
+
+    model = _pruned_tiny_model(0.9)
+    model.bert.encoder.layer[1].output.dense.weight.data.mul_(
+        torch.rand_like(model.bert.encoder.layer[1].output.dense.weight) > 0.9)
+    reference = copy.deepcopy(model)
+    report = compile(model)
+    assert report.fused_ffn == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    layer = model.bert.encoder.layer[0]
+    assert isinstance(layer.intermediate.dense, SparseFFN) and isinstance(layer.output.dense, torch.nn.Identity)
+    ids = torch.randint(5, 30, (3, 60))  # 180 tokens: 3 tiles, the fused kernel runs
+    for threads in (1, 2):
+        with torch.no_grad(), num_threads(threads):
+            torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       rtol=1e-4, atol=1e-5)
+    save_compiled(model, tmp_path / "compiled")
+    loaded = load_compiled(tmp_path / "compiled")
+    assert isinstance(loaded.bert.encoder.layer[1].intermediate.dense, SparseFFN)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    unfused = copy.deepcopy(reference)
+    assert compile(unfused, fuse=False).fused_ffn == []
+
+
 def _quantised_reference(x, lin):
     """float64 y of the int8 scheme: per-row weight scales, per-token input scales."""
     w = lin.weight.double()

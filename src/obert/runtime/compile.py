@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ObertError
 from ..io import atomic_dir
 from ..targets import find_targets
-from .linear import SparseLinear, is_block4
+from .linear import SparseFFN, SparseLinear, is_block4
 
 FP32_MIN_SPARSITY = 0.7
 INT8_MIN_SPARSITY = 0.5
@@ -46,6 +46,7 @@ class CompileReport:
     sparse_macs: int = 0  # of those, the ones left after pruning in compiled layers
     compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
     fused_activations: list[str] = field(default_factory=list)  # layers that apply GELU themselves
+    fused_ffn: list[str] = field(default_factory=list)  # blocks whose two FFN layers run as one
 
     @property
     def sparse_fraction(self) -> float:
@@ -73,7 +74,9 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             group: int | None = None, fuse: bool = True) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
-    ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``).
+    ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
+    and run a feed-forward block whose two layers are both compiled as one ``SparseFFN``
+    (``_fuse_ffn``).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
     report lists them under ``float32_layers``). ``min_sparsity``: one threshold for every layer
@@ -104,6 +107,7 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             report.dense_layers.append(t.name)
     if fuse:
         _fuse_activations(model, report)
+        _fuse_ffn(model, report)
     return report
 
 
@@ -126,6 +130,34 @@ def _fuse_activations(model: nn.Module, report: CompileReport) -> None:
             report.fused_activations.append(f"{name}.dense" if name else "dense")
 
 
+def _ffn_pair(block: nn.Module) -> tuple[SparseLinear, SparseLinear] | None:
+    """BERT-style layer (``intermediate.dense`` with its GELU fused, then ``output.dense``): the
+    two sparse layers when they can run as one fused block, else None."""
+    inter, out = getattr(block, "intermediate", None), getattr(block, "output", None)
+    fc1, fc2 = getattr(inter, "dense", None), getattr(out, "dense", None)
+    if isinstance(fc1, SparseLinear) and isinstance(fc2, SparseLinear) and \
+            isinstance(getattr(inter, "intermediate_act_fn", None), nn.Identity) and \
+            fc1.activation is not None and fc1.quantized == fc2.quantized and \
+            fc1.out_features == fc2.in_features:
+        return fc1, fc2
+    return None
+
+
+def _install_ffn(model: nn.Module, name: str, fc1: SparseLinear, fc2: SparseLinear) -> None:
+    """``intermediate.dense`` becomes the fused block (returning the block's output) and
+    ``output.dense`` an Identity, so the layer's residual add and LayerNorm run unchanged."""
+    prefix = f"{name}." if name else ""
+    _set_module(model, f"{prefix}intermediate.dense", SparseFFN(fc1, fc2))
+    _set_module(model, f"{prefix}output.dense", nn.Identity())
+
+
+def _fuse_ffn(model: nn.Module, report: CompileReport) -> None:
+    pairs = [(name, pair) for name, mod in model.named_modules() if (pair := _ffn_pair(mod))]
+    for name, (fc1, fc2) in pairs:
+        _install_ffn(model, name, fc1, fc2)
+        report.fused_ffn.append(name)
+
+
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
@@ -136,8 +168,10 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     if not layers:
         raise ObertError("the model has no compiled sparse layers (run obert.runtime.compile first)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    ffn = [n.removesuffix("intermediate.dense").rstrip(".") for n, m in model.named_modules()
+           if isinstance(m, SparseFFN)]
     meta = {"format": 1, "architectures": getattr(model.config, "architectures", None),
-            "model_class": type(model).__name__,
+            "model_class": type(model).__name__, "ffn": ffn,
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
                            "int8": m.quantized, "activation": m.activation}
@@ -165,13 +199,20 @@ def load_compiled(path: str | Path) -> nn.Module:
         raise ObertError(f"unknown model class {meta['model_class']}")
     model = cls(config)  # on CPU: non-persistent buffers (position ids) get their real values
     state = load_file(str(path / WEIGHTS_FILE))
+    modules = {}
     for name, spec in meta["layers"].items():
         prefix = name + "."
-        module = SparseLinear(spec["in_features"], spec["out_features"], state[prefix + "seg_ptr"],
-                              state[prefix + "col"], state[prefix + "val"],
-                              state.get(prefix + "bias") if spec["bias"] else None, spec["group"],
-                              spec["chunk"], state.get(prefix + "w_scale"), state.get(prefix + "row_sum"),
-                              spec.get("activation"))
+        modules[name] = SparseLinear(spec["in_features"], spec["out_features"], state[prefix + "seg_ptr"],
+                                     state[prefix + "col"], state[prefix + "val"],
+                                     state.get(prefix + "bias") if spec["bias"] else None,
+                                     spec["group"], spec["chunk"], state.get(prefix + "w_scale"),
+                                     state.get(prefix + "row_sum"), spec.get("activation"))
+    for block in meta.get("ffn", []):
+        inter = f"{block}.intermediate" if block else "intermediate"
+        fc1, fc2 = modules.pop(f"{inter}.dense.fc1"), modules.pop(f"{inter}.dense.fc2")
+        _set_module(model, f"{inter}.intermediate_act_fn", nn.Identity())
+        _install_ffn(model, block, fc1, fc2)
+    for name, module in modules.items():
         _set_module(model, name, module)
         if module.activation is not None:  # the fused activation module is an Identity now
             parent = name.rpartition(".")[0]

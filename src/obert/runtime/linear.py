@@ -185,6 +185,45 @@ class SparseLinear(nn.Module):
                 + (f", activation={self.activation}" if self.activation else ""))
 
 
+FFN_TILE = 64  # tokens per tile of the fused feed-forward kernels (float32 and int8)
+
+
+class SparseFFN(nn.Module):
+    """``y = fc2(fc1(x))`` for a feed-forward block whose two layers are sparse (``fc1`` applies
+    its activation itself), run by one kernel a token tile at a time: the hidden activations (4x
+    wider than the block's input) stay in the thread's cache and are never written to memory,
+    transposed or packed again (for int8 they are quantised straight into ``fc2``'s input; the
+    result is bit-for-bit that of running the two layers in turn). Inputs with fewer tiles than
+    threads run the two layers one after the other, which shares each layer's rows out instead."""
+
+    def __init__(self, fc1: SparseLinear, fc2: SparseLinear) -> None:
+        super().__init__()
+        if fc1.out_features != fc2.in_features or fc1.quantized != fc2.quantized:
+            raise ObertError("a fused feed-forward block needs fc1's outputs as fc2's inputs, "
+                             "both float32 or both int8")
+        self.fc1, self.fc2 = fc1, fc2
+        self.in_features, self.out_features = fc1.in_features, fc2.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        ext = kernels.load() if x2.dtype == torch.float32 and x2.device.type == "cpu" else None
+        tiles = -(-x2.shape[0] // FFN_TILE)
+        if ext is None or tiles < torch.get_num_threads():
+            return self.fc2(self.fc1(x))
+        a, b = self.fc1, self.fc2
+        act = ACTIVATIONS[a.activation]
+        if a.quantized:
+            y = ext.sparse_ffn_int8(x2, a.seg_ptr, a.col, a.val, a.w_scale, a.row_sum, a.bias,
+                                    a.out_features, a.chunk, act, b.seg_ptr, b.col, b.val,
+                                    b.w_scale, b.row_sum, b.bias, b.out_features, b.chunk)
+        else:
+            y = ext.sparse_ffn(x2, a.seg_ptr, a.col, a.val, a.bias, a.out_features, a.group, a.chunk,
+                               act, b.seg_ptr, b.col, b.val, b.bias, b.out_features, b.group,
+                               b.chunk, FFN_TILE)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:
     """Output row of every entry of the segment layout."""
     chunks = -(-in_features // chunk)

@@ -173,67 +173,140 @@ inline void segment(const float* __restrict xt, const int32_t* __restrict col,
   for (int v = 0; v < NV; ++v) store16(acc + 16 * v, a[v] + b[v]);
 }
 
-template <int G, int TT>
-void sparse_linear_impl(const float* x, int64_t T, int64_t K, int64_t N, int64_t chunks,
-                        const int64_t* seg_ptr, const int32_t* col, const float* val,
-                        const float* bias, int64_t act, float* y) {
-  const int64_t tiles = (T + TT - 1) / TT;
-  const int64_t row_blocks = (N + ROWS - 1) / ROWS;
+// One float32 layer in segment form (see the top of this file).
+struct Layer {
+  const int64_t* seg_ptr;
+  const int32_t* col;
+  const float* val;
+  const float* bias;  // may be null
+  int64_t N, chunks, group, act;
+};
+
+// acc[r][0..TT) = act(sum_k W[n0 + r, k] xt[k][0..TT) + b[n0 + r]) for the rows of block rb.
+template <int TT>
+int64_t row_block(const float* xt, const Layer& L, int64_t rb, float (*acc)[TT]) {
+  const int64_t n0 = rb * ROWS, rows = std::min(ROWS, L.N - n0);
+  const int64_t* sp = L.seg_ptr + rb * L.chunks * ROWS;
+  for (int64_t c = 0; c < L.chunks; ++c)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t e0 = sp[c * ROWS + r], e1 = sp[c * ROWS + r + 1];
+      if (L.group == 1) segment<1, TT>(xt, L.col, L.val, e0, e1, acc[r], c > 0);
+      else segment<4, TT>(xt, L.col, L.val, e0, e1, acc[r], c > 0);
+    }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float b = L.bias ? L.bias[n0 + r] : 0.f;
+    for (int64_t i = 0; i < TT; i += 16) store16(acc[r] + i, load16(acc[r] + i) + b);
+    activate(acc[r], TT, L.act);
+  }
+  return rows;
+}
+
+template <int TT>
+void sparse_linear_impl(const float* x, int64_t T, int64_t K, const Layer& L, float* y) {
+  const int64_t tiles = (T + TT - 1) / TT, row_blocks = (L.N + ROWS - 1) / ROWS;
   auto pack = [&](int64_t tile, uint8_t* dst) {
     pack_tile(x, T, K, TT, tile, reinterpret_cast<float*>(dst));
   };
   auto compute = [&](int64_t tile, int64_t rb, const uint8_t* packed) {
     alignas(64) float acc[ROWS][TT];
-    const float* xtile = reinterpret_cast<const float*>(packed);
-    const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
-    const int64_t* sp = seg_ptr + rb * chunks * ROWS;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t r = 0; r < rows; ++r)
-        segment<G, TT>(xtile, col, val, sp[c * ROWS + r], sp[c * ROWS + r + 1], acc[r], c > 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float b = bias ? bias[n0 + r] : 0.f;
-      for (int64_t i = 0; i < TT; ++i) acc[r][i] += b;
-      activate(acc[r], TT, act);
-    }
+    const int64_t rows = row_block<TT>(reinterpret_cast<const float*>(packed), L, rb, acc);
     const int64_t t0 = tile * TT, tn = std::min<int64_t>(TT, T - t0);
-    write_block(&acc[0][0], TT, tn, rows, y + t0 * N + n0, N);
+    write_block(&acc[0][0], TT, tn, rows, y + t0 * L.N + rb * ROWS, L.N);
   };
   for_tiles(tiles, row_blocks, K * TT * 4, pack, compute);
+}
+
+// Both layers of a feed-forward block, y = W2 act(W1 x + b1) + b2, one token tile at a time:
+// layer 1's accumulator rows (one per hidden unit, TT tokens) are layer 2's packed input rows
+// as they stand, so the hidden activations never leave the thread's L2 and are never
+// transposed, written to memory or packed again. Each thread runs whole tiles.
+template <int TT>
+void sparse_ffn_impl(const float* x, int64_t T, int64_t K, const Layer& L1, const Layer& L2,
+                     float* y) {
+  const int64_t tiles = (T + TT - 1) / TT, H = L1.N;
+  const int64_t rb1 = (H + ROWS - 1) / ROWS, rb2 = (L2.N + ROWS - 1) / ROWS;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buf((K + H) * TT * 4 + 64);
+    float* xt = reinterpret_cast<float*>(align64(buf.data()));
+    float* ht = xt + K * TT;
+    alignas(64) float acc[ROWS][TT];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      pack_tile(x, T, K, TT, tile, xt);
+      for (int64_t rb = 0; rb < rb1; ++rb) {
+        const int64_t rows = row_block<TT>(xt, L1, rb, acc);
+        std::memcpy(ht + rb * ROWS * TT, acc, sizeof(float) * rows * TT);
+      }
+      const int64_t t0 = tile * TT, tn = std::min<int64_t>(TT, T - t0);
+      for (int64_t rb = 0; rb < rb2; ++rb) {
+        const int64_t rows = row_block<TT>(ht, L2, rb, acc);
+        write_block(&acc[0][0], TT, tn, rows, y + t0 * L2.N + rb * ROWS, L2.N);
+      }
+    }
+  });
+}
+
+// A layer's tensors, checked and made contiguous (kept alive here while the kernel runs).
+struct LayerTensors {
+  torch::Tensor seg_ptr, col, val, bias;
+  Layer layer;
+  LayerTensors(torch::Tensor sp, torch::Tensor c, torch::Tensor v, c10::optional<torch::Tensor> b,
+               int64_t K, int64_t N, int64_t group, int64_t chunk, int64_t act) {
+    TORCH_CHECK(sp.scalar_type() == torch::kInt64, "seg_ptr must be int64");
+    TORCH_CHECK(c.scalar_type() == torch::kInt32, "col must be int32");
+    TORCH_CHECK(v.scalar_type() == torch::kFloat32, "values must be float32");
+    TORCH_CHECK(group == 1 || group == 4, "group must be 1 or 4");
+    TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
+    TORCH_CHECK(chunk > 0 && chunk % group == 0, "chunk must be a positive multiple of the group");
+    const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
+    TORCH_CHECK(sp.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
+    seg_ptr = sp.contiguous(), col = c.contiguous(), val = v.contiguous();
+    const float* bp = nullptr;
+    if (b.has_value() && b->defined()) {
+      bias = b->contiguous();
+      TORCH_CHECK(bias.numel() == N && bias.scalar_type() == torch::kFloat32,
+                  "bias must have N float32 entries");
+      bp = bias.data_ptr<float>();
+    }
+    layer = Layer{seg_ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(), bp,
+                  N, chunks, group, act};
+  }
+};
+
+torch::Tensor check_input(torch::Tensor x, int64_t tt) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
+  TORCH_CHECK(tt == 16 || tt == 32 || tt == 64, "tile must be 16, 32 or 64 tokens");
+  return x.contiguous();
 }
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                             torch::Tensor val, c10::optional<torch::Tensor> bias, int64_t N,
                             int64_t group, int64_t chunk, int64_t tt, int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(seg_ptr.scalar_type() == torch::kInt64, "seg_ptr must be int64");
-  TORCH_CHECK(col.scalar_type() == torch::kInt32, "col must be int32");
-  TORCH_CHECK(val.scalar_type() == torch::kFloat32, "values must be float32");
-  TORCH_CHECK(group == 1 || group == 4, "group must be 1 or 4");
-  TORCH_CHECK(tt == 16 || tt == 32 || tt == 64, "tile must be 16, 32 or 64 tokens");
-  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
-  x = x.contiguous();
+  x = check_input(x, tt);
   const int64_t T = x.size(0), K = x.size(1);
-  TORCH_CHECK(chunk > 0 && chunk % group == 0, "chunk must be a positive multiple of the group");
-  const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
-  TORCH_CHECK(seg_ptr.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
+  const LayerTensors L(seg_ptr, col, val, bias, K, N, group, chunk, act);
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
-  const float* b = nullptr;
-  torch::Tensor bias_c;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    TORCH_CHECK(bias_c.numel() == N, "bias must have N entries");
-    b = bias_c.data_ptr<float>();
-  }
-  auto sp = seg_ptr.contiguous(), c = col.contiguous(), v = val.contiguous();
-  auto pick = [&](auto g) {
-    constexpr int G = decltype(g)::value;
-    return tt == 16 ? sparse_linear_impl<G, 16> : tt == 32 ? sparse_linear_impl<G, 32>
-                                                           : sparse_linear_impl<G, 64>;
-  };
-  auto run = group == 1 ? pick(std::integral_constant<int, 1>{}) : pick(std::integral_constant<int, 4>{});
-  run(x.data_ptr<float>(), T, K, N, chunks, sp.data_ptr<int64_t>(), c.data_ptr<int32_t>(),
-      v.data_ptr<float>(), b, act, y.data_ptr<float>());
+  if (tt == 16) sparse_linear_impl<16>(x.data_ptr<float>(), T, K, L.layer, y.data_ptr<float>());
+  else if (tt == 32) sparse_linear_impl<32>(x.data_ptr<float>(), T, K, L.layer, y.data_ptr<float>());
+  else sparse_linear_impl<64>(x.data_ptr<float>(), T, K, L.layer, y.data_ptr<float>());
+  return y;
+}
+
+// y = W2 act1(W1 x + b1) + b2 (layer 2's input size is layer 1's output size).
+torch::Tensor sparse_ffn(torch::Tensor x, torch::Tensor seg1, torch::Tensor col1, torch::Tensor val1,
+                         c10::optional<torch::Tensor> bias1, int64_t H, int64_t group1, int64_t chunk1,
+                         int64_t act1, torch::Tensor seg2, torch::Tensor col2, torch::Tensor val2,
+                         c10::optional<torch::Tensor> bias2, int64_t N, int64_t group2, int64_t chunk2,
+                         int64_t tt) {
+  x = check_input(x, tt);
+  const int64_t T = x.size(0), K = x.size(1);
+  const LayerTensors L1(seg1, col1, val1, bias1, K, H, group1, chunk1, act1);
+  const LayerTensors L2(seg2, col2, val2, bias2, H, N, group2, chunk2, 0);
+  auto y = torch::empty({T, N}, x.options());
+  if (T == 0 || N == 0) return y;
+  if (tt == 16) sparse_ffn_impl<16>(x.data_ptr<float>(), T, K, L1.layer, L2.layer, y.data_ptr<float>());
+  else if (tt == 32) sparse_ffn_impl<32>(x.data_ptr<float>(), T, K, L1.layer, L2.layer, y.data_ptr<float>());
+  else sparse_ffn_impl<64>(x.data_ptr<float>(), T, K, L1.layer, L2.layer, y.data_ptr<float>());
   return y;
 }
 
@@ -333,66 +406,169 @@ inline void segment_int8(const uint8_t* __restrict xq, const int32_t* __restrict
 #endif
 }
 
+// One int8 block4 layer: segment form with int8 values, per-row scales and sums.
+struct Layer8 {
+  const int64_t* seg_ptr;
+  const int32_t* col;
+  const int8_t* qval;
+  const float* w_scale;
+  const int32_t* row_sum;
+  const float* bias;  // may be null
+  int64_t N, chunks, act;
+};
+
+// out[r][0..TILE) = act(s_t s_n (acc - 128 row_sum_n) + b_n) for the rows of block rb, from one
+// packed tile xq and its token scales st.
+int64_t row_block_int8(const uint8_t* xq, const float* st, const Layer8& L, int64_t rb,
+                       float (*out)[TILE]) {
+  alignas(64) int32_t acc[ROWS][TILE];
+  const int64_t n0 = rb * ROWS, rows = std::min(ROWS, L.N - n0);
+  std::memset(acc, 0, sizeof(acc));
+  const int64_t* s = L.seg_ptr + rb * L.chunks * ROWS;
+  for (int64_t c = 0; c < L.chunks; ++c)
+    for (int64_t r = 0; r < rows; ++r)
+      segment_int8(xq, L.col, L.qval, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
+  for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
+    const int64_t n = n0 + r;
+    const int32_t zero = 128 * L.row_sum[n];
+    const float w = L.w_scale[n], bn = L.bias ? L.bias[n] : 0.f;
+    for (int64_t i = 0; i < TILE; i += 16) {
+      const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - zero;
+      store16(&out[r][i], __builtin_convertvector(a, v16) * (load16(st + i) * w) + bn);
+    }
+    activate(out[r], TILE, L.act);
+  }
+  return rows;
+}
+
+// The hidden activations h[k][TILE] (k < K, token-minor as a layer's output rows come) quantised
+// per token exactly as quantize_row does it, into the packed layout xq[k / 4][TILE][4].
+void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale) {
+  alignas(64) float inv[TILE];
+  for (int64_t i = 0; i < TILE; i += 16) {
+    v16 m{};
+    for (int64_t k = 0; k < K; ++k) {
+      const v16 v = load16(h + k * TILE + i), a = v < 0.f ? -v : v;
+      m = a > m ? a : m;
+    }
+    for (int64_t j = 0; j < 16; ++j) {
+      const float s = m[j] > 0.f ? m[j] / 127.f : 1.f;
+      scale[i + j] = s;
+      inv[i + j] = 1.f / s;
+    }
+  }
+  for (int64_t g = 0; g < K / 4; ++g)
+    for (int64_t i = 0; i < TILE; i += 16) {
+      vi16 lane{};
+      for (int j = 0; j < 4; ++j) {
+        v16 v = load16(h + (4 * g + j) * TILE + i) * load16(inv + i);
+        v = v > 127.f ? v16{} + 127.f : v;
+        v = v < -127.f ? v16{} - 127.f : v;
+        vi16 q;
+#if defined(__AVX512F__)
+        const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));  // nearest even
+        q = reinterpret_cast<const vi16&>(r);
+#else
+        for (int l = 0; l < 16; ++l) q[l] = static_cast<int32_t>(std::nearbyint(v[l]));
+#endif
+        lane |= (q + 128) << (8 * j);
+      }
+      *reinterpret_cast<vi16*>(xq + (g * TILE + i) * 4) = lane;
+    }
+}
+
+struct Layer8Tensors {
+  torch::Tensor seg_ptr, col, qval, w_scale, row_sum, bias;
+  Layer8 layer;
+  Layer8Tensors(torch::Tensor sp, torch::Tensor c, torch::Tensor q, torch::Tensor ws,
+                torch::Tensor rs, c10::optional<torch::Tensor> b, int64_t K, int64_t N,
+                int64_t chunk, int64_t act) {
+    TORCH_CHECK(q.scalar_type() == torch::kInt8 && rs.scalar_type() == torch::kInt32 &&
+                ws.scalar_type() == torch::kFloat32 && sp.scalar_type() == torch::kInt64 &&
+                c.scalar_type() == torch::kInt32, "bad int8 weight tensors");
+    TORCH_CHECK(K % 4 == 0 && chunk % 4 == 0, "int8 block4 needs K and chunk multiples of 4");
+    TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
+    const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
+    TORCH_CHECK(sp.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
+    TORCH_CHECK(ws.numel() == N && rs.numel() == N, "w_scale and row_sum must have N entries");
+    seg_ptr = sp.contiguous(), col = c.contiguous(), qval = q.contiguous();
+    w_scale = ws.contiguous(), row_sum = rs.contiguous();
+    const float* bp = nullptr;
+    if (b.has_value() && b->defined()) {
+      bias = b->contiguous();
+      TORCH_CHECK(bias.numel() == N && bias.scalar_type() == torch::kFloat32,
+                  "bias must have N float32 entries");
+      bp = bias.data_ptr<float>();
+    }
+    layer = Layer8{seg_ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), qval.data_ptr<int8_t>(),
+                   w_scale.data_ptr<float>(), row_sum.data_ptr<int32_t>(), bp, N, chunks, act};
+  }
+};
+
 torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                                  torch::Tensor qval, torch::Tensor w_scale, torch::Tensor row_sum,
                                  c10::optional<torch::Tensor> bias, int64_t N, int64_t chunk,
                                  int64_t act) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(qval.scalar_type() == torch::kInt8 && row_sum.scalar_type() == torch::kInt32 &&
-              w_scale.scalar_type() == torch::kFloat32 && seg_ptr.scalar_type() == torch::kInt64 &&
-              col.scalar_type() == torch::kInt32, "bad int8 weight tensors");
-  x = x.contiguous();
+  x = check_input(x, TILE);
   const int64_t T = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 4 == 0 && chunk % 4 == 0, "int8 block4 needs K and chunk multiples of 4");
-  TORCH_CHECK(act == 0 || act == 1, "act must be 0 (none) or 1 (GELU)");
-  const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
-  TORCH_CHECK(seg_ptr.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
+  const Layer8Tensors L(seg_ptr, col, qval, w_scale, row_sum, bias, K, N, chunk, act);
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   const int64_t tiles = (T + TILE - 1) / TILE;
   std::vector<float> sx(tiles * TILE);
-  torch::Tensor bias_c;
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
-    b = bias_c.data_ptr<float>();
-  }
-  auto sp_t = seg_ptr.contiguous(), c_t = col.contiguous(), q_t = qval.contiguous();
-  auto ws_t = w_scale.contiguous(), rs_t = row_sum.contiguous();
-  const int64_t* sp = sp_t.data_ptr<int64_t>();
-  const int32_t* cp = c_t.data_ptr<int32_t>();
-  const int8_t* qp = q_t.data_ptr<int8_t>();
-  const float* ws = ws_t.data_ptr<float>();
-  const int32_t* rs = rs_t.data_ptr<int32_t>();
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   auto pack = [&](int64_t tile, uint8_t* dst) {
     pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE);
   };
   auto compute = [&](int64_t tile, int64_t rb, const uint8_t* xtile) {
-    alignas(64) int32_t acc[ROWS][TILE];
     alignas(64) float out[ROWS][TILE];
-    const int64_t n0 = rb * ROWS, rows = std::min(ROWS, N - n0);
-    std::memset(acc, 0, sizeof(acc));
-    const int64_t* s = sp + rb * chunks * ROWS;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t r = 0; r < rows; ++r)
-        segment_int8(xtile, cp, qp, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
     const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-    const float* st = sx.data() + t0;
-    for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
-      const int64_t n = n0 + r;
-      const int32_t zero = 128 * rs[n];
-      const float w = ws[n], bn = b ? b[n] : 0.f;
-      for (int64_t i = 0; i < TILE; i += 16) {
-        const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - zero;
-        store16(&out[r][i], __builtin_convertvector(a, v16) * (load16(st + i) * w) + bn);
-      }
-      activate(out[r], TILE, act);
-    }
-    write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + n0, N);
+    const int64_t rows = row_block_int8(xtile, sx.data() + t0, L.layer, rb, out);
+    write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + rb * ROWS, N);
   };
-  for_tiles(tiles, row_blocks, K * TILE, pack, compute);
+  for_tiles(tiles, (N + ROWS - 1) / ROWS, K * TILE, pack, compute);
+  return y;
+}
+
+// The int8 feed-forward block, y = W2 act1(W1 x + b1) + b2, one 64-token tile per thread at a
+// time: layer 1's dequantised output rows are quantised per token straight into layer 2's packed
+// input (bit-for-bit what running the two layers one after the other computes).
+torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor col1,
+                              torch::Tensor q1, torch::Tensor ws1, torch::Tensor rs1,
+                              c10::optional<torch::Tensor> bias1, int64_t H, int64_t chunk1,
+                              int64_t act1, torch::Tensor seg2, torch::Tensor col2,
+                              torch::Tensor q2, torch::Tensor ws2, torch::Tensor rs2,
+                              c10::optional<torch::Tensor> bias2, int64_t N, int64_t chunk2) {
+  x = check_input(x, TILE);
+  const int64_t T = x.size(0), K = x.size(1);
+  const Layer8Tensors L1(seg1, col1, q1, ws1, rs1, bias1, K, H, chunk1, act1);
+  const Layer8Tensors L2(seg2, col2, q2, ws2, rs2, bias2, H, N, chunk2, 0);
+  auto y = torch::empty({T, N}, x.options());
+  if (T == 0 || N == 0) return y;
+  const int64_t tiles = (T + TILE - 1) / TILE, rb1 = (H + ROWS - 1) / ROWS, rb2 = (N + ROWS - 1) / ROWS;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> buf(K * TILE + H * TILE * 4 + H * TILE + 3 * 64);
+    uint8_t* xq = align64(buf.data());
+    float* h = reinterpret_cast<float*>(align64(xq + K * TILE));
+    uint8_t* hq = align64(reinterpret_cast<uint8_t*>(h + H * TILE));
+    alignas(64) float sx[TILE], sh[TILE], out[ROWS][TILE];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      pack_int8_tile(xp, T, K, tile, xq, sx);
+      for (int64_t rb = 0; rb < rb1; ++rb) {
+        const int64_t rows = row_block_int8(xq, sx, L1.layer, rb, out);
+        std::memcpy(h + rb * ROWS * TILE, out, sizeof(float) * rows * TILE);
+      }
+      quantize_hidden(h, H, hq, sh);
+      const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
+      for (int64_t rb = 0; rb < rb2; ++rb) {
+        const int64_t rows = row_block_int8(hq, sh, L2.layer, rb, out);
+        write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + rb * ROWS, N);
+      }
+    }
+  });
   return y;
 }
 
@@ -401,8 +577,13 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear,
         "act(x W^T + b) with W in segment form (group 1: single weights, group 4: blocks of 4)");
+  m.def("sparse_ffn", &sparse_ffn,
+        "W2 act(W1 x + b1) + b2 for two sparse layers, one token tile at a time (hidden stays in cache)");
   m.def("sparse_linear_int8", &sparse_linear_int8,
         "int8 block4 y = x W^T + b (per-channel weight scales, dynamic per-token input scales)");
+  m.def("sparse_ffn_int8", &sparse_ffn_int8,
+        "int8 block4 W2 act(W1 x + b1) + b2, one token tile at a time (hidden stays in cache)");
   m.attr("ROWS") = ROWS;
+  m.attr("INT8_TILE") = TILE;
   m.attr("VNNI") = kVnni;
 }
