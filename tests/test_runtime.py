@@ -381,3 +381,99 @@ def test_compiled_layers_still_run_after_moving_to_cuda(dtype):
     tol = 1e-5 if dtype == "float32" else 0.05
     torch.testing.assert_close(y.cpu(), expected if dtype == "float32" else F.linear(x, lin.weight, lin.bias),
                                rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5, 16), (1, 2, 33, 33, 32), (2, 4, 70, 70, 64),
+                                   (1, 2, 17, 40, 128), (2, 2, 40, 19, 48)])
+@pytest.mark.parametrize("mask", ["none", "padding", "float"])
+def test_attention_kernel_matches_float64_sdpa(shape, mask, threads):
+    batch, heads, q_len, k_len, dim = shape
+    torch.manual_seed(q_len)
+    # q, k, v as the model makes them: views of [batch, seq, heads * dim] projections
+    q = torch.randn(batch, q_len, heads, dim).transpose(1, 2)
+    k, v = (torch.randn(batch, k_len, heads, dim).transpose(1, 2) for _ in range(2))
+    additive, sdpa_mask = None, None
+    if mask == "padding":
+        keep = torch.ones(batch, k_len, dtype=torch.bool)
+        keep[0, k_len // 2:] = False
+        additive = torch.zeros(batch, 1, k_len).masked_fill(~keep[:, None], float("-inf"))
+        sdpa_mask = keep[:, None, None, :]
+    elif mask == "float":
+        additive = torch.randn(batch, q_len, k_len)
+        sdpa_mask = additive[:, None].double()
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask,
+                                              scale=0.3).transpose(1, 2)
+    with num_threads(threads):
+        got = kernels.load().attention(q, k, v, additive, 0.3)
+    assert got.shape == (batch, q_len, heads, dim) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _attention_model(seed=0):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def test_compiled_model_runs_attention_on_the_kernel_and_keeps_it_after_load(tmp_path, monkeypatch):
+    import copy
+
+    from obert.runtime import attention, compile, load_compiled, save_compiled
+
+    model = _attention_model()  # head dim 16: the kernel's smallest
+    for name, p in model.named_parameters():
+        if ".encoder." in name and p.dim() == 2:  # every encoder Linear weight, 80% pruned
+            p.data.mul_(torch.rand_like(p) > 0.8)
+    reference = copy.deepcopy(model)
+    report = compile(model)
+    assert report.fast_attention and model.config._attn_implementation == attention.NAME
+    calls, ext = [], kernels.load()
+
+    class Spy:  # the extension, counting attention calls
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def attention(self, *args):
+            calls.append(args[0].shape)
+            return ext.attention(*args)
+
+    monkeypatch.setattr(kernels, "load", lambda: Spy())
+    ids = torch.randint(5, 40, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding: the kernel takes the mask
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
+                                   reference(input_ids=ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2  # one per layer, none fell back to SDPA
+    monkeypatch.undo()
+    save_compiled(model, tmp_path / "compiled")
+    loaded = load_compiled(tmp_path / "compiled")
+    assert loaded.config._attn_implementation == attention.NAME
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits)
+    assert not compile(copy.deepcopy(reference), attention=False).fast_attention
+
+
+def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from obert.runtime.attention import attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    for dim, kwargs in [(8, {}), (32, {"dropout": 0.1}), (32, {"is_causal": True})]:
+        q, k, v = (torch.randn(2, 2, 6, dim) for _ in range(3))
+        torch.manual_seed(0)
+        got, _ = attention_forward(module, q, k, v, None, **kwargs)
+        torch.manual_seed(0)
+        expected, _ = sdpa_attention_forward(module, q, k, v, None, **kwargs)
+        torch.testing.assert_close(got, expected)
+    per_head = torch.zeros(2, 2, 6, 6, dtype=torch.bool)  # a mask per head: SDPA's job
+    got, _ = attention_forward(module, q, k, v, ~per_head)
+    torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, ~per_head)[0])

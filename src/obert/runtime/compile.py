@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ObertError
 from ..io import atomic_dir
 from ..targets import find_targets
+from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
 
 FP32_MIN_SPARSITY = 0.7
@@ -47,6 +48,7 @@ class CompileReport:
     compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
     fused_activations: list[str] = field(default_factory=list)  # layers that apply GELU themselves
     fused_ffn: list[str] = field(default_factory=list)  # blocks whose two FFN layers run as one
+    fast_attention: bool = False  # attention runs on obert's kernel (runtime/attention.py)
 
     @property
     def sparse_fraction(self) -> float:
@@ -71,12 +73,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
-            group: int | None = None, fuse: bool = True) -> CompileReport:
+            group: int | None = None, fuse: bool = True, attention: bool = True) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
     and run a feed-forward block whose two layers are both compiled as one ``SparseFFN``
-    (``_fuse_ffn``).
+    (``_fuse_ffn``). ``attention``: switch the model's attention to obert's CPU kernel
+    (``attention.use_fast_attention``; cases it does not cover still run PyTorch's SDPA).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
     report lists them under ``float32_layers``). ``min_sparsity``: one threshold for every layer
@@ -108,6 +111,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     if fuse:
         _fuse_activations(model, report)
         _fuse_ffn(model, report)
+    if attention:
+        report.fast_attention = use_fast_attention(model)
     return report
 
 
@@ -172,6 +177,7 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
            if isinstance(m, SparseFFN)]
     meta = {"format": 1, "architectures": getattr(model.config, "architectures", None),
             "model_class": type(model).__name__, "ffn": ffn,
+            "fast_attention": getattr(model.config, "_attn_implementation", None) == ATTENTION,
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
                            "int8": m.quantized, "activation": m.activation}
@@ -224,4 +230,6 @@ def load_compiled(path: str | Path) -> nn.Module:
                          f"unexpected {unexpected[:3]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if meta.get("fast_attention"):
+        use_fast_attention(model)
     return model.eval()

@@ -39,36 +39,6 @@ inline void activate(float* row, int64_t n, int64_t act) {
     for (int64_t i = 0; i < n; i += 16) store16(row + i, gelu16(load16(row + i)));
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-// out[i][r] = in[r][i] for a 16 x 16 block: in rows are 16 floats at in + r * in_stride,
-// out rows at out + i * out_stride.
-inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
-  __m512 r[16], t[16];
-  for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * in_stride);
-  for (int k = 0; k < 16; k += 2) {
-    t[k] = _mm512_unpacklo_ps(r[k], r[k + 1]);
-    t[k + 1] = _mm512_unpackhi_ps(r[k], r[k + 1]);
-  }
-  for (int k = 0; k < 16; k += 4) {
-    r[k] = _mm512_shuffle_ps(t[k], t[k + 2], 0x44);
-    r[k + 1] = _mm512_shuffle_ps(t[k], t[k + 2], 0xEE);
-    r[k + 2] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-    r[k + 3] = _mm512_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-  }
-  for (int k = 0; k < 4; ++k) {
-    t[k] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0x88);
-    t[k + 4] = _mm512_shuffle_f32x4(r[k], r[k + 4], 0xDD);
-    t[k + 8] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0x88);
-    t[k + 12] = _mm512_shuffle_f32x4(r[k + 8], r[k + 12], 0xDD);
-  }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
-    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
-  }
-  for (int k = 0; k < 16; ++k) _mm512_storeu_ps(out + k * out_stride, r[k]);
-}
-#endif
 
 // y[t0 + i][n0 + r] = acc[r * stride + i] for i < tn, r < rows (y has N columns).
 inline void write_block(const float* acc, int64_t stride, int64_t tn, int64_t rows, float* y,
@@ -574,6 +544,9 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
 
 }  // namespace
 
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                        c10::optional<torch::Tensor> mask, double scale);  // attention.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear,
         "act(x W^T + b) with W in segment form (group 1: single weights, group 4: blocks of 4)");
@@ -583,6 +556,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 block4 y = x W^T + b (per-channel weight scales, dynamic per-token input scales)");
   m.def("sparse_ffn_int8", &sparse_ffn_int8,
         "int8 block4 W2 act(W1 x + b1) + b2, one token tile at a time (hidden stays in cache)");
+  m.def("attention", &attention,
+        "softmax(scale q k^T + mask) v for [batch, heads, seq, dim] inputs, out [batch, seq, heads, dim]");
   m.attr("ROWS") = ROWS;
   m.attr("INT8_TILE") = TILE;
   m.attr("VNNI") = kVnni;
