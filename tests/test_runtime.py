@@ -477,3 +477,34 @@ def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply():
     per_head = torch.zeros(2, 2, 6, 6, dtype=torch.bool)  # a mask per head: SDPA's job
     got, _ = attention_forward(module, q, k, v, ~per_head)
     torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, ~per_head)[0])
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (5, 37), (70, 384), (33, 8)])
+def test_add_layer_norm_kernel_matches_float64(shape):
+    x, r = torch.randn(shape) * 3 + 1, torch.randn(shape)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    expected = F.layer_norm((x + r).double(), (shape[1],), w.double(), b.double(), 1e-12)
+    torch.testing.assert_close(kernels.load().add_layer_norm(x, r, w, b, 1e-12).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fuses_residual_add_and_layer_norm():
+    import copy
+
+    from obert.runtime import compile
+    from obert.runtime.norm import AddNorm
+
+    model = _pruned_tiny_model(0.9)
+    reference = copy.deepcopy(model)
+    report = compile(model)
+    assert report.fused_norms == [f"bert.encoder.layer.{i}.{part}" for i in range(2)
+                                  for part in ("attention.output", "output")]
+    block = model.bert.encoder.layer[0].attention.output
+    assert isinstance(block, AddNorm) and not block.training
+    params, ref_params = dict(model.named_parameters()), dict(reference.named_parameters())
+    for n in ("bert.encoder.layer.0.output.LayerNorm.weight", "bert.encoder.layer.1.attention.output.LayerNorm.bias"):
+        assert torch.equal(params[n], ref_params[n])  # same parameters under the same names
+    ids = torch.randint(5, 30, (3, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)

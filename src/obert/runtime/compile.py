@@ -28,6 +28,7 @@ from ..io import atomic_dir
 from ..targets import find_targets
 from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
+from .norm import AddNorm, is_output_block
 
 FP32_MIN_SPARSITY = 0.7
 INT8_MIN_SPARSITY = 0.5
@@ -49,6 +50,7 @@ class CompileReport:
     fused_activations: list[str] = field(default_factory=list)  # layers that apply GELU themselves
     fused_ffn: list[str] = field(default_factory=list)  # blocks whose two FFN layers run as one
     fast_attention: bool = False  # attention runs on obert's kernel (runtime/attention.py)
+    fused_norms: list[str] = field(default_factory=list)  # output blocks: add + LayerNorm in one pass
 
     @property
     def sparse_fraction(self) -> float:
@@ -78,7 +80,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
     and run a feed-forward block whose two layers are both compiled as one ``SparseFFN``
-    (``_fuse_ffn``). ``attention``: switch the model's attention to obert's CPU kernel
+    (``_fuse_ffn``), and do BERT output blocks' residual add and LayerNorm in one pass
+    (``norm.AddNorm``). ``attention``: switch the model's attention to obert's CPU kernel
     (``attention.use_fast_attention``; cases it does not cover still run PyTorch's SDPA).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
@@ -111,6 +114,7 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     if fuse:
         _fuse_activations(model, report)
         _fuse_ffn(model, report)
+        report.fused_norms = _fuse_norms(model)
     if attention:
         report.fast_attention = use_fast_attention(model)
     return report
@@ -163,6 +167,15 @@ def _fuse_ffn(model: nn.Module, report: CompileReport) -> None:
         report.fused_ffn.append(name)
 
 
+def _fuse_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Swap BERT-style output blocks (all of them, or ``names``) for ``AddNorm``."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if is_output_block(m)]
+    for name in names:
+        _set_module(model, name, AddNorm(model.get_submodule(name)))
+    return names
+
+
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
@@ -178,6 +191,7 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     meta = {"format": 1, "architectures": getattr(model.config, "architectures", None),
             "model_class": type(model).__name__, "ffn": ffn,
             "fast_attention": getattr(model.config, "_attn_implementation", None) == ATTENTION,
+            "fused_norms": [n for n, m in model.named_modules() if isinstance(m, AddNorm)],
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
                            "int8": m.quantized, "activation": m.activation}
@@ -224,6 +238,7 @@ def load_compiled(path: str | Path) -> nn.Module:
             parent = name.rpartition(".")[0]
             _set_module(model, f"{parent}.intermediate_act_fn" if parent else "intermediate_act_fn",
                         nn.Identity())
+    _fuse_norms(model, meta.get("fused_norms", []))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ObertError(f"{path}: weights do not match the model (missing {missing[:3]}, "

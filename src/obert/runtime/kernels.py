@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ["sparse_linear.cpp", "attention.cpp"]
+SOURCES = ["sparse_linear.cpp", "attention.cpp", "layer_norm.cpp"]
 
 
 def _build_dir() -> Path:

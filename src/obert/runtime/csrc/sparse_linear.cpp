@@ -546,6 +546,8 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
 
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                         c10::optional<torch::Tensor> mask, double scale);  // attention.cpp
+torch::Tensor add_layer_norm(torch::Tensor x, torch::Tensor r, torch::Tensor w, torch::Tensor b,
+                             double eps);  // layer_norm.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sparse_linear,
@@ -558,6 +560,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8 block4 W2 act(W1 x + b1) + b2, one token tile at a time (hidden stays in cache)");
   m.def("attention", &attention,
         "softmax(scale q k^T + mask) v for [batch, heads, seq, dim] inputs, out [batch, seq, heads, dim]");
+  m.def("add_layer_norm", &add_layer_norm, "LayerNorm(x + residual) over the last dim, one pass");
   m.attr("ROWS") = ROWS;
   m.attr("INT8_TILE") = TILE;
   m.attr("VNNI") = kVnni;
