@@ -508,3 +508,31 @@ def test_compile_fuses_residual_add_and_layer_norm():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_model_runs_on_cuda(dtype):
+    # Every runtime module (sparse layers, fused FFN, add + LayerNorm, attention) falls back to
+    # ordinary GPU ops after .cuda() instead of calling the CPU kernels.
+    import copy
+
+    from obert.runtime import compile
+
+    model = _attention_model()
+    for name, p in model.named_parameters():
+        if ".encoder." in name and p.dim() == 2:
+            p.data.mul_((torch.rand(p.shape[0], p.shape[1] // 4) > 0.8).repeat_interleave(4, 1))
+    reference = copy.deepcopy(model)
+    report = compile(model, dtype=dtype)
+    assert report.fused_ffn and report.fused_norms and report.fast_attention
+    ids = torch.randint(5, 40, (3, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        cpu = model(input_ids=ids, attention_mask=mask).logits
+        gpu = model.cuda()(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+        dense = reference(input_ids=ids, attention_mask=mask).logits
+    tol = 0.05 if dtype == "int8" else 1e-4  # int8 on the GPU: dequantised weights, float inputs
+    torch.testing.assert_close(gpu, dense, rtol=tol, atol=tol)
+    torch.testing.assert_close(cpu, dense, rtol=tol, atol=tol)
