@@ -338,20 +338,30 @@ void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t*
         std::memset(q.data() + i * K, 128, K);
       }
     }
-    for (int64_t g = 0; g < groups; ++g) {  // 16 tokens x 4 bytes of group g: one 64-byte line
+    // xq[g][i0 + i] = the 4 bytes of group g of token i: a 16 x (K / 4) transpose of 32-bit words
+    int64_t g = 0;
+#if defined(__AVX512F__)
+    for (; g + 16 <= groups; g += 16)
+      transpose16(reinterpret_cast<const float*>(q.data()) + g, K / 4,
+                  reinterpret_cast<float*>(dst + (g * TILE + i0) * 4), TILE);
+#endif
+    for (; g < groups; ++g) {
       uint32_t* out = reinterpret_cast<uint32_t*>(dst + (g * TILE + i0) * 4);
       for (int64_t i = 0; i < 16; ++i) std::memcpy(out + i, q.data() + i * K + 4 * g, 4);
     }
   }
 }
 
+// acc[0..TILE) (+)= the segment's dot products (add: accumulate onto acc, else start from 0).
 inline void segment_int8(const uint8_t* __restrict xq, const int32_t* __restrict col,
                          const int8_t* __restrict qval, int64_t e0, int64_t e1,
-                         int32_t* __restrict acc) {
-  if (e0 == e1) return;
+                         int32_t* __restrict acc, bool add) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
-  __m512i a0 = _mm512_loadu_si512(acc), a1 = _mm512_loadu_si512(acc + 16);
-  __m512i a2 = _mm512_loadu_si512(acc + 32), a3 = _mm512_loadu_si512(acc + 48);
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  if (add) {
+    a0 = _mm512_loadu_si512(acc), a1 = _mm512_loadu_si512(acc + 16);
+    a2 = _mm512_loadu_si512(acc + 32), a3 = _mm512_loadu_si512(acc + 48);
+  }
   for (int64_t e = e0; e < e1; ++e) {
     int32_t w4;
     std::memcpy(&w4, qval + 4 * e, 4);
@@ -367,6 +377,7 @@ inline void segment_int8(const uint8_t* __restrict xq, const int32_t* __restrict
   _mm512_storeu_si512(acc + 32, a2);
   _mm512_storeu_si512(acc + 48, a3);
 #else
+  if (!add) std::memset(acc, 0, sizeof(int32_t) * TILE);
   for (int64_t e = e0; e < e1; ++e) {  // portable path: correct, not tuned
     const int8_t* w = qval + 4 * e;
     const uint8_t* xk = xq + static_cast<int64_t>(col[e] / 4) * TILE * 4;
@@ -393,11 +404,10 @@ int64_t row_block_int8(const uint8_t* xq, const float* st, const Layer8& L, int6
                        float (*out)[TILE]) {
   alignas(64) int32_t acc[ROWS][TILE];
   const int64_t n0 = rb * ROWS, rows = std::min(ROWS, L.N - n0);
-  std::memset(acc, 0, sizeof(acc));
   const int64_t* s = L.seg_ptr + rb * L.chunks * ROWS;
   for (int64_t c = 0; c < L.chunks; ++c)
     for (int64_t r = 0; r < rows; ++r)
-      segment_int8(xq, L.col, L.qval, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r]);
+      segment_int8(xq, L.col, L.qval, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r], c > 0);
   for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
     const int64_t n = n0 + r;
     const int32_t zero = 128 * L.row_sum[n];
