@@ -55,7 +55,8 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
   for (int64_t i0 = 0; i0 < Sq; i0 += QB) {
     const int64_t rows = std::min<int64_t>(QB, Sq - i0);
     for (int r = 0; r < QB; ++r)
-      for (int d = 0; d < D; ++d) qb[r][d] = r < rows ? q[(i0 + r) * qs + d] * scale : 0.f;
+      for (int w = 0; w < NV; ++w)
+        store16(qb[r] + 16 * w, r < rows ? load16(q + (i0 + r) * qs + 16 * w) * scale : v16{});
     for (int64_t j0 = 0; j0 < Skp; j0 += 32) {
       v16 a[QB][2];
       for (int r = 0; r < QB; ++r) a[r][0] = a[r][1] = v16{};
@@ -75,7 +76,9 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
       float* s = sc + r * Skp;
       if (mask) {
         const float* mr = mask + (i0 + r) * mask_qs;
-        for (int64_t j = 0; j < Sk; ++j) s[j] += mr[j];
+        int64_t j = 0;
+        for (; j + 16 <= Sk; j += 16) store16(s + j, load16(s + j) + load16(mr + j));
+        for (; j < Sk; ++j) s[j] += mr[j];
       }
       for (int64_t j = Sk; j < Skp; ++j) s[j] = NEG_INF;
       v16 m = v16{} + NEG_INF;
