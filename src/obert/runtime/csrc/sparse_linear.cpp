@@ -389,7 +389,7 @@ __attribute__((always_inline)) inline void segment_int8(const uint8_t* __restric
     int32_t w4;
     std::memcpy(&w4, qval + 4 * e, 4);
     const __m512i w = _mm512_set1_epi32(w4);
-    const uint8_t* xk = xq + static_cast<int64_t>(col[e] / 4) * TILE * 4;
+    const uint8_t* xk = xq + static_cast<int64_t>(col[e]) * TILE;  // (col / 4) * TILE * 4 bytes
     a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xk), w);
     a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xk + 64), w);
     a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(xk + 128), w);
@@ -403,7 +403,7 @@ __attribute__((always_inline)) inline void segment_int8(const uint8_t* __restric
   if (!add) std::memset(acc, 0, sizeof(int32_t) * TILE);
   for (int64_t e = e0; e < e1; ++e) {  // portable path: correct, not tuned
     const int8_t* w = qval + 4 * e;
-    const uint8_t* xk = xq + static_cast<int64_t>(col[e] / 4) * TILE * 4;
+    const uint8_t* xk = xq + static_cast<int64_t>(col[e]) * TILE;  // (col / 4) * TILE * 4 bytes
     for (int64_t i = 0; i < TILE; ++i)
       acc[i] += w[0] * xk[4 * i] + w[1] * xk[4 * i + 1] + w[2] * xk[4 * i + 2] + w[3] * xk[4 * i + 3];
   }
