@@ -536,3 +536,28 @@ def test_compiled_model_runs_on_cuda(dtype):
     tol = 0.05 if dtype == "int8" else 1e-4  # int8 on the GPU: dequantised weights, float inputs
     torch.testing.assert_close(gpu, dense, rtol=tol, atol=tol)
     torch.testing.assert_close(cpu, dense, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_compiled_model_without_native_kernels_uses_the_pytorch_fallbacks(dtype, monkeypatch):
+    # Where the extension cannot be built, every runtime module must still compute the same
+    # function in PyTorch (CSR matmul, torch LayerNorm, SDPA).
+    import copy
+
+    from obert.runtime import compile
+
+    model = _attention_model()
+    for name, p in model.named_parameters():
+        if ".encoder." in name and p.dim() == 2:
+            p.data.mul_((torch.rand(p.shape[0], p.shape[1] // 4) > 0.8).repeat_interleave(4, 1))
+    report = compile(model, dtype=dtype)
+    assert report.fused_ffn and report.fused_norms and report.fast_attention
+    ids = torch.randint(5, 40, (3, 60))  # 180 tokens: enough tiles for the fused FFN kernel
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    with torch.no_grad():
+        native = model(input_ids=ids, attention_mask=mask).logits
+        monkeypatch.setattr(kernels, "load", lambda: None)
+        fallback = copy.deepcopy(model)(input_ids=ids, attention_mask=mask).logits
+    tol = 2e-3 if dtype == "int8" else 1e-5  # int8: a rounding tie may fall the other way
+    torch.testing.assert_close(fallback, native, rtol=tol, atol=tol)
