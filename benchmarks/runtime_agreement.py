@@ -1,0 +1,93 @@
+"""Does the compiled model answer like the pruned model it came from, on real text?
+
+    .venv/bin/python benchmarks/runtime_agreement.py runs/minilm-mag90-b4 runs/gradual/obert90 ...
+
+For each pruned model directory: the debian-sections validation split (1,536 rows) at length 128,
+padded batches (so the attention mask matters), through the model as PyTorch runs it and through
+``obert.runtime.compile`` in float32 and (block4 models) int8. Reports accuracy, the share of
+rows whose argmax equals the PyTorch model's, and the largest logit difference. Writes
+docs/runtime/agreement.json and the table between ``<!-- runtime-agreement:begin/end -->`` in
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import DATA, ROOT, log, replace_doc_block  # noqa: E402
+
+BEGIN, END = "<!-- runtime-agreement:begin -->", "<!-- runtime-agreement:end -->"
+
+
+@torch.inference_mode()
+def logits_of(model, batches) -> torch.Tensor:
+    return torch.cat([model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                      for b in batches])
+
+
+def evaluate(path: str, max_length: int, batch_size: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.runtime import compile
+    from obert.runtime.bench import load_model
+
+    model = load_model(path)
+    data = Encoded(load_file(DATA / "validation.jsonl"), AutoTokenizer.from_pretrained(path),
+                   label_map_from_config(model.config), max_length)
+    batches = list(data.loader(batch_size))
+    labels = torch.cat([b["labels"] for b in batches])
+    ref = logits_of(model, batches)
+    out = {"model": path, "rows": len(labels), "max_length": max_length,
+           "pytorch": {"accuracy": float((ref.argmax(-1) == labels).float().mean())}}
+    for dtype in ("float32", "int8"):
+        compiled = copy.deepcopy(model)
+        report = compile(compiled, dtype=dtype)
+        if dtype == "int8" and not any(getattr(m, "quantized", False) for m in compiled.modules()):
+            continue  # not block4: no int8 layers
+        got = logits_of(compiled, batches)
+        out[f"obert {dtype}"] = {
+            "accuracy": float((got.argmax(-1) == labels).float().mean()),
+            "argmax_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "max_abs_logit_diff": float((got - ref).abs().max()),
+            "sparse_layers": len(report.sparse_layers)}
+        log(f"{path} {dtype}: {out[f'obert {dtype}']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from obert.io import write_json
+
+    results = [evaluate(m, args.max_length, args.batch_size) for m in args.models]
+    write_json(ROOT / "docs" / "runtime" / "agreement.json", {"results": results})
+    lines = [f"debian-sections validation ({results[0]['rows']} rows, length {args.max_length}, "
+             "padded batches)", "",
+             "| model | variant | accuracy | argmax = PyTorch's | max abs logit diff |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} | PyTorch (dense kernels) | {100 * r['pytorch']['accuracy']:.1f} | | |")
+        for name in ("obert float32", "obert int8"):
+            if name in r:
+                v = r[name]
+                lines.append(f"| | {name} | {100 * v['accuracy']:.1f} | {100 * v['argmax_agreement']:.2f}% "
+                             f"| {v['max_abs_logit_diff']:.2e} |")
+    table = "\n".join(lines)
+    print(table)
+    replace_doc_block(BEGIN, END, table)
+
+
+if __name__ == "__main__":
+    main()
