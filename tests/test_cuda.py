@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_model
-from test_gradual import tiny_recipe
+from conftest import tiny_model
+from test_gradual import tiny_recipe, train_with_pruning_callback
 from test_obs import reference_inverse
 from test_pruning import _batches
 from test_qa import tiny_qa_recipe
@@ -255,40 +255,20 @@ def test_gradual_recipe_on_cuda_with_fp16_and_distillation(tmp_path, data_files,
 def test_callback_in_a_plain_fp16_trainer_on_cuda(tmp_path, data_files, tiny_model_dir):
     """Masks live on the GPU; after every fp16 optimizer step pruned weights and their Adam
     moments are exactly 0."""
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
+    def step_check(pruning, optimizer):
+        for t in pruning.masks.targets:
+            m = pruning.masks.masks[t.name]
+            assert m.device.type == "cuda" and t.module.weight.device.type == "cuda"
+            assert bool((t.module.weight[~m] == 0).all())
+            st = optimizer.state.get(t.module.weight, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:  # absent while the fp16 scaler skips the first steps
+                    assert bool((st[key][~m] == 0).all())
 
-    from obert.callback import OBertPruningCallback
-    from obert.data import Encoded, label_map_from_config, load_file
-    from obert.schedule import PruningSchedule
-
-    tok = make_tokenizer(tmp_path)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    train = Encoded(load_file(data_files[0]), tok, label_map_from_config(model.config), 16)
-    collator = DataCollatorWithPadding(tok)
-    pruning = OBertPruningCallback(PruningSchedule(0.3, 0.6, 0, 2, 1),
-                                   PruneConfig(0.6, structure="block4", num_grads=8,
-                                               grad_batch_size=8, fisher_block_size=16),
-                                   train, collator, log=lambda s: None)
-    checked = []
-
-    class Check(TrainerCallback):
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            for t in pruning.masks.targets:
-                m = pruning.masks.masks[t.name]
-                assert m.device.type == "cuda" and t.module.weight.device.type == "cuda"
-                assert bool((t.module.weight[~m] == 0).all())
-                st = optimizer.state.get(t.module.weight, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in st:  # absent while the fp16 scaler skips the first steps
-                        assert bool((st[key][~m] == 0).all())
-            checked.append(pruning.sparsity)
-
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), num_train_epochs=3,
-                             learning_rate=1e-2, weight_decay=0.5, per_device_train_batch_size=16,
-                             save_strategy="no", report_to="none", disable_tqdm=True, fp16=True)
-    Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
-            callbacks=[pruning, Check()]).train()
+    pruning, checked = train_with_pruning_callback(
+        tmp_path, data_files, tiny_model_dir,
+        PruneConfig(0.6, structure="block4", num_grads=8, grad_batch_size=8, fisher_block_size=16),
+        step_check, fp16=True)
     assert len(checked) == 18 and checked[0] == pytest.approx(0.3, abs=4e-3)
     assert checked[-1] == pytest.approx(0.6, abs=4e-3)
     assert [h["step"] for h in pruning.history] == [0, 6, 12]

@@ -217,13 +217,14 @@ def test_resume_reaches_the_same_masks_and_metrics(tmp_path, data_files, model_d
     assert ma["accuracy"] == mb["accuracy"] and ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
 
 
-def test_callback_in_a_plain_trainer_keeps_pruned_weights_zero(tmp_path, data_files, model_dir):
-    """The callback added to a user's own ``transformers.Trainer`` (AdamW, weight decay): after
-    every optimizer step pruned weights are exactly 0 and their Adam moments are 0."""
+def train_with_pruning_callback(tmp_path, data_files, model_dir, prune_config, step_check,
+                                **training_args):
+    """A user's own ``transformers.Trainer`` (AdamW, weight decay, 3 epochs) with
+    ``OBertPruningCallback`` (0.3 -> 0.6 at epochs 0/1/2); ``step_check(pruning, optimizer)`` runs
+    after every optimizer step. Returns the callback and the sparsity after every step."""
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from obert import PruneConfig
     from obert.callback import OBertPruningCallback
     from obert.data import Encoded, label_map_from_config, load_file
 
@@ -231,25 +232,38 @@ def test_callback_in_a_plain_trainer_keeps_pruned_weights_zero(tmp_path, data_fi
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     train = Encoded(load_file(data_files[0]), tok, label_map_from_config(model.config), 16)
     collator = DataCollatorWithPadding(tok)
-    pruning = OBertPruningCallback(PruningSchedule(0.3, 0.6, 0, 2, 1), PruneConfig(0.6, num_grads=8, grad_batch_size=8,
-                                                                                fisher_block_size=16),
-                                   train, collator, log=lambda s: None)
+    pruning = OBertPruningCallback(PruningSchedule(0.3, 0.6, 0, 2, 1), prune_config, train, collator,
+                                   log=lambda s: None)
     checked = []
 
     class Check(TrainerCallback):
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            for t in pruning.masks.targets:
-                pruned = ~pruning.masks.masks[t.name]
-                assert bool((t.module.weight[pruned] == 0).all())
-                for key in ("exp_avg", "exp_avg_sq"):
-                    assert bool((optimizer.state[t.module.weight][key][pruned] == 0).all())
+            step_check(pruning, optimizer)
             checked.append(pruning.sparsity)
 
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), num_train_epochs=3,
                              learning_rate=1e-2, weight_decay=0.5, per_device_train_batch_size=16,
-                             save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True)
+                             save_strategy="no", report_to="none", disable_tqdm=True, **training_args)
     Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
             callbacks=[pruning, Check()]).train()
+    return pruning, checked
+
+
+def test_callback_in_a_plain_trainer_keeps_pruned_weights_zero(tmp_path, data_files, model_dir):
+    """The callback added to a user's own ``transformers.Trainer`` (AdamW, weight decay): after
+    every optimizer step pruned weights are exactly 0 and their Adam moments are 0."""
+    from obert import PruneConfig
+
+    def step_check(pruning, optimizer):
+        for t in pruning.masks.targets:
+            pruned = ~pruning.masks.masks[t.name]
+            assert bool((t.module.weight[pruned] == 0).all())
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert bool((optimizer.state[t.module.weight][key][pruned] == 0).all())
+
+    pruning, checked = train_with_pruning_callback(
+        tmp_path, data_files, model_dir, PruneConfig(0.6, num_grads=8, grad_batch_size=8, fisher_block_size=16),
+        step_check, use_cpu=True)
     assert len(checked) == 18 and checked[0] == pytest.approx(0.3, abs=1e-3)
     assert checked[-1] == pytest.approx(0.6, abs=1e-3)
     assert [h["step"] for h in pruning.history] == [0, 6, 12]

@@ -197,8 +197,8 @@ def format_table(result: dict) -> str:
                      f"{len(rep['sparse_layers']) + len(rep['dense_layers'])} Linear layers sparse "
                      f"({100 * rep['sparse_fraction']:.1f}% of Linear work), "
                      f"max |diff| vs dense {result['max_abs_diff'][name]:.2e}; fused: "
-                     f"{len(rep.get('fused_ffn', []))} FFN blocks, {len(rep.get('fused_norms', []))} "
-                     f"add+LayerNorm, attention {'obert' if rep.get('fast_attention') else 'torch SDPA'}")
+                     f"{len(rep['fused_ffn'])} FFN blocks, {len(rep['fused_norms'])} add+LayerNorm, "
+                     f"attention {'obert' if rep['fast_attention'] else 'torch SDPA'}")
     lines += ["", f"| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |",
               "|---|---|---|---|"]
     for name, row in result["rows"].items():

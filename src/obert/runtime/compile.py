@@ -113,7 +113,7 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             report.dense_layers.append(t.name)
     if fuse:
         _fuse_activations(model, report)
-        _fuse_ffn(model, report)
+        report.fused_ffn = _fuse_ffn(model)
         report.fused_norms = _fuse_norms(model)
     if attention:
         report.fast_attention = use_fast_attention(model)
@@ -160,11 +160,17 @@ def _install_ffn(model: nn.Module, name: str, fc1: SparseLinear, fc2: SparseLine
     _set_module(model, f"{prefix}output.dense", nn.Identity())
 
 
-def _fuse_ffn(model: nn.Module, report: CompileReport) -> None:
-    pairs = [(name, pair) for name, mod in model.named_modules() if (pair := _ffn_pair(mod))]
-    for name, (fc1, fc2) in pairs:
-        _install_ffn(model, name, fc1, fc2)
-        report.fused_ffn.append(name)
+def _fuse_ffn(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Run the feed-forward blocks of BERT-style layers (all that can, or the layers ``names``)
+    as one ``SparseFFN`` each."""
+    if names is None:
+        names = [n for n, m in model.named_modules() if _ffn_pair(m)]
+    for name in names:
+        pair = _ffn_pair(model.get_submodule(name))
+        if pair is None:
+            raise ObertError(f"'{name}' has no fusable sparse feed-forward block")
+        _install_ffn(model, name, *pair)
+    return names
 
 
 def _fuse_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
@@ -227,17 +233,19 @@ def load_compiled(path: str | Path) -> nn.Module:
                                      state.get(prefix + "bias") if spec["bias"] else None,
                                      spec["group"], spec["chunk"], state.get(prefix + "w_scale"),
                                      state.get(prefix + "row_sum"), spec.get("activation"))
+    # A fused block's two layers are saved under it: put them back where compile found them and
+    # fuse again, as compile does.
     for block in meta.get("ffn", []):
-        inter = f"{block}.intermediate" if block else "intermediate"
-        fc1, fc2 = modules.pop(f"{inter}.dense.fc1"), modules.pop(f"{inter}.dense.fc2")
-        _set_module(model, f"{inter}.intermediate_act_fn", nn.Identity())
-        _install_ffn(model, block, fc1, fc2)
+        prefix = f"{block}." if block else ""
+        modules[f"{prefix}intermediate.dense"] = modules.pop(f"{prefix}intermediate.dense.fc1")
+        modules[f"{prefix}output.dense"] = modules.pop(f"{prefix}intermediate.dense.fc2")
     for name, module in modules.items():
         _set_module(model, name, module)
         if module.activation is not None:  # the fused activation module is an Identity now
             parent = name.rpartition(".")[0]
             _set_module(model, f"{parent}.intermediate_act_fn" if parent else "intermediate_act_fn",
                         nn.Identity())
+    _fuse_ffn(model, meta.get("ffn", []))
     _fuse_norms(model, meta.get("fused_norms", []))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

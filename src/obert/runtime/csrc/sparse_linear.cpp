@@ -260,16 +260,20 @@ struct LayerTensors {
   }
 };
 
-torch::Tensor check_input(torch::Tensor x, int64_t tt) {
+torch::Tensor check_input(torch::Tensor x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
-  TORCH_CHECK(tt == 16 || tt == 32 || tt == 64, "tile must be 16, 32 or 64 tokens");
   return x.contiguous();
+}
+
+void check_tile(int64_t tt) {
+  TORCH_CHECK(tt == 16 || tt == 32 || tt == 64, "tile must be 16, 32 or 64 tokens");
 }
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                             torch::Tensor val, c10::optional<torch::Tensor> bias, int64_t N,
                             int64_t group, int64_t chunk, int64_t tt, int64_t act) {
-  x = check_input(x, tt);
+  x = check_input(x);
+  check_tile(tt);
   const int64_t T = x.size(0), K = x.size(1);
   const LayerTensors L(seg_ptr, col, val, bias, K, N, group, chunk, act);
   auto y = torch::empty({T, N}, x.options());
@@ -289,7 +293,8 @@ torch::Tensor sparse_ffn(torch::Tensor x, torch::Tensor seg1, torch::Tensor col1
                          int64_t act1, torch::Tensor seg2, torch::Tensor col2, torch::Tensor val2,
                          c10::optional<torch::Tensor> bias2, int64_t N, int64_t group2, int64_t chunk2,
                          int64_t tt) {
-  x = check_input(x, tt);
+  x = check_input(x);
+  check_tile(tt);
   const int64_t T = x.size(0), K = x.size(1);
   const LayerTensors L1(seg1, col1, val1, bias1, K, H, group1, chunk1, act1);
   const LayerTensors L2(seg2, col2, val2, bias2, H, N, group2, chunk2, 0);
@@ -509,7 +514,7 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
                                  torch::Tensor qval, torch::Tensor w_scale, torch::Tensor row_sum,
                                  c10::optional<torch::Tensor> bias, int64_t N, int64_t chunk,
                                  int64_t act) {
-  x = check_input(x, TILE);
+  x = check_input(x);
   const int64_t T = x.size(0), K = x.size(1);
   const Layer8Tensors L(seg_ptr, col, qval, w_scale, row_sum, bias, K, N, chunk, act);
   auto y = torch::empty({T, N}, x.options());
@@ -540,7 +545,7 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
                               int64_t act1, torch::Tensor seg2, torch::Tensor col2,
                               torch::Tensor q2, torch::Tensor ws2, torch::Tensor rs2,
                               c10::optional<torch::Tensor> bias2, int64_t N, int64_t chunk2) {
-  x = check_input(x, TILE);
+  x = check_input(x);
   const int64_t T = x.size(0), K = x.size(1);
   const Layer8Tensors L1(seg1, col1, q1, ws1, rs1, bias1, K, H, chunk1, act1);
   const Layer8Tensors L2(seg2, col2, q2, ws2, rs2, bias2, H, N, chunk2, 0);
