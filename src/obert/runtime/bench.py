@@ -199,7 +199,7 @@ def format_table(result: dict) -> str:
                      f"max |diff| vs dense {result['max_abs_diff'][name]:.2e}; fused: "
                      f"{len(rep['fused_ffn'])} FFN blocks, {len(rep['fused_norms'])} add+LayerNorm, "
                      f"attention {'obert' if rep['fast_attention'] else 'torch SDPA'}")
-    lines += ["", f"| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |",
+    lines += ["", "| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |",
               "|---|---|---|---|"]
     for name, row in result["rows"].items():
         lines.append(f"| {name} | {row['ms_per_batch']:.1f} | {row['sequences_per_s']:.1f} | "
