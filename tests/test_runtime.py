@@ -410,6 +410,27 @@ def test_attention_kernel_matches_float64_sdpa(shape, mask, threads):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_are_zero():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 40, 3, 32).transpose(1, 2) for _ in range(3))
+    additive = torch.randn(2, 40, 40) * 3
+    additive[:, :, 30:] = float("-inf")  # padding keys: must weigh 0, not 2^-126
+    additive[:, :, 5] = -1e4  # Hugging Face style "large negative" mask values
+    additive[1, 7] = float("-inf")  # every key masked for this query
+    got = kernels.load().attention(q, k, v, additive, 0.2)
+    assert torch.equal(got[1, 7], torch.zeros(3, 32))
+    # Masked keys' values must not leak in: 3e38 there would show even at weight 2^-126 (~1e-38).
+    v_poisoned = v.clone()
+    v_poisoned[:, :, 30:] = 3e38
+    torch.testing.assert_close(kernels.load().attention(q, k, v_poisoned, additive, 0.2), got)
+    keep = additive[:, None].double()
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep,
+                                              scale=0.2).transpose(1, 2)
+    rows = torch.ones(2, 40, dtype=torch.bool)
+    rows[1, 7] = False
+    torch.testing.assert_close(got[rows].double(), expected[rows], rtol=1e-5, atol=1e-5)
+
+
 def _attention_model(seed=0):
     from transformers import AutoModelForSequenceClassification, BertConfig
 

@@ -23,12 +23,18 @@ constexpr int QB = 8;  // query rows per block
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 inline float hmax(v16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<const __m512&>(v));
+#endif
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
   return m;
 }
 
 inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+#endif
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
@@ -36,13 +42,20 @@ inline float hsum(v16 v) {
 
 // One head: q [Sq][D] (row stride qs), k and v [Sk][D] (strides ks, vs), mask rows of Sk
 // additive values (mask_qs 0: one row for every query; null: none), out rows at stride os.
-// kt (D x Skp) and sc (QB x Skp) are scratch.
+// kt (D x Skp), sc (QB x Skp) and bias (QB x Skp) are scratch.
+//
+// The softmax runs in base 2: scores are (scale log2 e) q.k + (log2 e) mask, so
+// softmax = 2^(s - max s) / sum, with exp2 cheaper than exp. The mask is the score accumulators'
+// starting value and each row's maximum is kept in registers as the scores are made, so the
+// scores are read once more only, by the exponentials.
 template <int NV>
 void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, const float* v,
                     int64_t vs, const float* mask, int64_t mask_qs, int64_t Sq, int64_t Sk,
-                    int64_t Skp, float scale, float* out, int64_t os, float* kt, float* sc) {
+                    int64_t Skp, float scale, float* out, int64_t os, float* kt, float* sc,
+                    float* bias) {
   constexpr int D = 16 * NV;
   constexpr int RP = NV <= 2 ? 8 : (NV <= 4 ? 4 : 2);  // query rows per p v block
+  constexpr float LOG2E = 1.44269504f;
   int64_t j0 = 0;
 #if defined(__AVX512F__)
   for (; j0 + 16 <= Sk; j0 += 16)  // 16 keys x 16 dims at a time through registers
@@ -50,16 +63,32 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
 #endif
   for (int64_t j = j0; j < Skp; ++j)
     for (int d = 0; d < D; ++d) kt[d * Skp + j] = j < Sk ? k[j * ks + d] : 0.f;
+  // Starting scores: (log2 e) mask, -inf on the padding keys; one row shared by every query
+  // unless the mask has a row per query.
+  const bool per_query = mask && mask_qs;
+  auto fill_bias = [&](float* row, const float* mr) {
+    for (int64_t j = 0; j < Skp; ++j) row[j] = j >= Sk ? NEG_INF : (mr ? mr[j] * LOG2E : 0.f);
+  };
+  if (!per_query) fill_bias(bias, mask);
   alignas(64) float qb[QB][D];
   alignas(64) float inv_l[QB];
+  const float qscale = scale * LOG2E;
   for (int64_t i0 = 0; i0 < Sq; i0 += QB) {
     const int64_t rows = std::min<int64_t>(QB, Sq - i0);
     for (int r = 0; r < QB; ++r)
       for (int w = 0; w < NV; ++w)
-        store16(qb[r] + 16 * w, r < rows ? load16(q + (i0 + r) * qs + 16 * w) * scale : v16{});
+        store16(qb[r] + 16 * w, r < rows ? load16(q + (i0 + r) * qs + 16 * w) * qscale : v16{});
+    if (per_query)
+      for (int r = 0; r < QB; ++r) fill_bias(bias + r * Skp, r < rows ? mask + (i0 + r) * mask_qs : nullptr);
+    v16 mrow[QB];
+    for (int r = 0; r < QB; ++r) mrow[r] = v16{} + NEG_INF;
     for (int64_t j0 = 0; j0 < Skp; j0 += 32) {
       v16 a[QB][2];
-      for (int r = 0; r < QB; ++r) a[r][0] = a[r][1] = v16{};
+      for (int r = 0; r < QB; ++r) {
+        const float* br = bias + (per_query ? r * Skp : 0) + j0;
+        a[r][0] = load16(br);
+        a[r][1] = load16(br + 16);
+      }
       for (int d = 0; d < D; ++d) {
         const v16 k0 = load16(kt + d * Skp + j0), k1 = load16(kt + d * Skp + j0 + 16);
         for (int r = 0; r < QB; ++r) {
@@ -70,35 +99,28 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
       for (int r = 0; r < QB; ++r) {
         store16(sc + r * Skp + j0, a[r][0]);
         store16(sc + r * Skp + j0 + 16, a[r][1]);
+        const v16 m = a[r][0] > a[r][1] ? a[r][0] : a[r][1];
+        mrow[r] = m > mrow[r] ? m : mrow[r];
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {  // p = exp(s - max s), kept unnormalised
-      float* s = sc + r * Skp;
-      if (mask) {
-        const float* mr = mask + (i0 + r) * mask_qs;
-        int64_t j = 0;
-        for (; j + 16 <= Sk; j += 16) store16(s + j, load16(s + j) + load16(mr + j));
-        for (; j < Sk; ++j) s[j] += mr[j];
+    // p = 2^(s - max s), kept unnormalised; the rows interleaved so that their dependency chains
+    // (reductions, polynomials) overlap. A row whose every key is masked gets p = 0 and output 0.
+    float mx[QB];
+    for (int r = 0; r < QB; ++r) {
+      mx[r] = hmax(mrow[r]);
+      if (mx[r] == NEG_INF) mx[r] = 0.f;
+    }
+    v16 l[QB];
+    for (int r = 0; r < QB; ++r) l[r] = v16{};
+    for (int64_t j = 0; j < Skp; j += 16)
+      for (int r = 0; r < QB; ++r) {
+        const v16 p = exp2_nonpositive(load16(sc + r * Skp + j) - mx[r]);
+        store16(sc + r * Skp + j, p);
+        l[r] += p;
       }
-      for (int64_t j = Sk; j < Skp; ++j) s[j] = NEG_INF;
-      v16 m = v16{} + NEG_INF;
-      for (int64_t j = 0; j < Skp; j += 16) {
-        const v16 x = load16(s + j);
-        m = x > m ? x : m;
-      }
-      const float mx = hmax(m);
-      if (mx == NEG_INF) {  // every key masked: the output row is zero
-        for (int64_t j = 0; j < Skp; ++j) s[j] = 0.f;
-        inv_l[r] = 0.f;
-        continue;
-      }
-      v16 l{};
-      for (int64_t j = 0; j < Skp; j += 16) {
-        const v16 p = exp_nonpositive(load16(s + j) - mx);
-        store16(s + j, p);
-        l += p;
-      }
-      inv_l[r] = 1.f / hsum(l);
+    for (int r = 0; r < QB; ++r) {
+      const float sum = hsum(l[r]);
+      inv_l[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
     for (int64_t r0 = 0; r0 < rows; r0 += RP) {
       v16 o[RP][NV];
@@ -154,9 +176,10 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(D * Skp + QB * Skp + 16);
+    std::vector<float> buf(D * Skp + 2 * QB * Skp + 16);
     float* kt = buf.data();
     float* scores = kt + D * Skp;
+    float* bias = scores + QB * Skp;
     // The next head's rows are scattered 128-byte pieces of the [batch, seq, heads * dim]
     // projections that the hardware prefetchers do not follow: ask for them into L2 while this
     // head computes (measured: the misses cost as much as the arithmetic).
@@ -179,7 +202,7 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
       float* oh = op + b * Sq * H * D + h * D;
       auto run = [&](auto nv) {
         attention_head<decltype(nv)::value>(qh, q.stride(2), kh, k.stride(2), vh, v.stride(2), mh, mq,
-                                            Sq, Sk, Skp, sc, oh, H * D, kt, scores);
+                                            Sq, Sk, Skp, sc, oh, H * D, kt, scores, bias);
       };
       switch (D / 16) {
         case 1: run(std::integral_constant<int, 1>{}); break;
