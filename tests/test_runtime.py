@@ -431,6 +431,25 @@ def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_a
     torch.testing.assert_close(got[rows].double(), expected[rows], rtol=1e-5, atol=1e-5)
 
 
+def test_attention_kernel_skips_keys_padded_on_either_side_for_every_query():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(3, 70, 2, 16).transpose(1, 2) for _ in range(3))
+    keep = torch.ones(3, 70, dtype=torch.bool)
+    keep[0, :37] = False  # left padding past a 32-key block
+    keep[0, 60:] = False
+    keep[1, 33:] = False  # right padding: one key in the second block
+    additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
+    got = kernels.load().attention(q, k, v, additive, 0.25)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=keep[:, None, None, :], scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    keep[2] = False  # no key at all: zero output
+    additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
+    got = kernels.load().attention(q, k, v, additive, 0.25)
+    assert torch.equal(got[2], torch.zeros(70, 2, 16))
+    torch.testing.assert_close(got[:2].double(), expected[:2], rtol=1e-5, atol=1e-5)
+
+
 def _attention_model(seed=0):
     from transformers import AutoModelForSequenceClassification, BertConfig
 

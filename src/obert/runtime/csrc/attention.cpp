@@ -69,7 +69,14 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
   auto fill_bias = [&](float* row, const float* mr) {
     for (int64_t j = 0; j < Skp; ++j) row[j] = j >= Sk ? NEG_INF : (mr ? mr[j] * LOG2E : 0.f);
   };
-  if (!per_query) fill_bias(bias, mask);
+  // Keys outside [jlo, jhi) are masked for every query (padding): they are skipped altogether.
+  int64_t jlo = 0, jhi = Sk;
+  if (!per_query) {
+    fill_bias(bias, mask);
+    while (jlo < Sk && bias[jlo] == NEG_INF) ++jlo;
+    while (jhi > jlo && bias[jhi - 1] == NEG_INF) --jhi;
+  }
+  const int64_t jb0 = jlo / 32 * 32, jb1 = jhi <= jlo ? jb0 : (jhi + 31) / 32 * 32;  // score blocks
   alignas(64) float qb[QB][D];
   alignas(64) float inv_l[QB];
   const float qscale = scale * LOG2E;
@@ -82,7 +89,7 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
       for (int r = 0; r < QB; ++r) fill_bias(bias + r * Skp, r < rows ? mask + (i0 + r) * mask_qs : nullptr);
     v16 mrow[QB];
     for (int r = 0; r < QB; ++r) mrow[r] = v16{} + NEG_INF;
-    for (int64_t j0 = 0; j0 < Skp; j0 += 32) {
+    for (int64_t j0 = jb0; j0 < jb1; j0 += 32) {
       v16 a[QB][2];
       for (int r = 0; r < QB; ++r) {
         const float* br = bias + (per_query ? r * Skp : 0) + j0;
@@ -112,7 +119,7 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
     }
     v16 l[QB];
     for (int r = 0; r < QB; ++r) l[r] = v16{};
-    for (int64_t j = 0; j < Skp; j += 16)
+    for (int64_t j = jb0; j < jb1; j += 16)
       for (int r = 0; r < QB; ++r) {
         const v16 p = exp2_nonpositive(load16(sc + r * Skp + j) - mx[r]);
         store16(sc + r * Skp + j, p);
@@ -126,7 +133,7 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
       v16 o[RP][NV];
       for (int r = 0; r < RP; ++r)
         for (int w = 0; w < NV; ++w) o[r][w] = v16{};
-      for (int64_t j = 0; j < Sk; ++j) {
+      for (int64_t j = jlo; j < jhi; ++j) {
         v16 vv[NV];
         for (int w = 0; w < NV; ++w) vv[w] = load16(v + j * vs + 16 * w);
         for (int r = 0; r < RP; ++r) {
