@@ -102,7 +102,8 @@ class SparseLinear(nn.Module):
         """From a pruned Linear; ``group`` 4 (block4) when every zero lies in a zero block of 4.
 
         ``dtype="int8"`` (block4 only): weights quantised per output row, ``q = round(w / s_n)``
-        with ``s_n = max|w_n| / 127``; inputs are quantised per token at run time.
+        with ``s_n = max|w_n| / 127``; inputs are quantised per token at run time to unsigned
+        bytes with a scale and zero point (see ``quantize_tokens``).
         """
         if dtype not in ("float32", "int8"):
             raise ObertError(f"unsupported sparse dtype '{dtype}' (float32 or int8)")
@@ -147,9 +148,7 @@ class SparseLinear(nn.Module):
 
     def _fallback(self, x2: Tensor) -> Tensor:
         if self.quantized:  # the same quantised arithmetic, in float
-            scale = (x2.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
-            scale = torch.where(x2.abs().amax(1, keepdim=True) > 0, scale, torch.ones_like(scale))
-            x2 = (x2 / scale).round().clamp(-127, 127) * scale
+            x2 = quantize_tokens(x2)
         if self._csr is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
@@ -223,6 +222,19 @@ class SparseFFN(nn.Module):
                                act, b.seg_ptr, b.col, b.val, b.bias, b.out_features, b.group,
                                b.chunk, FFN_TILE)
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_tokens(x: Tensor) -> Tensor:
+    """``x [T, K]`` after the int8 kernels' per-token input quantisation, as float32:
+    ``(clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t`` with ``s_t = (hi_t - lo_t) / 255`` and
+    ``z_t = round(-lo_t / s_t)``, ``lo_t = min(0, min x[t])``, ``hi_t = max(0, max x[t])`` (the
+    same float32 operations and round-half-even as the kernels, so the values are identical)."""
+    lo = x.amin(1, keepdim=True).clamp(max=0)
+    hi = x.amax(1, keepdim=True).clamp(min=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    inv = 1 / scale
+    zero = torch.round(-lo * inv)
+    return ((torch.round(x * inv) + zero).clamp(0, 255) - zero) * scale
 
 
 def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:

@@ -314,10 +314,13 @@ torch::Tensor sparse_ffn(torch::Tensor x, torch::Tensor seg1, torch::Tensor col1
 
 // ---- int8 block4: per-output-channel weight scales, dynamic per-token activation scales ----
 //
-// x[t, :] is quantised to q = round(x / s_t), s_t = max_k |x[t, k]| / 127, stored as u8 = q + 128
-// (VNNI multiplies unsigned by signed bytes). Packed as xq[tile][k / 4][TILE][4]: the 4 inputs of
-// one block for one token form a 32-bit lane, so one vpdpbusd does 16 tokens x 4 weights.
-// y[t, n] = s_t * s_n * (sum_k qw[n, k] u8[t, k] - 128 * sum_k qw[n, k]) + b[n].
+// x[t, :] is quantised asymmetrically to u8 = clamp(round(x / s_t) + z_t, 0, 255) with
+// s_t = (hi_t - lo_t) / 255 and z_t = round(-lo_t / s_t), lo_t = min(0, min_k x[t, k]) and
+// hi_t = max(0, max_k x[t, k]): the whole byte range covers the token's values (a GELU output,
+// which is >= -0.17, gets twice the resolution of a symmetric scale) and 0 stays exact. VNNI
+// multiplies unsigned by signed bytes, which is what u8 needs. Packed as xq[tile][k / 4][TILE][4]:
+// the 4 inputs of one block for one token form a 32-bit lane, so one vpdpbusd does 16 tokens x 4
+// weights. y[t, n] = s_t * s_n * (sum_k qw[n, k] u8[t, k] - z_t * sum_k qw[n, k]) + b[n].
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #include <immintrin.h>
 constexpr bool kVnni = true;
@@ -325,37 +328,57 @@ constexpr bool kVnni = true;
 constexpr bool kVnni = false;
 #endif
 
-// Quantise token row xr[0..K) to u8 (q + 128) in q; returns its scale s_t.
-inline float quantize_row(const float* xr, int64_t K, uint8_t* q) {
-  float amax = 0.f;
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  __m512 m = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
-  amax = _mm512_reduce_max_ps(m);
-#endif
-  for (; k < K; ++k) amax = std::max(amax, std::abs(xr[k]));
-  const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-  k = 0;
-#if defined(__AVX512F__)
-  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
-  const __m512i off = _mm512_set1_epi32(128);
-  for (; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even, as nearbyint does
-    const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(v), off)));
-  }
-#endif
-  for (; k < K; ++k) {
-    const float v = std::min(127.f, std::max(-127.f, xr[k] * inv));
-    q[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(v)) + 128);
-  }
-  return s;
+// A token's scale s_t and zero point z_t from its smallest and largest value (0 included), and
+// 1 / s_t: the one place they are computed, so every packing path rounds alike.
+struct TokenQuant {
+  float scale, inv;
+  int32_t zero;
+};
+inline TokenQuant token_quant(float lo, float hi) {
+  lo = std::min(lo, 0.f), hi = std::max(hi, 0.f);
+  const float s = hi > lo ? (hi - lo) / 255.f : 1.f, inv = 1.f / s;
+  return {s, inv, static_cast<int32_t>(std::nearbyint(-lo * inv))};
 }
 
-// One tile of xq[k / 4][TILE][4] (u8) and its per-token scales from x[T][K]; padding tokens
-// are u8 128 (zero). 16 tokens at a time: quantised row by row, then interleaved 4 bytes apiece.
-void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t* dst, float* scale) {
+// u8 of one value: clamp(round(x * inv) + z, 0, 255), rounding to nearest even.
+inline uint8_t quantize_value(float x, const TokenQuant& tq) {
+  const int32_t q = static_cast<int32_t>(std::nearbyint(x * tq.inv)) + tq.zero;
+  return static_cast<uint8_t>(std::min(255, std::max(0, q)));
+}
+
+// Quantise token row xr[0..K) to u8 in q; returns its scale and zero point.
+inline TokenQuant quantize_row(const float* xr, int64_t K, uint8_t* q) {
+  float lo = 0.f, hi = 0.f;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 mn = _mm512_setzero_ps(), mx = mn;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(xr + k);
+    mn = _mm512_min_ps(mn, v), mx = _mm512_max_ps(mx, v);
+  }
+  lo = _mm512_reduce_min_ps(mn), hi = _mm512_reduce_max_ps(mx);
+#endif
+  for (; k < K; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
+  const TokenQuant tq = token_quant(lo, hi);
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(tq.inv);
+  const __m512i z = _mm512_set1_epi32(tq.zero), q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
+  for (; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even, as nearbyint does
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv)), z);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtepi32_epi8(_mm512_min_epi32(q255, _mm512_max_epi32(q0, v))));
+  }
+#endif
+  for (; k < K; ++k) q[k] = quantize_value(xr[k], tq);
+  return tq;
+}
+
+// One tile of xq[k / 4][TILE][4] (u8) and its per-token scales and zero points from x[T][K];
+// padding tokens are u8 0 with zero point 0. 16 tokens at a time: quantised row by row, then
+// interleaved 4 bytes apiece.
+void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t* dst, float* scale,
+                    int32_t* zero) {
   const int64_t groups = K / 4;
   thread_local std::vector<uint8_t> q;  // scratch reused across tiles and calls
   q.resize(16 * K);
@@ -363,10 +386,11 @@ void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t*
     const int64_t t0 = tile * TILE + i0;
     for (int64_t i = 0; i < 16; ++i) {
       if (t0 + i < T) {
-        scale[i0 + i] = quantize_row(x + (t0 + i) * K, K, q.data() + i * K);
+        const TokenQuant tq = quantize_row(x + (t0 + i) * K, K, q.data() + i * K);
+        scale[i0 + i] = tq.scale, zero[i0 + i] = tq.zero;
       } else {
-        scale[i0 + i] = 1.f;
-        std::memset(q.data() + i * K, 128, K);
+        scale[i0 + i] = 1.f, zero[i0 + i] = 0;
+        std::memset(q.data() + i * K, 0, K);
       }
     }
     // xq[g][i0 + i] = the 4 bytes of group g of token i: a 16 x (K / 4) transpose of 32-bit words
@@ -429,10 +453,10 @@ struct Layer8 {
   int64_t N, chunks, act;
 };
 
-// out[r][0..TILE) = act(s_t s_n (acc - 128 row_sum_n) + b_n) for the rows of block rb, from one
-// packed tile xq and its token scales st.
-int64_t row_block_int8(const uint8_t* xq, const float* st, const Layer8& L, int64_t rb,
-                       float (*out)[TILE]) {
+// out[r][0..TILE) = act(s_t s_n (acc - z_t row_sum_n) + b_n) for the rows of block rb, from one
+// packed tile xq and its token scales st and zero points zt.
+int64_t row_block_int8(const uint8_t* xq, const float* st, const int32_t* zt, const Layer8& L,
+                       int64_t rb, float (*out)[TILE]) {
   alignas(64) int32_t acc[ROWS][TILE];
   const int64_t n0 = rb * ROWS, rows = std::min(ROWS, L.N - n0);
   const int64_t* s = L.seg_ptr + rb * L.chunks * ROWS;
@@ -441,10 +465,10 @@ int64_t row_block_int8(const uint8_t* xq, const float* st, const Layer8& L, int6
       segment_int8(xq, L.col, L.qval, s[c * ROWS + r], s[c * ROWS + r + 1], acc[r], c > 0);
   for (int64_t r = 0; r < rows; ++r) {  // dequantise row-wise (vectorises over tokens)
     const int64_t n = n0 + r;
-    const int32_t zero = 128 * L.row_sum[n];
+    const int32_t rs = L.row_sum[n];
     const float w = L.w_scale[n], bn = L.bias ? L.bias[n] : 0.f;
     for (int64_t i = 0; i < TILE; i += 16) {
-      const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - zero;
+      const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - *reinterpret_cast<const vi16*>(zt + i) * rs;
       store16(&out[r][i], __builtin_convertvector(a, v16) * (load16(st + i) * w) + bn);
     }
     activate(out[r], TILE, L.act);
@@ -454,27 +478,26 @@ int64_t row_block_int8(const uint8_t* xq, const float* st, const Layer8& L, int6
 
 // The hidden activations h[k][TILE] (k < K, token-minor as a layer's output rows come) quantised
 // per token exactly as quantize_row does it, into the packed layout xq[k / 4][TILE][4].
-void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale) {
+void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32_t* zero) {
   alignas(64) float inv[TILE];
   for (int64_t i = 0; i < TILE; i += 16) {
-    v16 m{};
+    v16 mn{}, mx{};
     for (int64_t k = 0; k < K; ++k) {
-      const v16 v = load16(h + k * TILE + i), a = v < 0.f ? -v : v;
-      m = a > m ? a : m;
+      const v16 v = load16(h + k * TILE + i);
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
     }
     for (int64_t j = 0; j < 16; ++j) {
-      const float s = m[j] > 0.f ? m[j] / 127.f : 1.f;
-      scale[i + j] = s;
-      inv[i + j] = 1.f / s;
+      const TokenQuant tq = token_quant(mn[j], mx[j]);
+      scale[i + j] = tq.scale, zero[i + j] = tq.zero, inv[i + j] = tq.inv;
     }
   }
   for (int64_t g = 0; g < K / 4; ++g)
     for (int64_t i = 0; i < TILE; i += 16) {
+      const vi16 z = *reinterpret_cast<const vi16*>(zero + i);
       vi16 lane{};
       for (int j = 0; j < 4; ++j) {
-        v16 v = load16(h + (4 * g + j) * TILE + i) * load16(inv + i);
-        v = v > 127.f ? v16{} + 127.f : v;
-        v = v < -127.f ? v16{} - 127.f : v;
+        const v16 v = load16(h + (4 * g + j) * TILE + i) * load16(inv + i);
         vi16 q;
 #if defined(__AVX512F__)
         const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));  // nearest even
@@ -482,7 +505,10 @@ void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale) {
 #else
         for (int l = 0; l < 16; ++l) q[l] = static_cast<int32_t>(std::nearbyint(v[l]));
 #endif
-        lane |= (q + 128) << (8 * j);
+        q += z;
+        q = q < 0 ? vi16{} : q;
+        q = q > 255 ? vi16{} + 255 : q;
+        lane |= q << (8 * j);
       }
       *reinterpret_cast<vi16*>(xq + (g * TILE + i) * 4) = lane;
     }
@@ -521,15 +547,16 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
   if (T == 0 || N == 0) return y;
   const int64_t tiles = (T + TILE - 1) / TILE;
   std::vector<float> sx(tiles * TILE);
+  std::vector<int32_t> zx(tiles * TILE);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   auto pack = [&](int64_t tile, uint8_t* dst) {
-    pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE);
+    pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE, zx.data() + tile * TILE);
   };
   auto compute = [&](int64_t tile, int64_t rb, const uint8_t* xtile) {
     alignas(64) float out[ROWS][TILE];
     const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
-    const int64_t rows = row_block_int8(xtile, sx.data() + t0, L.layer, rb, out);
+    const int64_t rows = row_block_int8(xtile, sx.data() + t0, zx.data() + t0, L.layer, rb, out);
     write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + rb * ROWS, N);
   };
   for_tiles(tiles, (N + ROWS - 1) / ROWS, K * TILE, pack, compute);
@@ -560,16 +587,17 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
     float* h = reinterpret_cast<float*>(align64(xq + K * TILE));
     uint8_t* hq = align64(reinterpret_cast<uint8_t*>(h + H * TILE));
     alignas(64) float sx[TILE], sh[TILE], out[ROWS][TILE];
+    alignas(64) int32_t zx[TILE], zh[TILE];
     for (int64_t tile = begin; tile < end; ++tile) {
-      pack_int8_tile(xp, T, K, tile, xq, sx);
+      pack_int8_tile(xp, T, K, tile, xq, sx, zx);
       for (int64_t rb = 0; rb < rb1; ++rb) {
-        const int64_t rows = row_block_int8(xq, sx, L1.layer, rb, out);
+        const int64_t rows = row_block_int8(xq, sx, zx, L1.layer, rb, out);
         std::memcpy(h + rb * ROWS * TILE, out, sizeof(float) * rows * TILE);
       }
-      quantize_hidden(h, H, hq, sh);
+      quantize_hidden(h, H, hq, sh, zh);
       const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
       for (int64_t rb = 0; rb < rb2; ++rb) {
-        const int64_t rows = row_block_int8(hq, sh, L2.layer, rb, out);
+        const int64_t rows = row_block_int8(hq, sh, zh, L2.layer, rb, out);
         write_block(&out[0][0], TILE, tn, rows, yp + t0 * N + rb * ROWS, N);
       }
     }
