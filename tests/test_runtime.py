@@ -527,6 +527,37 @@ def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply():
     torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, ~per_head)[0])
 
 
+@pytest.mark.parametrize("kind", ["padding", "per-query", "float padding"])
+def test_attention_forward_takes_sdpa_style_masks(kind, monkeypatch):
+    """Transformers hands over [B, 1, Sq, Sk] masks: a padding one (rows alike) reaches the kernel as
+    one shared row, one that differs per query as it is; either way the output is SDPA's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from obert.runtime.attention import attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = False
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 20, 32) for _ in range(3))
+    keep = torch.ones(2, 1, 20, 20, dtype=torch.bool)
+    keep[0, :, :, 13:] = False
+    if kind == "per-query":
+        keep[1] = torch.ones(20, 20, dtype=torch.bool).tril()
+    mask = keep if kind != "float padding" else torch.zeros(keep.shape).masked_fill(~keep, -1e9)
+    ext, seen = kernels.load(), []
+
+    class Spy:
+        def attention(self, q, k, v, m, scale):
+            seen.append(m.shape)
+            return ext.attention(q, k, v, m, scale)
+
+    monkeypatch.setattr(kernels, "load", lambda: Spy())
+    got, _ = attention_forward(module, q, k, v, mask)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert seen == [(2, 20, 20) if kind == "per-query" else (2, 1, 20)]
+
+
 @pytest.mark.parametrize("shape", [(1, 16), (5, 37), (70, 384), (33, 8)])
 def test_add_layer_norm_kernel_matches_float64(shape):
     x, r = torch.randn(shape) * 3 + 1, torch.randn(shape)
