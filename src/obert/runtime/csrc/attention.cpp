@@ -25,19 +25,21 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 inline float hmax(v16 v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps(reinterpret_cast<const __m512&>(v));
-#endif
+#else
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
   return m;
+#endif
 }
 
 inline float hsum(v16 v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
-#endif
+#else
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+#endif
 }
 
 // One head: q [Sq][D] (row stride qs), k and v [Sk][D] (strides ks, vs), mask rows of Sk

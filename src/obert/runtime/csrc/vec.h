@@ -31,35 +31,36 @@ inline v16 exp_nonpositive(v16 y) {
   return p * reinterpret_cast<const v16&>(bits);
 }
 
-// 2^x for x <= 0; exactly 0 below -126 (-inf included): 2^n * p(r), n = round(x), r = x - n in [-1/2, 1/2] (exact),
-// p the degree-6 Taylor polynomial of e^(r ln 2) (relative error < 2e-7). Cheaper than exp: no
-// split ln 2 reduction, and on AVX-512 one roundscale and one scalef do the rounding and 2^n.
+// 2^x for x <= 0, exactly 0 below -126 (-inf included): 2^n * p(r), n = round(x), r = x - n in
+// [-1/2, 1/2] (exact), p the degree-6 Taylor polynomial of e^(r ln 2) (relative error < 2e-7).
+// Cheaper than exp: no split ln 2 reduction, and on AVX-512 one roundscale and one scalef do the
+// rounding and 2^n.
 inline v16 exp2_nonpositive(v16 x) {
 #if defined(__AVX512F__)
-  const __m512 y = _mm512_max_ps(reinterpret_cast<const __m512&>(x), _mm512_set1_ps(-126.f));
+  const __m512 xv = reinterpret_cast<const __m512&>(x), y = _mm512_max_ps(xv, _mm512_set1_ps(-126.f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(y, n);
+  const __m512 rv = _mm512_sub_ps(y, n);
+  const v16 r = reinterpret_cast<const v16&>(rv);
 #else
-  const v16 x0 = x;
-  x = x < -126.f ? v16{} - 126.f : x;
+  const v16 y = x < -126.f ? v16{} - 126.f : x;
   const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 n = (x + magic) - magic;
-  const v16 r = x - n;
+  const v16 n = (y + magic) - magic;
+  const v16 r = y - n;
 #endif
   v16 p = v16{} + 1.5403530e-4f;
-  p = p * reinterpret_cast<const v16&>(r) + 1.3333558e-3f;
-  p = p * reinterpret_cast<const v16&>(r) + 9.6181291e-3f;
-  p = p * reinterpret_cast<const v16&>(r) + 5.5504109e-2f;
-  p = p * reinterpret_cast<const v16&>(r) + 0.24022651f;
-  p = p * reinterpret_cast<const v16&>(r) + 0.69314718f;
-  p = p * reinterpret_cast<const v16&>(r) + 1.f;
+  p = p * r + 1.3333558e-3f;
+  p = p * r + 9.6181291e-3f;
+  p = p * r + 5.5504109e-2f;
+  p = p * r + 0.24022651f;
+  p = p * r + 0.69314718f;
+  p = p * r + 1.f;
 #if defined(__AVX512F__)
-  const __mmask16 normal = _mm512_cmp_ps_mask(reinterpret_cast<const __m512&>(x), y, _CMP_GE_OQ);
+  const __mmask16 normal = _mm512_cmp_ps_mask(xv, y, _CMP_GE_OQ);  // x >= -126
   const __m512 e = _mm512_maskz_scalef_ps(normal, reinterpret_cast<const __m512&>(p), n);
   return reinterpret_cast<const v16&>(e);
 #else
   const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return x0 < -126.f ? v16{} : p * reinterpret_cast<const v16&>(bits);
+  return x < -126.f ? v16{} : p * reinterpret_cast<const v16&>(bits);
 #endif
 }
 
