@@ -18,6 +18,23 @@ from . import kernels
 NAME = "obert_cpu"
 
 
+def shared_rows(mask: Tensor) -> Tensor:
+    """A ``[B, 1, Sq, Sk]`` mask whose rows are all alike (padding) as ``[B, 1, 1, Sk]``, else
+    unchanged: one shared row lets the kernel skip the padded keys of every query."""
+    if mask.dim() == 4 and mask.shape[2] > 1 and torch.equal(mask.amin(2), mask.amax(2)):
+        return mask[:, :, :1]
+    return mask
+
+
+def _mask(*args, **kwargs) -> Tensor | None:
+    """``obert_cpu``'s mask builder: SDPA's, with padding masks collapsed to one row once per
+    forward (rather than checked again in every layer)."""
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    return shared_rows(mask) if isinstance(mask, Tensor) else mask
+
+
 def _additive_mask(mask: Tensor | None, batch: int, q_len: int, k_len: int) -> Tensor | None:
     """``[B|1, Sq|1, Sk]`` float32 additive mask from an SDPA-style one (bool: True attends), or
     ``None`` when there is none; raises ``ValueError`` for shapes the kernel does not take."""
@@ -26,11 +43,7 @@ def _additive_mask(mask: Tensor | None, batch: int, q_len: int, k_len: int) -> T
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch) or \
             mask.shape[2] not in (1, q_len) or mask.shape[3] != k_len:
         raise ValueError("per-head or unexpected mask shape")
-    m = mask[:, 0]
-    if m.shape[1] > 1 and torch.equal(m.amin(1), m.amax(1)):  # every query row alike (90 us, not 220)
-        # A padding mask arrives materialised per query; one shared row lets the kernel skip the
-        # padded keys of every query (and builds a float mask Sq times smaller).
-        m = m[:, :1]
+    m = shared_rows(mask)[:, 0]
     if m.dtype == torch.bool:
         return torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, float("-inf"))
     return m.float().contiguous()
@@ -67,11 +80,11 @@ def register() -> bool:
     """Register ``obert_cpu`` with Transformers; False where this Transformers has no registry."""
     try:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: F401
     except ImportError:
         return False
     AttentionInterface.register(NAME, attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _mask)
     return True
 
 
