@@ -15,6 +15,7 @@ model from the config and puts the runtime modules back.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from torch import nn
 from ..errors import ObertError
 from ..io import atomic_dir
 from ..targets import find_targets
+from .calibrate import input_hessians
 from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
 from .norm import AddNorm, is_output_block
@@ -51,6 +53,7 @@ class CompileReport:
     fused_ffn: list[str] = field(default_factory=list)  # blocks whose two FFN layers run as one
     fast_attention: bool = False  # attention runs on obert's kernel (runtime/attention.py)
     fused_norms: list[str] = field(default_factory=list)  # output blocks: add + LayerNorm in one pass
+    int8_rounding: str = "nearest"  # int8 weights: rounded to nearest, or "obs" (calibrated)
 
     @property
     def sparse_fraction(self) -> float:
@@ -75,7 +78,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
-            group: int | None = None, fuse: bool = True, attention: bool = True) -> CompileReport:
+            group: int | None = None, fuse: bool = True, attention: bool = True,
+            calibration: Iterable[dict] | None = None) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
@@ -86,10 +90,14 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
     report lists them under ``float32_layers``). ``min_sparsity``: one threshold for every layer
-    instead of the per-kernel defaults.
+    instead of the per-kernel defaults. ``calibration`` (int8): batches of model inputs (dicts
+    with ``input_ids`` and optionally ``attention_mask``, ...) whose Linear inputs give each int8
+    layer's Hessian for OBS rounding of its weights (``quantize.obs_quantize``) instead of
+    rounding to nearest; a few hundred sequences of the task's text are plenty.
     """
     model.eval()
     report = CompileReport()
+    plan = []  # (target, nnz, int8) of the layers to compile
     for t in find_targets(model, include, exclude):
         w = t.module.weight
         macs = w.numel()
@@ -99,18 +107,25 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
         threshold = min_sparsity if min_sparsity is not None else \
             (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
         if 1.0 - nnz / macs >= threshold and w.dtype == torch.float32:
-            if int8:
-                layer = SparseLinear.from_linear(t.module, dtype="int8")
-            else:
-                layer = SparseLinear.from_linear(t.module, group=group)
-                if dtype == "int8":
-                    report.float32_layers.append(t.name)
-            _set_module(model, t.name, layer)
-            report.sparse_layers.append(t.name)
-            report.sparse_macs += nnz
-            report.compiled_dense_macs += macs
+            plan.append((t, nnz, int8))
         else:
             report.dense_layers.append(t.name)
+    hessians = {}
+    if calibration is not None and dtype == "int8":
+        hessians = input_hessians(model, calibration, [t.name for t, _, q in plan if q])
+        report.int8_rounding = "obs"
+    for t, nnz, int8 in plan:
+        macs = t.module.weight.numel()
+        if int8:
+            layer = SparseLinear.from_linear(t.module, dtype="int8", hessian=hessians.pop(t.name, None))
+        else:
+            layer = SparseLinear.from_linear(t.module, group=group)
+            if dtype == "int8":
+                report.float32_layers.append(t.name)
+        _set_module(model, t.name, layer)
+        report.sparse_layers.append(t.name)
+        report.sparse_macs += nnz
+        report.compiled_dense_macs += macs
     if fuse:
         _fuse_activations(model, report)
         report.fused_ffn = _fuse_ffn(model)

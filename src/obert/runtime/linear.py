@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ObertError
+from ..quantize import obs_quantize, round_to_grid, row_scales
 from . import kernels
 
 
@@ -98,11 +99,15 @@ class SparseLinear(nn.Module):
         self._csr: Tensor | None = None  # the fallback's torch CSR weight, built on first use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: str = "float32", group: int | None = None) -> "SparseLinear":
+    def from_linear(cls, linear: nn.Linear, dtype: str = "float32", group: int | None = None,
+                    hessian: Tensor | None = None) -> "SparseLinear":
         """From a pruned Linear; ``group`` 4 (block4) when every zero lies in a zero block of 4.
 
-        ``dtype="int8"`` (block4 only): weights quantised per output row, ``q = round(w / s_n)``
-        with ``s_n = max|w_n| / 127``; inputs are quantised per token at run time to unsigned
+        ``dtype="int8"`` (block4 only): weights quantised per output row to ``q s_n`` with
+        ``s_n = max|w_n| / 127``, ``q`` in [-127, 127]: rounded to nearest, or, given the layer's
+        input Hessian ``hessian = X^T X`` from calibration inputs, by OBS rounding
+        (``quantize.obs_quantize``: each rounding error is absorbed by the row's later kept
+        weights; pruned blocks stay 0). Inputs are quantised per token at run time to unsigned
         bytes with a scale and zero point (see ``quantize_tokens``).
         """
         if dtype not in ("float32", "int8"):
@@ -110,11 +115,17 @@ class SparseLinear(nn.Module):
         w = linear.weight.detach().float()
         if group is None:
             group = 4 if w.shape[1] % 4 == 0 and is_block4(w) else 1
+        if hessian is not None and dtype != "int8":
+            raise ObertError("a calibration Hessian is for int8 layers only")
         if dtype == "int8":
             if group != 4:
                 raise ObertError("int8 needs block4 sparsity (groups of 4 consecutive input weights)")
-            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-            q = (w / scale[:, None]).round().clamp(-127, 127)
+            scale = row_scales(w)
+            kept = (w.reshape(w.shape[0], -1, 4) != 0).any(-1)
+            if hessian is None:
+                q = round_to_grid(w, scale)
+            else:
+                q = obs_quantize(w, hessian, kept.repeat_interleave(4, 1), scale=scale).float()
             chunk = min(w.shape[1], INT8_CHUNK)
             seg_ptr, col, _ = pack_weight(w, 4, chunk)
             # Quantised values of the kept blocks (a weight may round to 0 inside a kept block).

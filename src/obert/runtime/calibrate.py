@@ -1,0 +1,83 @@
+"""Calibration statistics for int8 compilation: each Linear layer's input Hessian ``H = X^T X``.
+
+``input_hessians(model, batches, names)`` runs the (uncompiled, float) model over calibration
+batches and sums ``x x^T`` over every real token's input to each named Linear layer (padding
+tokens, where the batch has an ``attention_mask``, are left out). Layers fed the very same tensor
+(a block's Q, K and V) share one matrix. ``quantize.obs_quantize`` turns them into OBS rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import ObertError
+from ..fisher import GiB, available_memory
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def hessian_bytes(model: nn.Module, names: list[str]) -> int:
+    """Upper bound of the float64 accumulators for ``names`` (as if no two layers shared one)."""
+    return sum(8 * model.get_submodule(n).in_features ** 2 for n in names)
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
+                   progress: bool = True) -> dict[str, Tensor]:
+    """``{name: H [K, K]}`` (float64, ``H = sum_t x_t x_t^T`` over calibration tokens) for the
+    named Linear layers of ``model``; layers sharing an input tensor share one ``H`` object."""
+    need = hessian_bytes(model, names)
+    free = available_memory(torch.device("cpu"))
+    if need > free // 2:
+        raise ObertError(f"int8 calibration needs up to {need / GiB:.1f} GiB for input Hessians, "
+                         f"{free / GiB:.1f} GiB free: calibrate fewer layers (include/exclude)")
+    sums: dict[str, Tensor] = {}
+    owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
+    # id of an input tensor in this forward -> (the tensor, kept alive so no other tensor can
+    # take its id during the forward, and the first layer fed it)
+    seen: dict[int, tuple[Tensor, str]] = {}
+    tokens: list[Tensor | None] = [None]  # this batch's real-token mask, [B * S]
+
+    def hook(name: str):
+        def pre(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            key = owner.setdefault(name, seen.setdefault(id(x), (x, name))[1])
+            if key != name:
+                return  # the same input reached an earlier layer: its H serves this one too
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            if tokens[0] is not None and tokens[0].numel() == x2.shape[0]:
+                x2 = x2[tokens[0]]
+            x2 = x2.double()
+            if key not in sums:
+                sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+            sums[key].addmm_(x2.T, x2)
+        return pre
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    try:
+        count = 0
+        for batch in tqdm(batches, desc="int8 calibration", disable=not progress, leave=False):
+            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+            if "input_ids" not in inputs:
+                raise ObertError("calibration batches need input_ids")
+            mask = inputs.get("attention_mask")
+            tokens[0] = None if mask is None else mask.reshape(-1).bool()
+            seen.clear()
+            model(**inputs)
+            count += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ObertError("no calibration batches")
+    missing = [n for n in names if owner.get(n) not in sums]
+    if missing:
+        raise ObertError(f"calibration never reached {missing[:3]}")
+    return {n: sums[owner[n]] for n in names}
