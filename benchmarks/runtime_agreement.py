@@ -4,7 +4,8 @@
 
 For each pruned model directory: the debian-sections validation split (1,536 rows) at length 128,
 padded batches (so the attention mask matters), through the model as PyTorch runs it and through
-``obert.runtime.compile`` in float32 and (block4 models) int8. Reports accuracy, the share of
+``obert.runtime.compile`` in float32 and (block4 models) int8, its weights rounded to nearest and
+by OBS rounding calibrated on ``--calibration-rows`` train rows. Reports accuracy, the share of
 rows whose argmax equals the PyTorch model's, and the largest logit difference. Writes
 docs/runtime/agreement.json and the table between ``<!-- runtime-agreement:begin/end -->`` in
 docs/benchmarks.md.
@@ -31,7 +32,7 @@ def logits_of(model, batches) -> torch.Tensor:
                       for b in batches])
 
 
-def evaluate(path: str, max_length: int, batch_size: int) -> dict:
+def evaluate(path: str, max_length: int, batch_size: int, calibration_rows: int) -> dict:
     from transformers import AutoTokenizer
 
     from obert.data import Encoded, label_map_from_config, load_file
@@ -42,13 +43,17 @@ def evaluate(path: str, max_length: int, batch_size: int) -> dict:
     data = Encoded(load_file(DATA / "validation.jsonl"), AutoTokenizer.from_pretrained(path),
                    label_map_from_config(model.config), max_length)
     batches = list(data.loader(batch_size))
+    # Calibration text for OBS rounding of the int8 weights: train rows, never validation ones.
+    calib = list(Encoded(load_file(DATA / "train.jsonl").subset(calibration_rows, seed=0),
+                         data.tokenizer, label_map_from_config(model.config), max_length).loader(batch_size))
     labels = torch.cat([b["labels"] for b in batches])
     ref = logits_of(model, batches)
     out = {"model": path, "rows": len(labels), "max_length": max_length,
            "pytorch": {"accuracy": float((ref.argmax(-1) == labels).float().mean())}}
-    for dtype in ("float32", "int8"):
+    for variant in ("float32", "int8", "int8 calibrated"):
+        dtype = variant.split()[0]
         compiled = copy.deepcopy(model)
-        report = compile(compiled, dtype=dtype)
+        report = compile(compiled, dtype=dtype, calibration=calib if "calibrated" in variant else None)
         if dtype == "int8" and not any(getattr(m, "quantized", False) for m in compiled.modules()):
             continue  # not block4: no int8 layers
         got = logits_of(compiled, batches)
@@ -56,7 +61,7 @@ def evaluate(path: str, max_length: int, batch_size: int) -> dict:
         top2 = ref.topk(2, -1).values
         margin = top2[:, 0] - top2[:, 1]  # how far PyTorch's answer is from a tie
         worst = float(margin[flipped].max()) if flipped.any() else 0.0
-        out[f"obert {dtype}"] = {
+        out[f"obert {variant}"] = {
             "accuracy": float((got.argmax(-1) == labels).float().mean()),
             "argmax_agreement": float(1 - flipped.float().mean()),
             "max_abs_logit_diff": float((got - ref).abs().max()),
@@ -66,7 +71,7 @@ def evaluate(path: str, max_length: int, batch_size: int) -> dict:
             "flipped_max_top2_margin": worst,
             "rows_within_that_margin": float((margin <= worst).float().mean()) if flipped.any() else 0.0,
             "sparse_layers": len(report.sparse_layers)}
-        log(f"{path} {dtype}: {out[f'obert {dtype}']}")
+        log(f"{path} {variant}: {out[f'obert {variant}']}")
     return out
 
 
@@ -76,11 +81,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calibration-rows", type=int, default=512,
+                    help="train rows whose activations calibrate OBS rounding of the int8 weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from obert.io import write_json
 
-    results = [evaluate(m, args.max_length, args.batch_size) for m in args.models]
+    results = [evaluate(m, args.max_length, args.batch_size, args.calibration_rows) for m in args.models]
     write_json(ROOT / "docs" / "runtime" / "agreement.json", {"results": results})
     lines = [f"debian-sections validation ({results[0]['rows']} rows, length {args.max_length}, "
              "padded batches)", "",
@@ -88,7 +95,7 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | PyTorch (dense kernels) | {100 * r['pytorch']['accuracy']:.1f} | | | |")
-        for name in ("obert float32", "obert int8"):
+        for name in ("obert float32", "obert int8", "obert int8 calibrated"):
             if name in r:
                 v = r[name]
                 flips = (f"{v['flipped_max_top2_margin']:.3f} ({100 * v['rows_within_that_margin']:.1f}%)"
