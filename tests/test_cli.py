@@ -207,3 +207,57 @@ def test_train_bad_input_one_line_error(case, tmp_path, data_files, tiny_model_d
     assert code == 2, err
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def _block4_pruned_dir(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from obert import find_targets
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    torch.manual_seed(4)
+    for t in find_targets(model):
+        w = t.module.weight.data
+        w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.7).repeat_interleave(4, 1))
+    out = tmp_path / "pruned"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out, model.eval()
+
+
+def test_compile_command_int8_with_calibration_saves_a_loadable_model(tmp_path, data_files,
+                                                                      tiny_model_dir, capsys):
+    from obert.runtime import load_compiled
+    from obert.runtime.projections import Projection
+
+    pruned, model = _block4_pruned_dir(tmp_path, tiny_model_dir)
+    out = tmp_path / "compiled"
+    assert run_cli("compile", pruned, "--out", out, "--dtype", "int8", "--calibration-file",
+                   data_files[0], "--calibration-rows", 40, "--max-length", 24) == 0
+    printed = capsys.readouterr().out
+    assert "12 of 12 Linear layers run sparse" in printed and "OBS rounding" in printed
+    loaded = load_compiled(out)
+    assert isinstance(loaded.bert.encoder.layer[0].attention.self.key, Projection)
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+    ids = torch.randint(5, 30, (3, 10))
+    with torch.no_grad():
+        ref, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("case", ["dtype", "calibration without int8", "missing file", "no model",
+                                  "min sparsity", "nothing sparse"])
+def test_compile_command_bad_input(case, tmp_path, data_files, tiny_model_dir, capsys):
+    pruned, _ = _block4_pruned_dir(tmp_path, tiny_model_dir)
+    capsys.readouterr()
+    out = tmp_path / "compiled"
+    args = {"dtype": [pruned, "--dtype", "int4"],
+            "calibration without int8": [pruned, "--calibration-file", data_files[0]],
+            "missing file": [pruned, "--dtype", "int8", "--calibration-file", tmp_path / "none.jsonl"],
+            "no model": [tmp_path / "nothing"],
+            "min sparsity": [pruned, "--min-sparsity", "1.5"],
+            "nothing sparse": [tiny_model_dir]}[case]
+    assert run_cli("compile", *args, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()

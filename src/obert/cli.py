@@ -1,4 +1,4 @@
-"""The ``obert`` command line: ``finetune``, ``prune``, ``train`` and ``bench``.
+"""The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``compile`` and ``bench``.
 
 User errors print one line (``error: ...``) and exit 2; nothing half-written is left in ``--out``.
 Set ``OBERT_DEBUG=1`` to see tracebacks.
@@ -143,6 +143,53 @@ def train(
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
                           if k in metrics)
         typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
+
+
+@app.command("compile")
+def compile_model(
+    model: str = typer.Argument(..., help="Pruned model directory (or hub id)"),
+    out: Path = typer.Option(..., "--out", help="Output directory of the compiled model"),
+    dtype: str = typer.Option("float32", help="float32, or int8 (block4 layers; others float32)"),
+    min_sparsity: Optional[float] = typer.Option(None, help="Compile layers at least this sparse (default: per kernel)"),
+    calibration_file: Optional[str] = typer.Option(None, help="int8: text (.jsonl/.csv, as for training) whose activations calibrate OBS rounding of the weights"),
+    task: Optional[str] = typer.Option(None, help="int8: GLUE task whose train split calibrates (needs the hub)"),
+    calibration_rows: int = typer.Option(512, help="Rows of calibration text (a random subset)"),
+    max_length: int = typer.Option(128, help="Tokens per calibration row"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
+    from transformers import AutoTokenizer
+
+    from .runtime import compile as compile_runtime, save_compiled
+    from .runtime.bench import load_model
+    from .runtime.calibrate import text_batches
+
+    if dtype not in ("float32", "int8"):
+        raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
+    if min_sparsity is not None and not 0 <= min_sparsity <= 1:
+        raise ObertError(f"--min-sparsity must be in [0, 1], got {min_sparsity}")
+    _check_positive(calibration_rows=calibration_rows, max_length=max_length)
+    calibrate = calibration_file is not None or task is not None
+    if calibrate and dtype != "int8":
+        raise ObertError("calibration rounds int8 weights: add --dtype int8")
+    net = load_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        if calibrate:
+            raise ObertError(f"calibration needs the model's tokenizer: {exc}") from exc
+        tokenizer = None
+    batches = None
+    if calibrate:
+        rows = _data(calibration_file, task, "train").subset(calibration_rows, seed)
+        batches = text_batches(tokenizer, rows.texts, rows.pairs, max_length=max_length)
+    report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches)
+    if not report.sparse_layers:
+        raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
+    save_compiled(net, out, tokenizer)
+    rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
+        if dtype == "int8" else ""
+    typer.echo(f"{report.summary()}{rounding}; saved {out}")
 
 
 @app.command()

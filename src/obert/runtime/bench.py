@@ -51,6 +51,7 @@ def load_model(path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar: noise around a one-line error
     for cls in (AutoModelForSequenceClassification, AutoModel):
         try:
             return cls.from_pretrained(path).float().eval()

@@ -20,6 +20,17 @@ from ..fisher import GiB, available_memory
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+def text_batches(tokenizer, texts: list[str], pairs: list[str] | None = None, *,
+                 batch_size: int = 32, max_length: int = 128) -> list[dict]:
+    """Calibration batches (``input_ids``, ``attention_mask``, ...) of raw text, padded per batch."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        out.append(dict(tokenizer(texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None,
+                                  truncation=True, max_length=max_length, padding=True,
+                                  return_tensors="pt")))
+    return out
+
+
 def hessian_bytes(model: nn.Module, names: list[str]) -> int:
     """Upper bound of the float64 accumulators for ``names`` (as if no two layers shared one)."""
     return sum(8 * model.get_submodule(n).in_features ** 2 for n in names)
