@@ -60,10 +60,12 @@ def obs_quantize(weight: Tensor, hessian: Tensor, keep: Tensor | None = None, *,
     n, k = weight.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} inputs, got {tuple(hessian.shape)}")
-    scale = (row_scales(weight) if scale is None else scale).double()
-    keep = torch.ones(n, k, dtype=torch.bool) if keep is None else keep.bool()
-    h = damped_hessian(hessian, damp)
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+    scale = (row_scales(weight) if scale is None else scale).double().to(weight.device)
+    dev = weight.device
+    keep = torch.ones(n, k, dtype=torch.bool, device=dev) if keep is None else keep.bool().to(dev)
+    h = damped_hessian(hessian.to(dev), damp)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order \
+        else torch.arange(k, device=dev)
     w = weight.double()[:, order].clone()
     keep = keep[:, order]
     h = h[order][:, order]
@@ -72,7 +74,7 @@ def obs_quantize(weight: Tensor, hessian: Tensor, keep: Tensor | None = None, *,
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
-        err = torch.zeros(n, i2 - i1, dtype=w.dtype)
+        err = torch.zeros(n, i2 - i1, dtype=w.dtype, device=dev)
         for i in range(i2 - i1):
             lv = round_to_grid(w1[:, i:i + 1], scale).squeeze(1) * keep[:, i1 + i]
             levels[:, i1 + i] = lv

@@ -64,17 +64,18 @@ def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
                 x2 = x2[tokens[0]]
             x2 = x2.double()
             if key not in sums:
-                sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+                sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
             sums[key].addmm_(x2.T, x2)
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         count = 0
         for batch in tqdm(batches, desc="int8 calibration", disable=not progress, leave=False):
-            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             if "input_ids" not in inputs:
                 raise ObertError("calibration batches need input_ids")
             mask = inputs.get("attention_mask")
@@ -91,4 +92,5 @@ def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
     missing = [n for n in names if owner.get(n) not in sums]
     if missing:
         raise ObertError(f"calibration never reached {missing[:3]}")
-    return {n: sums[owner[n]] for n in names}
+    cpu = {k: v.cpu() for k, v in sums.items()}  # the rounding runs on the CPU, where the kernels are
+    return {n: cpu[owner[n]] for n in names}
