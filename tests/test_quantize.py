@@ -151,3 +151,19 @@ def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
         ref = model(input_ids=ids).logits
         got = obs(input_ids=ids).logits
     assert float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_calibrated_int8_compile_of_a_model_on_cuda():
+    from obert.runtime import compile
+
+    model = _block4_tiny_model()
+    cpu = copy.deepcopy(model)
+    calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(2)]
+    model.cuda()
+    assert compile(model, dtype="int8", calibration=calib).int8_rounding == "obs"
+    compile(cpu, dtype="int8", calibration=calib)
+    ids = torch.randint(5, 30, (4, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids.cuda()).logits.cpu(), cpu(input_ids=ids).logits,
+                                   rtol=1e-3, atol=1e-4)
