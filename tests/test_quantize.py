@@ -155,15 +155,19 @@ def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_calibrated_int8_compile_of_a_model_on_cuda():
-    from obert.runtime import compile
+    from obert.runtime import compile, sparse_modules
 
     model = _block4_tiny_model()
-    cpu = copy.deepcopy(model)
+    reference, on_cpu = copy.deepcopy(model), copy.deepcopy(model)
     calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(2)]
     model.cuda()
     assert compile(model, dtype="int8", calibration=calib).int8_rounding == "obs"
-    compile(cpu, dtype="int8", calibration=calib)
+    compile(on_cpu, dtype="int8", calibration=calib)
+    # The same levels as calibrating on the CPU (float64 Hessians: a different summation order
+    # may move a level at an exact tie, never more than a few).
+    for (name, a), b in zip(sparse_modules(model).items(), sparse_modules(on_cpu).values()):
+        assert int((a.val.cpu() != b.val).sum()) <= 2, name
     ids = torch.randint(5, 30, (4, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids.cuda()).logits.cpu(), cpu(input_ids=ids).logits,
-                                   rtol=1e-3, atol=1e-4)
+    with torch.no_grad():  # on the GPU int8 layers run their dequantised weights on float inputs
+        torch.testing.assert_close(model(input_ids=ids.cuda()).logits.cpu(),
+                                   reference(input_ids=ids).logits, rtol=0.05, atol=0.05)
