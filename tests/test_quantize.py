@@ -98,9 +98,9 @@ def _block4_tiny_model(seed=2, sparsity=0.6):
     return model
 
 
-def test_input_hessians_sum_real_tokens_and_share_one_input():
+def test_input_stats_sum_real_tokens_and_share_one_input():
     from obert import find_targets
-    from obert.runtime.calibrate import input_hessians
+    from obert.runtime.calibrate import input_stats
 
     model = _block4_tiny_model()
     names = [t.name for t in find_targets(model)]
@@ -113,11 +113,12 @@ def test_input_hessians_sum_real_tokens_and_share_one_input():
         seen.setdefault("x", args[0].detach().clone())
 
     handle = layer.attention.self.query.register_forward_pre_hook(keep_input)
-    hs = input_hessians(model, [{"input_ids": ids, "attention_mask": mask, "labels": ids[:, 0]}],
-                        names, progress=False)
+    hs = input_stats(model, [{"input_ids": ids, "attention_mask": mask, "labels": ids[:, 0]}],
+                     names, progress=False)
     handle.remove()
     x = seen["x"].double()[mask.bool()]  # the 26 real tokens' inputs to layer 0's Q
-    torch.testing.assert_close(hs["bert.encoder.layer.0.attention.self.query"], x.T @ x)
+    torch.testing.assert_close(hs["bert.encoder.layer.0.attention.self.query"].hessian, x.T @ x)
+    torch.testing.assert_close(hs["bert.encoder.layer.0.attention.self.query"].absmax, x.abs().amax(0))
     prefix = "bert.encoder.layer.0.attention."
     assert hs[prefix + "self.key"] is hs[prefix + "self.query"] is hs[prefix + "self.value"]
     assert hs[prefix + "output.dense"] is not hs[prefix + "self.query"]
@@ -126,16 +127,17 @@ def test_input_hessians_sum_real_tokens_and_share_one_input():
 def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
     from obert import find_targets
     from obert.runtime import compile, sparse_modules
-    from obert.runtime.calibrate import input_hessians
+    from obert.runtime.calibrate import input_stats
 
     model = _block4_tiny_model()
     torch.manual_seed(7)
     calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(3)]
     targets = {t.name: t.module.weight.detach().clone() for t in find_targets(model)}
-    hs = input_hessians(copy.deepcopy(model), calib, list(targets), progress=False)
+    hs = {n: st.hessian for n, st in input_stats(copy.deepcopy(model), calib, list(targets),
+                                                 progress=False).items()}
     nearest, obs = copy.deepcopy(model), copy.deepcopy(model)
     assert compile(nearest, dtype="int8", fuse=False).int8_rounding == "nearest"
-    assert compile(obs, dtype="int8", calibration=calib, fuse=False).int8_rounding == "obs"
+    assert compile(obs, dtype="int8", calibration=calib, fuse=False, smooth=0).int8_rounding == "obs"
     layers, plain = sparse_modules(obs), sparse_modules(nearest)
     assert set(layers) == set(targets) and all(m.quantized for m in layers.values())
     moved = 0
@@ -171,3 +173,32 @@ def test_calibrated_int8_compile_of_a_model_on_cuda():
     with torch.no_grad():  # on the GPU int8 layers run their dequantised weights on float inputs
         torch.testing.assert_close(model(input_ids=ids.cuda()).logits.cpu(),
                                    reference(input_ids=ids).logits, rtol=0.05, atol=0.05)
+
+
+def test_smoothing_factors_formula_and_dead_channels():
+    from obert.quantize import smoothing_factors
+
+    x = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    w = torch.tensor([1.0, 0.25, 2.0, 0.0])
+    s = smoothing_factors(x, w, alpha=0.5)
+    torch.testing.assert_close(s, torch.tensor([2.0, 2.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(smoothing_factors(x[:2], w[:2], alpha=1.0), x[:2].double())
+
+
+def test_calibrated_compile_smooths_shared_inputs_alike_and_saves_them(tmp_path):
+    from obert.runtime import compile, load_compiled, save_compiled, sparse_modules
+
+    model = _block4_tiny_model()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(8)
+    calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(3)]
+    report = compile(model, dtype="int8", calibration=calib)
+    assert len(report.smoothed) == 12 and report.joined_projections  # Q/K/V still run as one
+    assert all(m.in_mul is not None for m in sparse_modules(model).values())
+    ids = torch.randint(5, 30, (4, 16))
+    with torch.no_grad():
+        got, ref = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert float((got - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    save_compiled(model, tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(load_compiled(tmp_path / "c")(input_ids=ids).logits, got)

@@ -216,13 +216,18 @@ def test_fused_ffn_float32_matches_float64(shape, groups, threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(64, 32, 40, 24), (130, 48, 200, 20), (300, 16, 64, 8)])
-def test_fused_ffn_int8_equals_the_two_int8_layers(shape, threads):
+@pytest.mark.parametrize("smooth", [False, True])
+def test_fused_ffn_int8_equals_the_two_int8_layers(shape, threads, smooth):
     from obert.runtime.linear import SparseFFN
 
     tokens, n_in, hidden, n_out = shape
     lin1 = pruned_linear(hidden, n_in, 0.7, 4, seed=3)
     lin2 = pruned_linear(n_out, hidden, 0.8, 4, seed=4)
-    fc1, fc2 = SparseLinear.from_linear(lin1, dtype="int8"), SparseLinear.from_linear(lin2, dtype="int8")
+    # Smoothing factors near 1 (as smoothing_factors gives on inputs without outliers): the
+    # equality with two calls is the point; the accuracy bound below holds either way.
+    s1, s2 = (torch.rand(n_in) * 0.5 + 0.75, torch.rand(hidden) * 0.5 + 0.75) if smooth else (None, None)
+    fc1 = SparseLinear.from_linear(lin1, dtype="int8", smooth=s1)
+    fc2 = SparseLinear.from_linear(lin2, dtype="int8", smooth=s2)
     fc1.activation = "gelu"
     x = torch.randn(tokens, n_in)
     x[5] = 0  # an all-zero token (scale 1)
@@ -265,10 +270,14 @@ def test_compile_fuses_ffn_blocks_and_saves_them(tmp_path):
     assert compile(unfused, fuse=False).fused_ffn == []
 
 
-def _quantised_reference(x, lin):
+def _quantised_reference(x, lin, in_mul=None):
     """float64 y of the int8 scheme: per-row symmetric weight scales, per-token asymmetric input
-    scales (scale and zero point in float32, as the kernel rounds with them; products in float64)."""
+    scales (scale and zero point in float32, as the kernel rounds with them; products in float64).
+    ``in_mul``: smoothing, the input times in_mul (float32) and the weight divided by it."""
     w = lin.weight.double()
+    if in_mul is not None:
+        x = x * in_mul
+        w = (lin.weight / in_mul).double()
     ws = (w.abs().amax(1) / 127).clamp(min=1e-12)
     qw = (w / ws[:, None]).round().clamp(-127, 127)
     lo = x.amin(1, keepdim=True).clamp(max=0)
@@ -693,3 +702,39 @@ def test_concat_refuses_layers_it_cannot_join():
     joined = SparseLinear.concat([b, a])  # only the last may end inside a row block
     x = torch.randn(9, 32)
     torch.testing.assert_close(joined(x), torch.cat([b(x), a(x)], 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (20, 1100, 24)])
+def test_int8_smoothed_input_is_exact_quantised_arithmetic(shape, threads):
+    tokens, n_in, n_out = shape
+    lin = pruned_linear(n_out, n_in, 0.6, 4, seed=tokens)
+    smooth = torch.rand(n_in) * 8 + 0.05
+    sl = SparseLinear.from_linear(lin, dtype="int8", smooth=smooth)
+    torch.testing.assert_close(sl.in_mul, 1 / smooth)
+    x = torch.randn(tokens, n_in)
+    expected = _quantised_reference(x, lin, sl.in_mul)
+    with num_threads(threads):
+        got = sl(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sl._fallback(x).double(), expected, rtol=1e-5, atol=1e-4)
+    # The effective weight (what the CUDA path uses) is the layer's within half a grid step of
+    # the scaled weight, scaled back: |W_eff - W|_nk <= s'_n / 2 * in_mul_k.
+    bound = 0.5 * sl.w_scale[:, None] * sl.in_mul[None, :] * 1.0001 + 1e-7
+    assert bool(((sl.to_dense_weight() - lin.weight).abs() <= bound).all())
+
+
+def test_smoothing_an_outlier_channel_cuts_int8_error():
+    """One input channel 40x larger than the rest sets every token's range: smoothing with the
+    channel maxima (alpha 0.5) must bring the error well down (measured 3-4x lower)."""
+    from obert.quantize import smoothing_factors
+
+    lin = pruned_linear(64, 128, 0.5, 4, seed=9)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(256, 128, generator=g)
+    x[:, 7] *= 40
+    exact = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    s = smoothing_factors(x.abs().amax(0), lin.weight.abs().amax(0)).float()
+    err = {name: float((SparseLinear.from_linear(lin, dtype="int8", smooth=sm)(x).double() - exact).pow(2).mean())
+           for name, sm in {"plain": None, "smoothed": s}.items()}
+    assert err["smoothed"] < 0.5 * err["plain"], err

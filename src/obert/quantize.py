@@ -33,6 +33,17 @@ def round_to_grid(w: Tensor, scale: Tensor) -> Tensor:
     return (w / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX)
 
 
+def smoothing_factors(act_absmax: Tensor, weight_absmax: Tensor, alpha: float = 0.5) -> Tensor:
+    """Per input channel ``s_j = max|x_j|^alpha / max|w_.j|^(1 - alpha)`` (SmoothQuant): the layer
+    runs as ``(x / s) (W diag(s))^T``, which is the same function, with channel j's input range
+    divided by ``s_j`` and its weights' range multiplied by it, so a few outlier channels no longer
+    set every token's quantisation step. Channels without input or weight get ``s_j = 1``."""
+    x, w = act_absmax.double(), weight_absmax.double()
+    s = x.pow(alpha) / w.pow(1 - alpha)
+    ok = (x > 0) & (w > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(1e-4, 1e4)
+
+
 def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
     """``H + damp * mean(diag H) * I`` in float64, with dead inputs (``H_jj = 0``) set to ``H_jj = 1``
     so the factorisation exists (their weights see no input: any rounding is as good)."""

@@ -1,14 +1,17 @@
-"""Calibration statistics for int8 compilation: each Linear layer's input Hessian ``H = X^T X``.
+"""Calibration statistics for int8 compilation: each Linear layer's input Hessian ``H = X^T X``
+and the largest ``|x_j|`` of each input channel.
 
-``input_hessians(model, batches, names)`` runs the (uncompiled, float) model over calibration
+``input_stats(model, batches, names)`` runs the (uncompiled, float) model over calibration
 batches and sums ``x x^T`` over every real token's input to each named Linear layer (padding
 tokens, where the batch has an ``attention_mask``, are left out). Layers fed the very same tensor
-(a block's Q, K and V) share one matrix. ``quantize.obs_quantize`` turns them into OBS rounding.
+(a block's Q, K and V) share one ``InputStats``. ``quantize.obs_quantize`` turns the Hessians into
+OBS rounding, ``quantize.smoothing_factors`` the channel maxima into input smoothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +21,15 @@ from ..errors import ObertError
 from ..fisher import GiB, available_memory
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass
+class InputStats:
+    """Of one layer input over the calibration tokens: ``hessian = sum_t x_t x_t^T`` (float64)
+    and ``absmax[j] = max_t |x_tj|``."""
+
+    hessian: Tensor
+    absmax: Tensor
 
 
 def text_batches(tokenizer, texts: list[str], pairs: list[str] | None = None, *,
@@ -37,16 +49,17 @@ def hessian_bytes(model: nn.Module, names: list[str]) -> int:
 
 
 @torch.no_grad()
-def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
-                   progress: bool = True) -> dict[str, Tensor]:
-    """``{name: H [K, K]}`` (float64, ``H = sum_t x_t x_t^T`` over calibration tokens) for the
-    named Linear layers of ``model``; layers sharing an input tensor share one ``H`` object."""
+def input_stats(model: nn.Module, batches: Iterable[dict], names: list[str],
+                progress: bool = True) -> dict[str, InputStats]:
+    """``{name: InputStats}`` over the calibration tokens for the named Linear layers of
+    ``model``; layers sharing an input tensor share one ``InputStats`` object."""
     need = hessian_bytes(model, names)
     free = available_memory(torch.device("cpu"))
     if need > free // 2:
         raise ObertError(f"int8 calibration needs up to {need / GiB:.1f} GiB for input Hessians, "
                          f"{free / GiB:.1f} GiB free: calibrate fewer layers (include/exclude)")
     sums: dict[str, Tensor] = {}
+    absmax: dict[str, Tensor] = {}
     owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
     # id of an input tensor in this forward -> (the tensor, kept alive so no other tensor can
     # take its id during the forward, and the first layer fed it)
@@ -65,7 +78,10 @@ def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
             x2 = x2.double()
             if key not in sums:
                 sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+                absmax[key] = torch.zeros(x2.shape[1], dtype=torch.float64, device=x2.device)
             sums[key].addmm_(x2.T, x2)
+            if x2.shape[0]:
+                torch.maximum(absmax[key], x2.abs().amax(0), out=absmax[key])
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -92,5 +108,6 @@ def input_hessians(model: nn.Module, batches: Iterable[dict], names: list[str],
     missing = [n for n in names if owner.get(n) not in sums]
     if missing:
         raise ObertError(f"calibration never reached {missing[:3]}")
-    cpu = {k: v.cpu() for k, v in sums.items()}  # the rounding runs on the CPU, where the kernels are
-    return {n: cpu[owner[n]] for n in names}
+    # on the CPU, where the kernels are
+    stats = {k: InputStats(sums[k].cpu(), absmax[k].cpu()) for k in sums}
+    return {n: stats[owner[n]] for n in names}

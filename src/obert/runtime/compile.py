@@ -26,9 +26,10 @@ from torch import nn
 
 from ..errors import ObertError
 from ..io import atomic_dir
+from ..quantize import smoothing_factors
 from ..targets import find_targets
 from . import projections
-from .calibrate import input_hessians
+from .calibrate import InputStats, input_stats
 from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
 from .norm import AddNorm, is_output_block
@@ -56,6 +57,7 @@ class CompileReport:
     fused_norms: list[str] = field(default_factory=list)  # output blocks: add + LayerNorm in one pass
     joined_projections: list[list[str]] = field(default_factory=list)  # Q/K/V run as one call
     int8_rounding: str = "nearest"  # int8 weights: rounded to nearest, or "obs" (calibrated)
+    smoothed: list[str] = field(default_factory=list)  # int8 layers with smoothed inputs
 
     @property
     def sparse_fraction(self) -> float:
@@ -81,7 +83,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
             group: int | None = None, fuse: bool = True, attention: bool = True,
-            calibration: Iterable[dict] | None = None) -> CompileReport:
+            calibration: Iterable[dict] | None = None, smooth: float = 0.5) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
@@ -96,7 +98,9 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     instead of the per-kernel defaults. ``calibration`` (int8): batches of model inputs (dicts
     with ``input_ids`` and optionally ``attention_mask``, ...) whose Linear inputs give each int8
     layer's Hessian for OBS rounding of its weights (``quantize.obs_quantize``) instead of
-    rounding to nearest; a few hundred sequences of the task's text are plenty.
+    rounding to nearest, and the per-channel input maxima for smoothing its input with strength
+    ``smooth`` (``quantize.smoothing_factors``' alpha; 0 turns smoothing off). A few hundred
+    sequences of the task's text are plenty.
     """
     model.eval()
     report = CompileReport()
@@ -113,14 +117,21 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             plan.append((t, nnz, int8))
         else:
             report.dense_layers.append(t.name)
-    hessians = {}
+    stats: dict[str, InputStats] = {}
+    smoothing: dict[str, torch.Tensor] = {}
     if calibration is not None and dtype == "int8":
-        hessians = input_hessians(model, calibration, [t.name for t, _, q in plan if q])
+        int8_layers = [t for t, _, q in plan if q]
+        stats = input_stats(model, calibration, [t.name for t in int8_layers])
         report.int8_rounding = "obs"
+        if smooth > 0:
+            smoothing = _smoothing(int8_layers, stats, smooth)
+            report.smoothed = list(smoothing)
     for t, nnz, int8 in plan:
         macs = t.module.weight.numel()
         if int8:
-            layer = SparseLinear.from_linear(t.module, dtype="int8", hessian=hessians.pop(t.name, None))
+            st = stats.get(t.name)
+            layer = SparseLinear.from_linear(t.module, dtype="int8", hessian=None if st is None else st.hessian,
+                                             smooth=smoothing.get(t.name))
         else:
             layer = SparseLinear.from_linear(t.module, group=group)
             if dtype == "int8":
@@ -137,6 +148,20 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     if attention:
         report.fast_attention = use_fast_attention(model)
     return report
+
+
+def _smoothing(targets: list, stats: dict[str, InputStats], alpha: float) -> dict[str, torch.Tensor]:
+    """Smoothing factors per layer; layers sharing an input (Q, K, V) share one set, from the
+    largest weight of each input channel over all of them, so they can still run as one call."""
+    groups: dict[int, list] = {}
+    for t in targets:
+        groups.setdefault(id(stats[t.name]), []).append(t)
+    out = {}
+    for members in groups.values():
+        wmax = torch.stack([t.module.weight.detach().abs().amax(0).cpu() for t in members]).amax(0)
+        s = smoothing_factors(stats[members[0].name].absmax, wmax, alpha).float()
+        out.update({t.name: s for t in members})
+    return out
 
 
 def _is_exact_gelu(act) -> bool:
@@ -263,7 +288,8 @@ def load_compiled(path: str | Path) -> nn.Module:
                                      state[prefix + "col"], state[prefix + "val"],
                                      state.get(prefix + "bias") if spec["bias"] else None,
                                      spec["group"], spec["chunk"], state.get(prefix + "w_scale"),
-                                     state.get(prefix + "row_sum"), spec.get("activation"))
+                                     state.get(prefix + "row_sum"), spec.get("activation"),
+                                     state.get(prefix + "in_mul"))
     # A fused block's two layers are saved under it: put them back where compile found them and
     # fuse again, as compile does.
     for block in meta.get("ffn", []):

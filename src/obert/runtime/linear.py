@@ -80,8 +80,10 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, seg_ptr: Tensor, col: Tensor,
                  val: Tensor, bias: Tensor | None, group: int, chunk: int,
                  w_scale: Tensor | None = None, row_sum: Tensor | None = None,
-                 activation: str | None = None) -> None:
-        """``val`` float32 values, or int8 ones with per-row ``w_scale`` and ``row_sum`` (int8)."""
+                 activation: str | None = None, in_mul: Tensor | None = None) -> None:
+        """``val`` float32 values, or int8 ones with per-row ``w_scale`` and ``row_sum`` (int8)
+        and optionally ``in_mul`` (int8: per input channel factor applied before quantising the
+        input; the stored weights are the layer's times ``1 / in_mul`` per column)."""
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ObertError(f"unsupported fused activation '{activation}' (gelu or none)")
@@ -90,17 +92,20 @@ class SparseLinear(nn.Module):
         self.quantized = val.dtype == torch.int8
         if self.quantized and (group != 4 or w_scale is None or row_sum is None):
             raise ObertError("int8 sparse layers are block4 with per-row scales and sums")
+        if in_mul is not None and (not self.quantized or in_mul.numel() != in_features):
+            raise ObertError("in_mul is for int8 layers, one factor per input feature")
         self.register_buffer("seg_ptr", seg_ptr)
         self.register_buffer("col", col)
         self.register_buffer("val", val)
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("row_sum", row_sum)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("in_mul", None if in_mul is None else in_mul.detach().float().contiguous())
         self._csr: Tensor | None = None  # the fallback's torch CSR weight, built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "float32", group: int | None = None,
-                    hessian: Tensor | None = None) -> "SparseLinear":
+                    hessian: Tensor | None = None, smooth: Tensor | None = None) -> "SparseLinear":
         """From a pruned Linear; ``group`` 4 (block4) when every zero lies in a zero block of 4.
 
         ``dtype="int8"`` (block4 only): weights quantised per output row to ``q s_n`` with
@@ -108,20 +113,30 @@ class SparseLinear(nn.Module):
         input Hessian ``hessian = X^T X`` from calibration inputs, by OBS rounding
         (``quantize.obs_quantize``: each rounding error is absorbed by the row's later kept
         weights; pruned blocks stay 0). Inputs are quantised per token at run time to unsigned
-        bytes with a scale and zero point (see ``quantize_tokens``).
+        bytes with a scale and zero point (see ``quantize_tokens``). ``smooth`` (int8, ``s [K]``):
+        the layer runs as ``(x / s) (W diag(s))^T``, moving outlier input channels' range into
+        the weights (``quantize.smoothing_factors``); the Hessian is then taken as ``X^T X``
+        of the unscaled inputs and rescaled here.
         """
         if dtype not in ("float32", "int8"):
             raise ObertError(f"unsupported sparse dtype '{dtype}' (float32 or int8)")
         w = linear.weight.detach().float()
         if group is None:
             group = 4 if w.shape[1] % 4 == 0 and is_block4(w) else 1
-        if hessian is not None and dtype != "int8":
-            raise ObertError("a calibration Hessian is for int8 layers only")
+        if (hessian is not None or smooth is not None) and dtype != "int8":
+            raise ObertError("calibration (Hessian, smoothing) is for int8 layers only")
         if dtype == "int8":
             if group != 4:
                 raise ObertError("int8 needs block4 sparsity (groups of 4 consecutive input weights)")
-            scale = row_scales(w)
             kept = (w.reshape(w.shape[0], -1, 4) != 0).any(-1)
+            in_mul = None
+            if smooth is not None:
+                in_mul = 1 / smooth.float().to(w.device)
+                w = w / in_mul  # W diag(s), in the same float32 the kernel's x * in_mul pairs with
+                if hessian is not None:  # the Hessian of x / s
+                    d = in_mul.double().to(hessian.device)
+                    hessian = hessian * d[:, None] * d[None, :]
+            scale = row_scales(w)
             if hessian is None:
                 q = round_to_grid(w, scale)
             else:
@@ -134,7 +149,7 @@ class SparseLinear(nn.Module):
             row_sum = torch.zeros(w.shape[0], dtype=torch.int32)
             row_sum.index_add_(0, rows, qval.int().sum(1, dtype=torch.int32))
             return cls(w.shape[1], w.shape[0], seg_ptr, col, qval.reshape(-1).contiguous(),
-                       linear.bias, 4, chunk, scale.contiguous(), row_sum)
+                       linear.bias, 4, chunk, scale.contiguous(), row_sum, in_mul=in_mul)
         chunk = fp32_chunk(w.shape[1])
         seg_ptr, col, val = pack_weight(w, group, chunk)
         return cls(w.shape[1], w.shape[0], seg_ptr, col, val, linear.bias, group, chunk)
@@ -153,6 +168,8 @@ class SparseLinear(nn.Module):
                                  "without a fused activation, can be joined")
         if any(m.out_features % ROWS for m in layers[:-1]):
             raise ObertError(f"joined layers' output sizes must be multiples of {ROWS}")
+        if not same_input_scaling(layers):
+            raise ObertError("joined int8 layers must scale their shared input alike (in_mul)")
         ptrs, offset = [], 0
         for m in layers:
             ptrs.append(m.seg_ptr[:-1] + offset)
@@ -169,7 +186,8 @@ class SparseLinear(nn.Module):
 
         return cls(first.in_features, sum(m.out_features for m in layers), seg_ptr,
                    torch.cat([m.col for m in layers]), torch.cat([m.val for m in layers]),
-                   joined("bias"), first.group, first.chunk, joined("w_scale"), joined("row_sum"))
+                   joined("bias"), first.group, first.chunk, joined("w_scale"), joined("row_sum"),
+                   in_mul=first.in_mul)
 
     @property
     def nnz(self) -> int:
@@ -180,8 +198,9 @@ class SparseLinear(nn.Module):
     def density(self) -> float:
         return self.nnz / (self.in_features * self.out_features)
 
-    def to_dense_weight(self) -> Tensor:
-        """The weight as a dense float32 tensor (dequantised for int8)."""
+    def _stored_weight(self) -> Tensor:
+        """The stored weight as a dense float32 tensor (dequantised for int8; for a smoothed int8
+        layer that is the weight of the scaled input ``x * in_mul``)."""
         val = self.val.float()
         if self.quantized:
             rows = _entry_rows(self.seg_ptr, self.in_features, self.chunk)
@@ -189,13 +208,18 @@ class SparseLinear(nn.Module):
         return unpack_weight(self.seg_ptr, self.col, val, (self.out_features, self.in_features),
                              self.group, self.chunk)
 
+    def to_dense_weight(self) -> Tensor:
+        """The layer's weight as a dense float32 tensor (dequantised for int8): ``y = x W^T + b``."""
+        w = self._stored_weight()
+        return w if self.in_mul is None else w * self.in_mul
+
     def _fallback(self, x2: Tensor) -> Tensor:
         if self.quantized:  # the same quantised arithmetic, in float
-            x2 = quantize_tokens(x2)
+            x2 = quantize_tokens(x2 if self.in_mul is None else x2 * self.in_mul)
         if self._csr is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                self._csr = self.to_dense_weight().to_sparse_csr()
+                self._csr = self._stored_weight().to_sparse_csr()
         y = kernels.csr_linear(x2, self._csr, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 
@@ -214,7 +238,8 @@ class SparseLinear(nn.Module):
             y = self._fallback(x2)
         elif self.quantized:
             y = ext.sparse_linear_int8(x2, self.seg_ptr, self.col, self.val, self.w_scale,
-                                       self.row_sum, self.bias, self.out_features, self.chunk, act)
+                                       self.row_sum, self.bias, self.out_features, self.chunk, act,
+                                       self.in_mul)
         else:
             y = ext.sparse_linear(x2, self.seg_ptr, self.col, self.val, self.bias, self.out_features,
                                   self.group, self.chunk,
@@ -259,7 +284,8 @@ class SparseFFN(nn.Module):
         if a.quantized:
             y = ext.sparse_ffn_int8(x2, a.seg_ptr, a.col, a.val, a.w_scale, a.row_sum, a.bias,
                                     a.out_features, a.chunk, act, b.seg_ptr, b.col, b.val,
-                                    b.w_scale, b.row_sum, b.bias, b.out_features, b.chunk)
+                                    b.w_scale, b.row_sum, b.bias, b.out_features, b.chunk,
+                                    a.in_mul, b.in_mul)
         else:
             y = ext.sparse_ffn(x2, a.seg_ptr, a.col, a.val, a.bias, a.out_features, a.group, a.chunk,
                                act, b.seg_ptr, b.col, b.val, b.bias, b.out_features, b.group,
@@ -278,6 +304,14 @@ def quantize_tokens(x: Tensor) -> Tensor:
     inv = 1 / scale
     zero = torch.round(-lo * inv)
     return ((torch.round(x * inv) + zero).clamp(0, 255) - zero) * scale
+
+
+def same_input_scaling(layers: list[SparseLinear]) -> bool:
+    """Every layer has no ``in_mul``, or all have the same one (they can share one input pass)."""
+    first = layers[0].in_mul
+    return all((m.in_mul is None and first is None) or
+               (m.in_mul is not None and first is not None and torch.equal(m.in_mul, first))
+               for m in layers)
 
 
 def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .linear import ROWS, SparseLinear
+from .linear import ROWS, SparseLinear, same_input_scaling
 
 # Child names of attention modules whose three projections read one input.
 TRIPLES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
@@ -79,15 +79,15 @@ class Projection(nn.Module):
 
 
 def joinable(layers: list[nn.Module]) -> bool:
-    """Sparse layers ``SparseLinear.concat`` can join (same input size, dtype, block, chunk, no
-    fused activation, row-block-aligned outputs)."""
+    """Sparse layers ``SparseLinear.concat`` can join (same input size, dtype, block, chunk and
+    input scaling, no fused activation, row-block-aligned outputs)."""
     if not all(isinstance(m, SparseLinear) for m in layers):
         return False
     first = layers[0]
     return all((m.in_features, m.quantized, m.group, m.chunk) ==
                (first.in_features, first.quantized, first.group, first.chunk)
                and m.activation is None for m in layers) and \
-        all(m.out_features % ROWS == 0 for m in layers[:-1])
+        all(m.out_features % ROWS == 0 for m in layers[:-1]) and same_input_scaling(layers)
 
 
 def find_triples(model: nn.Module) -> list[list[str]]:

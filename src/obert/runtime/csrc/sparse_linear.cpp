@@ -231,11 +231,12 @@ void with_group(int64_t group, const F& f) {
 }
 
 // The optional bias, checked and kept contiguous in keep; null when there is none.
-const float* checked_bias(const c10::optional<torch::Tensor>& b, int64_t N, torch::Tensor& keep) {
+const float* checked_bias(const c10::optional<torch::Tensor>& b, int64_t N, torch::Tensor& keep,
+                          const char* what = "bias") {
   if (!b.has_value() || !b->defined()) return nullptr;
   keep = b->contiguous();
   TORCH_CHECK(keep.numel() == N && keep.scalar_type() == torch::kFloat32,
-              "bias must have N float32 entries");
+              what, " must have ", N, " float32 entries");
   return keep.data_ptr<float>();
 }
 
@@ -346,31 +347,38 @@ inline uint8_t quantize_value(float x, const TokenQuant& tq) {
   return static_cast<uint8_t>(std::min(255, std::max(0, q)));
 }
 
-// Quantise token row xr[0..K) to u8 in q; returns its scale and zero point.
-inline TokenQuant quantize_row(const float* xr, int64_t K, uint8_t* q) {
+// Quantise token row xr[0..K) to u8 in q; returns its scale and zero point. mul (or null): a
+// per-channel factor applied first (x_k mul_k, the smoothing of the layer's input; the weights
+// carry its inverse), so outlier channels do not set every token's range.
+inline TokenQuant quantize_row(const float* xr, int64_t K, uint8_t* q, const float* mul) {
   float lo = 0.f, hi = 0.f;
   int64_t k = 0;
+  auto value = [&](int64_t i) { return mul ? xr[i] * mul[i] : xr[i]; };
 #if defined(__AVX512F__)
+  auto load = [&](int64_t i) {
+    const __m512 v = _mm512_loadu_ps(xr + i);
+    return mul ? _mm512_mul_ps(v, _mm512_loadu_ps(mul + i)) : v;
+  };
   __m512 mn = _mm512_setzero_ps(), mx = mn;
   for (; k + 16 <= K; k += 16) {
-    const __m512 v = _mm512_loadu_ps(xr + k);
+    const __m512 v = load(k);
     mn = _mm512_min_ps(mn, v), mx = _mm512_max_ps(mx, v);
   }
   lo = _mm512_reduce_min_ps(mn), hi = _mm512_reduce_max_ps(mx);
 #endif
-  for (; k < K; ++k) lo = std::min(lo, xr[k]), hi = std::max(hi, xr[k]);
+  for (; k < K; ++k) lo = std::min(lo, value(k)), hi = std::max(hi, value(k));
   const TokenQuant tq = token_quant(lo, hi);
   k = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(tq.inv);
   const __m512i z = _mm512_set1_epi32(tq.zero), q0 = _mm512_setzero_si512(), q255 = _mm512_set1_epi32(255);
   for (; k + 16 <= K; k += 16) {  // cvtps rounds to nearest even, as nearbyint does
-    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv)), z);
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load(k), vinv)), z);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
                      _mm512_cvtepi32_epi8(_mm512_min_epi32(q255, _mm512_max_epi32(q0, v))));
   }
 #endif
-  for (; k < K; ++k) q[k] = quantize_value(xr[k], tq);
+  for (; k < K; ++k) q[k] = quantize_value(value(k), tq);
   return tq;
 }
 
@@ -378,7 +386,7 @@ inline TokenQuant quantize_row(const float* xr, int64_t K, uint8_t* q) {
 // padding tokens are u8 0 with zero point 0. 16 tokens at a time: quantised row by row, then
 // interleaved 4 bytes apiece.
 void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t* dst, float* scale,
-                    int32_t* zero) {
+                    int32_t* zero, const float* mul) {
   const int64_t groups = K / 4;
   thread_local std::vector<uint8_t> q;  // scratch reused across tiles and calls
   q.resize(16 * K);
@@ -386,7 +394,7 @@ void pack_int8_tile(const float* x, int64_t T, int64_t K, int64_t tile, uint8_t*
     const int64_t t0 = tile * TILE + i0;
     for (int64_t i = 0; i < 16; ++i) {
       if (t0 + i < T) {
-        const TokenQuant tq = quantize_row(x + (t0 + i) * K, K, q.data() + i * K);
+        const TokenQuant tq = quantize_row(x + (t0 + i) * K, K, q.data() + i * K, mul);
         scale[i0 + i] = tq.scale, zero[i0 + i] = tq.zero;
       } else {
         scale[i0 + i] = 1.f, zero[i0 + i] = 0;
@@ -451,6 +459,7 @@ struct Layer8 {
   const int32_t* row_sum;
   const float* bias;  // may be null
   int64_t N, chunks, act;
+  const float* in_mul;  // per input channel factor applied before quantising (may be null)
 };
 
 // out[r][0..TILE) = act(s_t s_n (acc - z_t row_sum_n) + b_n) for the rows of block rb, from one
@@ -477,13 +486,16 @@ int64_t row_block_int8(const uint8_t* xq, const float* st, const int32_t* zt, co
 }
 
 // The hidden activations h[k][TILE] (k < K, token-minor as a layer's output rows come) quantised
-// per token exactly as quantize_row does it, into the packed layout xq[k / 4][TILE][4].
-void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32_t* zero) {
+// per token exactly as quantize_row does it (channel k times mul[k] first, when mul is not
+// null), into the packed layout xq[k / 4][TILE][4].
+void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32_t* zero,
+                     const float* mul) {
   alignas(64) float inv[TILE];
+  auto value = [&](int64_t k, int64_t i) { return mul ? load16(h + k * TILE + i) * mul[k] : load16(h + k * TILE + i); };
   for (int64_t i = 0; i < TILE; i += 16) {
     v16 mn{}, mx{};
     for (int64_t k = 0; k < K; ++k) {
-      const v16 v = load16(h + k * TILE + i);
+      const v16 v = value(k, i);
       mn = v < mn ? v : mn;
       mx = v > mx ? v : mx;
     }
@@ -497,7 +509,7 @@ void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32
       const vi16 z = *reinterpret_cast<const vi16*>(zero + i);
       vi16 lane{};
       for (int j = 0; j < 4; ++j) {
-        const v16 v = load16(h + (4 * g + j) * TILE + i) * load16(inv + i);
+        const v16 v = value(4 * g + j, i) * load16(inv + i);
         vi16 q;
 #if defined(__AVX512F__)
         const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));  // nearest even
@@ -515,11 +527,11 @@ void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32
 }
 
 struct Layer8Tensors {
-  torch::Tensor seg_ptr, col, qval, w_scale, row_sum, bias;
+  torch::Tensor seg_ptr, col, qval, w_scale, row_sum, bias, in_mul;
   Layer8 layer;
   Layer8Tensors(torch::Tensor sp, torch::Tensor c, torch::Tensor q, torch::Tensor ws,
                 torch::Tensor rs, c10::optional<torch::Tensor> b, int64_t K, int64_t N,
-                int64_t chunk, int64_t act) {
+                int64_t chunk, int64_t act, c10::optional<torch::Tensor> mul) {
     TORCH_CHECK(q.scalar_type() == torch::kInt8 && rs.scalar_type() == torch::kInt32 &&
                 ws.scalar_type() == torch::kFloat32 && sp.scalar_type() == torch::kInt64 &&
                 c.scalar_type() == torch::kInt32, "bad int8 weight tensors");
@@ -531,18 +543,19 @@ struct Layer8Tensors {
     seg_ptr = sp.contiguous(), col = c.contiguous(), qval = q.contiguous();
     w_scale = ws.contiguous(), row_sum = rs.contiguous();
     const float* bp = checked_bias(b, N, bias);
+    const float* mp = checked_bias(mul, K, in_mul, "in_mul");
     layer = Layer8{seg_ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), qval.data_ptr<int8_t>(),
-                   w_scale.data_ptr<float>(), row_sum.data_ptr<int32_t>(), bp, N, chunks, act};
+                   w_scale.data_ptr<float>(), row_sum.data_ptr<int32_t>(), bp, N, chunks, act, mp};
   }
 };
 
 torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::Tensor col,
                                  torch::Tensor qval, torch::Tensor w_scale, torch::Tensor row_sum,
                                  c10::optional<torch::Tensor> bias, int64_t N, int64_t chunk,
-                                 int64_t act) {
+                                 int64_t act, c10::optional<torch::Tensor> in_mul) {
   x = check_input(x);
   const int64_t T = x.size(0), K = x.size(1);
-  const Layer8Tensors L(seg_ptr, col, qval, w_scale, row_sum, bias, K, N, chunk, act);
+  const Layer8Tensors L(seg_ptr, col, qval, w_scale, row_sum, bias, K, N, chunk, act, in_mul);
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   const int64_t tiles = (T + TILE - 1) / TILE;
@@ -551,7 +564,7 @@ torch::Tensor sparse_linear_int8(torch::Tensor x, torch::Tensor seg_ptr, torch::
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   auto pack = [&](int64_t tile, uint8_t* dst) {
-    pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE, zx.data() + tile * TILE);
+    pack_int8_tile(xp, T, K, tile, dst, sx.data() + tile * TILE, zx.data() + tile * TILE, L.layer.in_mul);
   };
   auto compute = [&](int64_t tile, int64_t rb, const uint8_t* xtile) {
     alignas(64) float out[ROWS][TILE];
@@ -571,11 +584,12 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
                               c10::optional<torch::Tensor> bias1, int64_t H, int64_t chunk1,
                               int64_t act1, torch::Tensor seg2, torch::Tensor col2,
                               torch::Tensor q2, torch::Tensor ws2, torch::Tensor rs2,
-                              c10::optional<torch::Tensor> bias2, int64_t N, int64_t chunk2) {
+                              c10::optional<torch::Tensor> bias2, int64_t N, int64_t chunk2,
+                              c10::optional<torch::Tensor> mul1, c10::optional<torch::Tensor> mul2) {
   x = check_input(x);
   const int64_t T = x.size(0), K = x.size(1);
-  const Layer8Tensors L1(seg1, col1, q1, ws1, rs1, bias1, K, H, chunk1, act1);
-  const Layer8Tensors L2(seg2, col2, q2, ws2, rs2, bias2, H, N, chunk2, 0);
+  const Layer8Tensors L1(seg1, col1, q1, ws1, rs1, bias1, K, H, chunk1, act1, mul1);
+  const Layer8Tensors L2(seg2, col2, q2, ws2, rs2, bias2, H, N, chunk2, 0, mul2);
   auto y = torch::empty({T, N}, x.options());
   if (T == 0 || N == 0) return y;
   const int64_t tiles = (T + TILE - 1) / TILE, rb1 = (H + ROWS - 1) / ROWS, rb2 = (N + ROWS - 1) / ROWS;
@@ -589,12 +603,12 @@ torch::Tensor sparse_ffn_int8(torch::Tensor x, torch::Tensor seg1, torch::Tensor
     alignas(64) float sx[TILE], sh[TILE], out[ROWS][TILE];
     alignas(64) int32_t zx[TILE], zh[TILE];
     for (int64_t tile = begin; tile < end; ++tile) {
-      pack_int8_tile(xp, T, K, tile, xq, sx, zx);
+      pack_int8_tile(xp, T, K, tile, xq, sx, zx, L1.layer.in_mul);
       for (int64_t rb = 0; rb < rb1; ++rb) {
         const int64_t rows = row_block_int8(xq, sx, zx, L1.layer, rb, out);
         std::memcpy(h + rb * ROWS * TILE, out, sizeof(float) * rows * TILE);
       }
-      quantize_hidden(h, H, hq, sh, zh);
+      quantize_hidden(h, H, hq, sh, zh, L2.layer.in_mul);
       const int64_t t0 = tile * TILE, tn = std::min(TILE, T - t0);
       for (int64_t rb = 0; rb < rb2; ++rb) {
         const int64_t rows = row_block_int8(hq, sh, zh, L2.layer, rb, out);
