@@ -158,10 +158,7 @@ def test_compile_matches_the_model_and_reports_what_runs_sparse():
     n_layers = len(model.bert.encoder.layer)
     assert report.fused_activations == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(n_layers)]
     assert isinstance(model.bert.encoder.layer[0].intermediate.intermediate_act_fn, torch.nn.Identity)
-    # Each layer's Q, K and V run as one joined layer: 11 compiled layers in 7 modules.
-    assert report.joined_projections == [[f"bert.encoder.layer.{i}.attention.self.{p}"
-                                          for p in ("query", "key", "value")] for i in range(n_layers)]
-    assert len(sparse_modules(model)) == 7
+    assert len(sparse_modules(model)) == 11
     assert 0.8 < report.sparse_fraction < 0.95 and "11 of 12" in report.summary()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
@@ -182,9 +179,6 @@ def test_compiled_model_save_load_round_trip(tmp_path):
     ids = torch.randint(5, 30, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    from obert.runtime.projections import Projection
-
-    assert isinstance(loaded.bert.encoder.layer[1].attention.self.value, Projection)  # joined again
     sparse_bytes = (tmp_path / "compiled" / "sparse_model.safetensors").stat().st_size
     dense_bytes = (dense_dir / "model.safetensors").stat().st_size
     assert sparse_bytes < 0.85 * dense_bytes  # the encoder's Linear weights are 90% zeros
@@ -655,53 +649,6 @@ def test_compiled_model_without_native_kernels_uses_the_pytorch_fallbacks(dtype,
         fallback = copy.deepcopy(model)(input_ids=ids, attention_mask=mask).logits
     tol = 2e-3 if dtype == "int8" else 1e-5  # int8: a rounding tie may fall the other way
     torch.testing.assert_close(fallback, native, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("dtype,group", [("float32", 1), ("float32", 4), ("int8", 4)])
-def test_joined_projections_equal_the_separate_layers_bit_for_bit(dtype, group, threads):
-    from obert.runtime import projections
-    from obert.runtime.projections import JoinedProjections, Projection
-
-    block = torch.nn.Module()
-    for i, name in enumerate(("query", "key", "value")):
-        lin = pruned_linear(48, 40, 0.8, group, seed=i, bias=name != "key")  # K without a bias
-        setattr(block, name, SparseLinear.from_linear(lin, dtype=dtype))
-    separate = {n: getattr(block, n) for n in ("query", "key", "value")}
-    assert projections.join(block) == [["query", "key", "value"]]
-    assert all(isinstance(getattr(block, n), Projection) for n in separate)
-    joined = block.query.group
-    assert isinstance(joined, JoinedProjections) and block.value.group is joined
-    assert [n for n, _ in block.named_modules()].count("query.joined.fused") == 1  # held once
-    x = torch.randn(2, 70, 40)
-    with num_threads(threads):
-        for name, layer in separate.items():
-            got = getattr(block, name)(x)
-            assert got.shape == (2, 70, 48) and torch.equal(got, layer(x))
-        assert joined._input is None and joined._outputs == ()  # released once all three ran
-        # A member called alone, with another tensor, still answers for that tensor.
-        y = torch.randn(5, 40)
-        assert torch.equal(block.value(y), separate["value"](y))
-        # An input changed in place between calls is not served from the cache.
-        z = torch.randn(7, 40)
-        block.query(z)
-        z.mul_(2)
-        assert torch.equal(block.key(z), separate["key"](z))
-
-
-def test_concat_refuses_layers_it_cannot_join():
-    from obert.errors import ObertError
-
-    a = SparseLinear.from_linear(pruned_linear(20, 32, 0.5, 1))
-    b = SparseLinear.from_linear(pruned_linear(16, 32, 0.5, 1))
-    c = SparseLinear.from_linear(pruned_linear(16, 24, 0.5, 1))
-    with pytest.raises(ObertError, match="multiples of 16"):
-        SparseLinear.concat([a, b])
-    with pytest.raises(ObertError, match="one input size"):
-        SparseLinear.concat([b, c])
-    joined = SparseLinear.concat([b, a])  # only the last may end inside a row block
-    x = torch.randn(9, 32)
-    torch.testing.assert_close(joined(x), torch.cat([b(x), a(x)], 1), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -199,7 +199,6 @@ def format_table(result: dict) -> str:
                      f"({100 * rep['sparse_fraction']:.1f}% of Linear work), "
                      f"max |diff| vs dense {result['max_abs_diff'][name]:.2e}; fused: "
                      f"{len(rep['fused_ffn'])} FFN blocks, {len(rep['fused_norms'])} add+LayerNorm, "
-                     f"{len(rep.get('joined_projections', []))} Q/K/V joined, "
                      f"attention {'obert' if rep['fast_attention'] else 'torch SDPA'}")
     lines += ["", "| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |",
               "|---|---|---|---|"]

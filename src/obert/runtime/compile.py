@@ -28,7 +28,6 @@ from ..errors import ObertError
 from ..io import atomic_dir
 from ..quantize import smoothing_factors
 from ..targets import find_targets
-from . import projections
 from .calibrate import InputStats, input_stats
 from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
@@ -55,7 +54,6 @@ class CompileReport:
     fused_ffn: list[str] = field(default_factory=list)  # blocks whose two FFN layers run as one
     fast_attention: bool = False  # attention runs on obert's kernel (runtime/attention.py)
     fused_norms: list[str] = field(default_factory=list)  # output blocks: add + LayerNorm in one pass
-    joined_projections: list[list[str]] = field(default_factory=list)  # Q/K/V run as one call
     int8_rounding: str = "nearest"  # int8 weights: rounded to nearest, or "obs" (calibrated)
     smoothed: list[str] = field(default_factory=list)  # int8 layers with smoothed inputs
 
@@ -88,9 +86,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
     and run a feed-forward block whose two layers are both compiled as one ``SparseFFN``
-    (``_fuse_ffn``), do BERT output blocks' residual add and LayerNorm in one pass
-    (``norm.AddNorm``), and run each attention block's sparse Q, K and V as one call
-    (``projections.join``). ``attention``: switch the model's attention to obert's CPU kernel
+    (``_fuse_ffn``), and do BERT output blocks' residual add and LayerNorm in one pass
+    (``norm.AddNorm``). ``attention``: switch the model's attention to obert's CPU kernel
     (``attention.use_fast_attention``; cases it does not cover still run PyTorch's SDPA).
 
     ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
@@ -144,24 +141,15 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
         _fuse_activations(model, report)
         report.fused_ffn = _fuse_ffn(model)
         report.fused_norms = _fuse_norms(model)
-        report.joined_projections = projections.join(model)
     if attention:
         report.fast_attention = use_fast_attention(model)
     return report
 
 
 def _smoothing(targets: list, stats: dict[str, InputStats], alpha: float) -> dict[str, torch.Tensor]:
-    """Smoothing factors per layer; layers sharing an input (Q, K, V) share one set, from the
-    largest weight of each input channel over all of them, so they can still run as one call."""
-    groups: dict[int, list] = {}
-    for t in targets:
-        groups.setdefault(id(stats[t.name]), []).append(t)
-    out = {}
-    for members in groups.values():
-        wmax = torch.stack([t.module.weight.detach().abs().amax(0).cpu() for t in members]).amax(0)
-        s = smoothing_factors(stats[members[0].name].absmax, wmax, alpha).float()
-        out.update({t.name: s for t in members})
-    return out
+    """Each int8 layer's smoothing factors from its input's channel maxima and its weights."""
+    return {t.name: smoothing_factors(stats[t.name].absmax, t.module.weight.detach().abs().amax(0).cpu(),
+                                      alpha).float() for t in targets}
 
 
 def _is_exact_gelu(act) -> bool:
@@ -230,17 +218,6 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-def _joined_groups(model: nn.Module) -> list[dict]:
-    """Each ``JoinedProjections``: its members' names and output sizes (member 0 holds it)."""
-    members: dict[int, dict] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, projections.Projection):
-            g = members.setdefault(id(m.group), {"names": [None] * len(m.group.sizes),
-                                                 "sizes": m.group.sizes})
-            g["names"][m.index] = name
-    return list(members.values())
-
-
 def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     """Write the compiled model atomically (see the module docstring for the files)."""
     layers = sparse_modules(model)
@@ -253,7 +230,6 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
             "model_class": type(model).__name__, "ffn": ffn,
             "fast_attention": getattr(model.config, "_attn_implementation", None) == ATTENTION,
             "fused_norms": [n for n, m in model.named_modules() if isinstance(m, AddNorm)],
-            "joined": _joined_groups(model),
             "layers": {n: {"in_features": m.in_features, "out_features": m.out_features,
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
                            "int8": m.quantized, "activation": m.activation}
@@ -296,7 +272,6 @@ def load_compiled(path: str | Path) -> nn.Module:
         prefix = f"{block}." if block else ""
         modules[f"{prefix}intermediate.dense"] = modules.pop(f"{prefix}intermediate.dense.fc1")
         modules[f"{prefix}output.dense"] = modules.pop(f"{prefix}intermediate.dense.fc2")
-    joined = [(g, modules.pop(f"{g['names'][0]}.joined.fused")) for g in meta.get("joined", [])]
     for name, module in modules.items():
         _set_module(model, name, module)
         if module.activation is not None:  # the fused activation module is an Identity now
@@ -305,8 +280,6 @@ def load_compiled(path: str | Path) -> nn.Module:
                         nn.Identity())
     _fuse_ffn(model, meta.get("ffn", []))
     _fuse_norms(model, meta.get("fused_norms", []))
-    for group, fused in joined:
-        projections.install(model, group["names"], fused, group["sizes"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ObertError(f"{path}: weights do not match the model (missing {missing[:3]}, "

@@ -154,41 +154,6 @@ class SparseLinear(nn.Module):
         seg_ptr, col, val = pack_weight(w, group, chunk)
         return cls(w.shape[1], w.shape[0], seg_ptr, col, val, linear.bias, group, chunk)
 
-    @classmethod
-    def concat(cls, layers: list["SparseLinear"]) -> "SparseLinear":
-        """One layer whose outputs are ``layers``' outputs side by side (same input): their packed
-        buffers joined, no repacking. Needs the same input size, dtype, block size and chunk, no
-        fused activation, and every output size but the last a multiple of 16 (the kernel's row
-        blocks)."""
-        first = layers[0]
-        for m in layers:
-            if (m.in_features, m.quantized, m.group, m.chunk) != \
-                    (first.in_features, first.quantized, first.group, first.chunk) or m.activation:
-                raise ObertError("only sparse layers of one input size, dtype, block size and chunk, "
-                                 "without a fused activation, can be joined")
-        if any(m.out_features % ROWS for m in layers[:-1]):
-            raise ObertError(f"joined layers' output sizes must be multiples of {ROWS}")
-        if not same_input_scaling(layers):
-            raise ObertError("joined int8 layers must scale their shared input alike (in_mul)")
-        ptrs, offset = [], 0
-        for m in layers:
-            ptrs.append(m.seg_ptr[:-1] + offset)
-            offset += int(m.seg_ptr[-1])
-        seg_ptr = torch.cat([*ptrs, torch.tensor([offset], dtype=first.seg_ptr.dtype)])
-
-        def joined(name: str) -> Tensor | None:
-            parts = [getattr(m, name) for m in layers]
-            if all(p is None for p in parts):
-                return None
-            # A layer without a bias adds zeros (bias is the only buffer that may be absent).
-            return torch.cat([p if p is not None else torch.zeros(m.out_features)
-                              for p, m in zip(parts, layers)])
-
-        return cls(first.in_features, sum(m.out_features for m in layers), seg_ptr,
-                   torch.cat([m.col for m in layers]), torch.cat([m.val for m in layers]),
-                   joined("bias"), first.group, first.chunk, joined("w_scale"), joined("row_sum"),
-                   in_mul=first.in_mul)
-
     @property
     def nnz(self) -> int:
         """Stored weights (for block4: 4 per kept block)."""
@@ -304,14 +269,6 @@ def quantize_tokens(x: Tensor) -> Tensor:
     inv = 1 / scale
     zero = torch.round(-lo * inv)
     return ((torch.round(x * inv) + zero).clamp(0, 255) - zero) * scale
-
-
-def same_input_scaling(layers: list[SparseLinear]) -> bool:
-    """Every layer has no ``in_mul``, or all have the same one (they can share one input pass)."""
-    first = layers[0].in_mul
-    return all((m.in_mul is None and first is None) or
-               (m.in_mul is not None and first is not None and torch.equal(m.in_mul, first))
-               for m in layers)
 
 
 def _entry_rows(seg_ptr: Tensor, in_features: int, chunk: int) -> Tensor:
