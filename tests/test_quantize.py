@@ -148,6 +148,10 @@ def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
         torch.testing.assert_close(layers[name].to_dense_weight(), expected, rtol=0, atol=0)
         moved += int((layers[name].to_dense_weight() != plain[name].to_dense_weight()).sum())
     assert moved > 0  # OBS rounding changed some levels away from nearest
+    from obert.errors import ObertError
+
+    with pytest.raises(ObertError, match="dtype='int8'"):
+        compile(copy.deepcopy(model), calibration=calib)
     ids = torch.randint(5, 30, (4, 16))
     with torch.no_grad():
         ref = model(input_ids=ids).logits

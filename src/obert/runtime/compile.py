@@ -99,6 +99,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     ``smooth`` (``quantize.smoothing_factors``' alpha; 0 turns smoothing off). A few hundred
     sequences of the task's text are plenty.
     """
+    if calibration is not None and dtype != "int8":
+        raise ObertError("calibration rounds int8 weights: use it with dtype='int8'")
     model.eval()
     report = CompileReport()
     plan = []  # (target, nnz, int8) of the layers to compile
@@ -116,8 +118,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             report.dense_layers.append(t.name)
     stats: dict[str, InputStats] = {}
     smoothing: dict[str, torch.Tensor] = {}
-    if calibration is not None and dtype == "int8":
-        int8_layers = [t for t, _, q in plan if q]
+    int8_layers = [t for t, _, q in plan if q]
+    if calibration is not None and int8_layers:
         stats = input_stats(model, calibration, [t.name for t in int8_layers])
         report.int8_rounding = "obs"
         if smooth > 0:
@@ -127,8 +129,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
         macs = t.module.weight.numel()
         if int8:
             st = stats.get(t.name)
-            layer = SparseLinear.from_linear(t.module, dtype="int8", hessian=None if st is None else st.hessian,
-                                             smooth=smoothing.get(t.name))
+            layer = SparseLinear.from_linear(t.module, dtype="int8", smooth=smoothing.get(t.name),
+                                             hessian=None if st is None else st.hessian)
         else:
             layer = SparseLinear.from_linear(t.module, group=group)
             if dtype == "int8":
