@@ -58,8 +58,7 @@ def input_stats(model: nn.Module, batches: Iterable[dict], names: list[str],
     if need > free // 2:
         raise ObertError(f"int8 calibration needs up to {need / GiB:.1f} GiB for input Hessians, "
                          f"{free / GiB:.1f} GiB free: calibrate fewer layers (include/exclude)")
-    sums: dict[str, Tensor] = {}
-    absmax: dict[str, Tensor] = {}
+    stats: dict[str, InputStats] = {}  # per accumulating layer
     owner: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
     # id of an input tensor in this forward -> (the tensor, kept alive so no other tensor can
     # take its id during the forward, and the first layer fed it)
@@ -76,12 +75,14 @@ def input_stats(model: nn.Module, batches: Iterable[dict], names: list[str],
             if tokens[0] is not None and tokens[0].numel() == x2.shape[0]:
                 x2 = x2[tokens[0]]
             x2 = x2.double()
-            if key not in sums:
-                sums[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
-                absmax[key] = torch.zeros(x2.shape[1], dtype=torch.float64, device=x2.device)
-            sums[key].addmm_(x2.T, x2)
+            k = x2.shape[1]
+            st = stats.get(key)
+            if st is None:
+                st = stats[key] = InputStats(torch.zeros(k, k, dtype=torch.float64, device=x2.device),
+                                             torch.zeros(k, dtype=torch.float64, device=x2.device))
+            st.hessian.addmm_(x2.T, x2)
             if x2.shape[0]:
-                torch.maximum(absmax[key], x2.abs().amax(0), out=absmax[key])
+                torch.maximum(st.absmax, x2.abs().amax(0), out=st.absmax)
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -105,9 +106,8 @@ def input_stats(model: nn.Module, batches: Iterable[dict], names: list[str],
         model.train(was_training)
     if count == 0:
         raise ObertError("no calibration batches")
-    missing = [n for n in names if owner.get(n) not in sums]
+    missing = [n for n in names if owner.get(n) not in stats]
     if missing:
         raise ObertError(f"calibration never reached {missing[:3]}")
-    # on the CPU, where the kernels are
-    stats = {k: InputStats(sums[k].cpu(), absmax[k].cpu()) for k in sums}
-    return {n: stats[owner[n]] for n in names}
+    cpu = {k: InputStats(st.hessian.cpu(), st.absmax.cpu()) for k, st in stats.items()}  # where the kernels are
+    return {n: cpu[owner[n]] for n in names}

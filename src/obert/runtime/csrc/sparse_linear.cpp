@@ -230,9 +230,10 @@ void with_group(int64_t group, const F& f) {
   else f(std::integral_constant<int, 4>{});
 }
 
-// The optional bias, checked and kept contiguous in keep; null when there is none.
-const float* checked_bias(const c10::optional<torch::Tensor>& b, int64_t N, torch::Tensor& keep,
-                          const char* what = "bias") {
+// An optional per-row or per-column vector (bias, in_mul) of N float32 entries, checked and kept
+// contiguous in keep; null when there is none.
+const float* checked_vector(const c10::optional<torch::Tensor>& b, int64_t N, torch::Tensor& keep,
+                            const char* what) {
   if (!b.has_value() || !b->defined()) return nullptr;
   keep = b->contiguous();
   TORCH_CHECK(keep.numel() == N && keep.scalar_type() == torch::kFloat32,
@@ -255,7 +256,7 @@ struct LayerTensors {
     const int64_t chunks = (K + chunk - 1) / chunk, row_blocks = (N + ROWS - 1) / ROWS;
     TORCH_CHECK(sp.numel() == row_blocks * chunks * ROWS + 1, "seg_ptr does not match the shape");
     seg_ptr = sp.contiguous(), col = c.contiguous(), val = v.contiguous();
-    const float* bp = checked_bias(b, N, bias);
+    const float* bp = checked_vector(b, N, bias, "bias");
     layer = Layer{seg_ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), val.data_ptr<float>(), bp,
                   N, chunks, group, act};
   }
@@ -542,8 +543,8 @@ struct Layer8Tensors {
     TORCH_CHECK(ws.numel() == N && rs.numel() == N, "w_scale and row_sum must have N entries");
     seg_ptr = sp.contiguous(), col = c.contiguous(), qval = q.contiguous();
     w_scale = ws.contiguous(), row_sum = rs.contiguous();
-    const float* bp = checked_bias(b, N, bias);
-    const float* mp = checked_bias(mul, K, in_mul, "in_mul");
+    const float* bp = checked_vector(b, N, bias, "bias");
+    const float* mp = checked_vector(mul, K, in_mul, "in_mul");
     layer = Layer8{seg_ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), qval.data_ptr<int8_t>(),
                    w_scale.data_ptr<float>(), row_sum.data_ptr<int32_t>(), bp, N, chunks, act, mp};
   }
