@@ -35,9 +35,12 @@ def write_jsonl(path, rows) -> str:
 def make_tokenizer(tmp_path):
     from transformers import BertTokenizerFast
 
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(vocab))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    # The vocabulary goes in as a mapping: Transformers 5 ignores ``vocab_file`` here and builds a
+    # tokenizer of the special tokens alone, which maps every word to [UNK].
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)})
+    assert tok(WORDS[0])["input_ids"] == [2, 5, 3], "test tokenizer lost its vocabulary"
+    return tok
 
 
 def tiny_config(family: str, num_labels: int = 3):

@@ -1,23 +1,61 @@
 """The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``compile`` and ``bench``.
 
-User errors print one line (``error: ...``) and exit 2; nothing half-written is left in ``--out``.
-Set ``OBERT_DEBUG=1`` to see tracebacks.
+Exit codes: 0 on success; 2 for a usage or input error (one line naming the option or file);
+130 when interrupted (Ctrl-C), 143 on SIGTERM; 1 for anything unexpected. Errors are one line
+on stderr (``OBERT_DEBUG=1`` shows the traceback). Every option is checked, and every output path
+with it, before any work starts; outputs appear only complete (see ``obert.io``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import ObertError
+from .errors import ObertError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Second-order (oBERT) pruning of Hugging Face encoder models.")
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt")
+
+
+def number(kind: type = float, *, gt: float | None = None, ge: float | None = None,
+           lt: float | None = None, le: float | None = None) -> Callable[[object], float | int]:
+    """An option parser: a finite ``kind`` (float or int) within the given bounds.
+
+    Failures are usage errors naming the option (``Invalid value for '--damp': ...``), exit 2.
+    """
+    bounds = [f"{op} {v:g}" for op, v in ((">", gt), (">=", ge), ("<", lt), ("<=", le)) if v is not None]
+    what = ("a finite number" if kind is float else "an integer") + \
+        (f" {' and '.join(bounds)}" if bounds else "")
+
+    def parse(value: object) -> float | int:
+        try:
+            x = kind(value) if not isinstance(value, str) or kind is float else int(value.strip())
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"expected {what}, got '{value}'") from None
+        ok = (kind is int or math.isfinite(x)) and (gt is None or x > gt) and \
+            (ge is None or x >= ge) and (lt is None or x < lt) and (le is None or x <= le)
+        if not ok:
+            raise typer.BadParameter(f"must be {what}, got {value}")
+        return x
+
+    return parse
+
+
+POSITIVE, COUNT = number(float, gt=0), number(int, ge=1)
+SEED = number(int, ge=0, lt=2**32)
+LENGTH = number(int, ge=8)
 
 
 def _data(file: Optional[str], task: Optional[str], split: str, required: bool = True):
@@ -37,88 +75,113 @@ def _encode(rows, tokenizer, model, max_length: int):
                                              max_length)
 
 
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an earlier obert output at --out")
+TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer (hub id or directory) when the model directory has none")
+
+
 @app.command()
 def finetune(
     model: str = typer.Argument(..., help="Hub id or local model directory"),
-    out: Path = typer.Option(..., "--out", help="Output model directory"),
+    out: Path = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)"),
     train_file: Optional[str] = typer.Option(None, help="Training data (.jsonl/.csv: text[, text_pair], label)"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluation data (same format)"),
     task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
-    epochs: float = typer.Option(3.0, help="Training epochs"),
-    lr: float = typer.Option(5e-5, help="Peak learning rate (AdamW)"),
-    lr_scheduler: str = typer.Option("linear", help="linear, constant, cosine, ..."),
-    batch_size: int = typer.Option(32),
-    max_length: int = typer.Option(128, help="Tokens per example (longer ones are truncated)"),
-    max_train_rows: Optional[int] = typer.Option(None, help="Use a random subset of this many rows"),
-    seed: int = typer.Option(0),
+    epochs: float = typer.Option(3.0, parser=POSITIVE, help="Training epochs"),
+    lr: float = typer.Option(5e-5, parser=POSITIVE, help="Peak learning rate (AdamW)"),
+    lr_scheduler: str = typer.Option("linear", help=", ".join(LR_SCHEDULERS)),
+    batch_size: int = typer.Option(32, parser=COUNT),
+    max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per example, longer ones truncated (default 128, or the model's limit when shorter)"),
+    max_train_rows: Optional[int] = typer.Option(None, parser=COUNT, help="Use a random subset of this many rows"),
+    seed: int = typer.Option(0, parser=SEED),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)"),
+    tokenizer: Optional[str] = TOKENIZER,
+    reinit_head: bool = typer.Option(False, "--reinit-head", help="Train a new classification head (when the model's labels differ from the data's)"),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Dense fine-tuning of a sequence classifier (the task model you then prune)."""
     from .data import label_list
-    from .io import save_model_dir
+    from .io import check_output, save_model_dir
+    from .loading import check_length
     from .train import evaluate, finetune as run_finetune, load_classifier, pick_device
 
-    _check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise ObertError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{lr_scheduler}'")
+    target = pick_device(device)
+    check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
     all_train = _data(train_file, task, "train")
     eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
     # Label ids come from every label seen in either split, so a subset still knows all classes.
     labels = label_list(all_train.labels + (eval_rows.labels if eval_rows else []))
+    if len(label_list(all_train.labels)) < 2:
+        raise ObertError(f"the training data has only one class ({all_train.labels[0]!r}): a "
+                         "classifier needs at least two")
     train_rows = all_train.subset(max_train_rows, seed)
-    tokenizer, net = load_classifier(model, labels)
-    net.to(pick_device(device))
-    train_ds = _encode(train_rows, tokenizer, net, max_length)
-    eval_ds = _encode(eval_rows, tokenizer, net, max_length)
+    tok, net = load_classifier(model, labels, tokenizer=tokenizer, reinit_head=reinit_head,
+                               log=typer.echo)
+    max_length = check_length(max_length, net.config, "--max-length", tok)
+    net.to(target)
+    train_ds = _encode(train_rows, tok, net, max_length)
+    eval_ds = _encode(eval_rows, tok, net, max_length)
     t0 = time.perf_counter()
-    run_finetune(net, tokenizer, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+    run_finetune(net, tok, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                  lr_scheduler=lr_scheduler)
     metrics = {"train_seconds": time.perf_counter() - t0, "train_rows": len(train_ds)}
     if eval_ds is not None:
         metrics.update(evaluate(net, eval_ds))
         typer.echo(f"eval accuracy: {metrics['accuracy']:.4f} ({metrics['num_examples']} examples)")
-    save_model_dir(out, net, tokenizer, {"metrics.json": metrics})
+    save_model_dir(out, net, tok, {"metrics.json": metrics}, overwrite=overwrite)
     typer.echo(f"saved {out}")
 
 
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Fine-tuned model (hub id or local directory)"),
-    out: Path = typer.Option(..., "--out", help="Output model directory"),
-    sparsity: float = typer.Option(..., help="Target fraction of pruned weights, in [0, 1)"),
+    out: Path = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)"),
+    sparsity: float = typer.Option(..., parser=number(), help="Target fraction of pruned weights, in [0, 1)"),
     train_file: Optional[str] = typer.Option(None, help="Training data for the gradients"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluate before and after pruning"),
     task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
     method: str = typer.Option("obert", help="obert or magnitude"),
     structure: str = typer.Option("unstructured", help="unstructured or block4 (4 consecutive input weights)"),
     scope: str = typer.Option("global", help="global (one threshold) or uniform (same sparsity per layer)"),
-    num_grads: int = typer.Option(256, help="m: mini-batch gradients for the Fisher (paper: 1024)"),
-    grad_batch_size: int = typer.Option(16, help="Examples per gradient mini-batch"),
-    fisher_block_size: Optional[int] = typer.Option(None, help="B (default 50; 32 for block4)"),
-    damp: float = typer.Option(1e-7, help="Fisher damping lambda (absolute)"),
-    num_recomputations: int = typer.Option(1, help="Reach the target in R steps, re-estimating the Fisher"),
+    num_grads: int = typer.Option(256, parser=number(int), help="m: mini-batch gradients for the Fisher (paper: 1024)"),
+    grad_batch_size: int = typer.Option(16, parser=number(int), help="Examples per gradient mini-batch"),
+    fisher_block_size: Optional[int] = typer.Option(None, parser=number(int), help="B (default 50; 32 for block4)"),
+    damp: float = typer.Option(1e-7, parser=number(), help="Fisher damping lambda (absolute)"),
+    num_recomputations: int = typer.Option(1, parser=number(int), help="Reach the target in R steps, re-estimating the Fisher"),
     update: str = typer.Option("joint", help="joint (exact per-block OBS) or independent (paper)"),
     include: Optional[list[str]] = typer.Option(None, help="Regex of Linear module names to prune (repeatable)"),
     exclude: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep dense (repeatable)"),
-    max_length: int = typer.Option(128),
-    eval_batch_size: int = typer.Option(64),
-    max_memory: Optional[float] = typer.Option(None, help="GiB for Fisher blocks (default: 80% of free)"),
-    seed: int = typer.Option(0),
+    max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per example (default 128, or the model's limit when shorter)"),
+    eval_batch_size: int = typer.Option(64, parser=COUNT),
+    max_memory: Optional[float] = typer.Option(None, parser=number(), help="GiB for Fisher blocks (default: 80% of free)"),
+    seed: int = typer.Option(0, parser=number(int)),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)"),
+    tokenizer: Optional[str] = TOKENIZER,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """One-shot pruning to a target sparsity; writes a HF model dir with sparsity.json."""
+    from .io import check_output
     from .methods import PruneConfig
     from .oneshot import run_prune
+    from .targets import compile_patterns
+    from .train import pick_device
 
     config = PruneConfig(sparsity=sparsity, method=method, structure=structure, scope=scope,
                          num_grads=num_grads, grad_batch_size=grad_batch_size,
                          fisher_block_size=fisher_block_size, damp=damp,
                          num_recomputations=num_recomputations, update=update,
                          max_memory_gb=max_memory, seed=seed)
+    compile_patterns(include, "--include")
+    compile_patterns(exclude, "--exclude")
+    pick_device(device)
+    check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
     needs_train = method == "obert"
     train_rows = _data(train_file, task, "train", required=needs_train)
     eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
     result = run_prune(model, config, train_rows, eval_rows, out=out, include=include,
                        exclude=exclude, max_length=max_length, eval_batch_size=eval_batch_size,
-                       device=device)
+                       device=device, tokenizer=tokenizer, overwrite=overwrite)
     if "accuracy_before" in result:
         typer.echo(f"accuracy before: {result['accuracy_before']:.4f}  after: "
                    f"{result['accuracy_after']:.4f}")
@@ -129,7 +192,9 @@ def prune(
 def train(
     recipe: Path = typer.Option(..., "--recipe", help="YAML recipe (see recipes/)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a field: section.key=value (repeatable)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint"),
+    force_recipe: bool = typer.Option(False, "--force-recipe", help="Resume although the recipe's settings changed since the checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier obert output at output_dir"),
     keep_checkpoints: bool = typer.Option(False, help="Keep OUT.checkpoints/ after a successful run"),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars"),
 ) -> None:
@@ -138,7 +203,8 @@ def train(
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    metrics = run_recipe(r, resume=resume, keep_checkpoints=keep_checkpoints, progress=not no_progress)
+    metrics = run_recipe(r, resume=resume, keep_checkpoints=keep_checkpoints, progress=not no_progress,
+                         overwrite=overwrite, force_recipe=force_recipe, inputs=[recipe])
     if metrics:
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
                           if k in metrics)
@@ -148,45 +214,53 @@ def train(
 @app.command("compile")
 def compile_model(
     model: str = typer.Argument(..., help="Pruned model directory (or hub id)"),
-    out: Path = typer.Option(..., "--out", help="Output directory of the compiled model"),
+    out: Path = typer.Option(..., "--out", help="Output directory of the compiled model (new, or an obert output with --overwrite)"),
     dtype: str = typer.Option("float32", help="float32, or int8 (block4 layers; others float32)"),
-    min_sparsity: Optional[float] = typer.Option(None, help="Compile layers at least this sparse (default: per kernel)"),
+    min_sparsity: Optional[float] = typer.Option(None, parser=number(ge=0, le=1), help="Compile layers at least this sparse (default: per kernel)"),
     calibration_file: Optional[str] = typer.Option(None, help="int8: text (.jsonl/.csv, as for training) whose activations calibrate OBS rounding of the weights"),
     task: Optional[str] = typer.Option(None, help="int8: GLUE task whose train split calibrates (needs the hub)"),
-    calibration_rows: int = typer.Option(512, help="Rows of calibration text (a random subset)"),
-    max_length: int = typer.Option(128, help="Tokens per calibration row"),
-    seed: int = typer.Option(0),
+    calibration_rows: int = typer.Option(512, parser=COUNT, help="Rows of calibration text (a random subset)"),
+    max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per calibration row (default 128, or the model's limit when shorter)"),
+    seed: int = typer.Option(0, parser=SEED),
+    tokenizer: Optional[str] = TOKENIZER,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
-    from transformers import AutoTokenizer
-
+    from .io import check_output
+    from .loading import ENCODER, check_length, load_config, load_tokenizer, model_kind
     from .runtime import compile as compile_runtime, save_compiled
     from .runtime.bench import load_model
     from .runtime.calibrate import text_batches
 
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
-    if min_sparsity is not None and not 0 <= min_sparsity <= 1:
-        raise ObertError(f"--min-sparsity must be in [0, 1], got {min_sparsity}")
-    _check_positive(calibration_rows=calibration_rows, max_length=max_length)
     calibrate = calibration_file is not None or task is not None
     if calibrate and dtype != "int8":
         raise ObertError("calibration rounds int8 weights: add --dtype int8")
+    check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)
+    config = load_config(model)
     net = load_model(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        if calibrate:
-            raise ObertError(f"calibration needs the model's tokenizer: {exc}") from exc
-        tokenizer = None
+    if model_kind(config) == ENCODER and config.architectures and \
+            not config.architectures[0].endswith("Model"):
+        typer.echo(f"note: {model} is a {config.architectures[0]}: compiling its encoder only "
+                   "(the pre-training head is not kept)")
+    tok = None
+    if calibrate or tokenizer is not None:
+        tok = load_tokenizer(model, tokenizer, config)
+        max_length = check_length(max_length, config, "--max-length", tok)
+    else:
+        try:  # saved next to the compiled model when there is one; not needed to compile
+            tok = load_tokenizer(model, None, config)
+        except ObertError as exc:
+            typer.echo(f"note: no tokenizer saved with the compiled model ({exc})")
     batches = None
     if calibrate:
         rows = _data(calibration_file, task, "train").subset(calibration_rows, seed)
-        batches = text_batches(tokenizer, rows.texts, rows.pairs, max_length=max_length)
+        batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
     report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches)
     if not report.sparse_layers:
         raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
-    save_compiled(net, out, tokenizer)
+    save_compiled(net, out, tok, overwrite=overwrite)
     rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
         if dtype == "int8" else ""
     typer.echo(f"{report.summary()}{rounding}; saved {out}")
@@ -195,66 +269,84 @@ def compile_model(
 @app.command()
 def bench(
     model: str = typer.Argument(..., help="Pruned model directory (or hub id)"),
-    batch_size: int = typer.Option(16, help="Sequences per batch"),
-    seq_len: int = typer.Option(128, help="Tokens per sequence"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: PyTorch's)"),
-    rounds: int = typer.Option(5, help="Interleaved timing rounds"),
-    iters: int = typer.Option(3, help="Timed calls per variant and round"),
+    batch_size: int = typer.Option(16, parser=COUNT, help="Sequences per batch"),
+    seq_len: Optional[int] = typer.Option(None, parser=COUNT, help="Tokens per sequence (default 128, or the model's limit when shorter)"),
+    threads: Optional[int] = typer.Option(None, parser=COUNT, help="CPU threads (default: PyTorch's)"),
+    rounds: int = typer.Option(5, parser=COUNT, help="Interleaved timing rounds"),
+    iters: int = typer.Option(3, parser=COUNT, help="Timed calls per variant and round"),
     int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="Measure the int8 block4 path (default: when block4)"),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also measure dense ONNX Runtime fp32 and int8"),
     plot: Optional[Path] = typer.Option(None, help="Write a chart (PNG)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --plot / --json files"),
 ) -> None:
     """Throughput of the same model dense vs sparse on this CPU (like for like)."""
-    from .io import write_json
+    from .io import atomic_file, check_file_output, write_json
+    from .loading import check_length, load_config
     from .runtime.bench import format_table, plot as plot_chart, run_bench
 
-    _check_positive(batch_size=batch_size, seq_len=seq_len, rounds=rounds, iters=iters)
-    if threads is not None:
-        _check_positive(threads=threads)
+    for path, option in ((plot, "--plot"), (json_out, "--json")):
+        if path is not None:
+            check_file_output(path, inputs=[model], overwrite=overwrite, option=option)
+    seq_len = check_length(seq_len, load_config(model), "--seq-len")
     result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
                        iters=iters, onnx=onnx, int8=int8)
     typer.echo(format_table(result))
     if plot is not None:
-        plot_chart(result, plot)
+        with atomic_file(plot) as tmp:
+            plot_chart(result, tmp)
     if json_out is not None:
         write_json(json_out, result)
 
 
-def _check_positive(**values: float) -> None:
-    for name, v in values.items():
-        if v <= 0:
-            raise ObertError(f"--{name.replace('_', '-')} must be positive, got {v}")
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so outputs are cleaned up as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app, turning user errors into one line and exit code 2."""
-    try:
-        app(args=argv, standalone_mode=False)
-    except ObertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (typer.Exit,) as exc:
-        return exc.exit_code
-    except Exception as exc:  # click usage errors and anything unexpected: still one line
-        import click
+    """Entry point: runs the app and turns every outcome into one line and an exit code."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-        if os.environ.get("OBERT_DEBUG"):
+    debug = bool(os.environ.get("OBERT_DEBUG"))
+    # Signal handlers can only be set from the main thread (a test may call main elsewhere).
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError:
+        return 2  # the help is already printed: it is the message
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Terminated:
+        return _fail("terminated (SIGTERM)", 143)
+    except ObertError as exc:
+        if debug:
             raise
-        if isinstance(exc, click.exceptions.ClickException):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("error: aborted", file=sys.stderr)
-            return 130
-        if isinstance(exc, MemoryError):
-            print("error: out of memory (lower --num-grads, --fisher-block-size or --max-memory)",
-                  file=sys.stderr)
-            return 1
-        print(f"error: {type(exc).__name__}: {exc} (set OBERT_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return 1
-    return 0
+        return _fail((str(exc).strip().splitlines() or ["failed"])[0], 2)
+    except ClickException as exc:  # usage errors: they name the option and the expected values
+        return _fail((exc.format_message().strip().splitlines() or [type(exc).__name__])[0],
+                     exc.exit_code)
+    except MemoryError:
+        return _fail("out of memory (lower --num-grads, --fisher-block-size or --max-memory)", 1)
+    except Exception as exc:
+        if debug:
+            raise
+        return _fail(f"{type(exc).__name__}: {first_line(exc)} (set OBERT_DEBUG=1 for a traceback)", 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if rv == 130:  # Typer turns Ctrl-C into this return value
+        return _fail("interrupted", 130)
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

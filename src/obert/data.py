@@ -56,6 +56,22 @@ class TextData:
         return TextData(pick(self.texts), pick(self.pairs) if self.pairs else None, pick(self.labels))
 
 
+def count_lines(path: Path) -> int:
+    """Non-blank lines of a UTF-8 text file; a one-line error naming the file and line otherwise."""
+    n = 0
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    n += bool(raw.decode("utf-8").strip())
+                except UnicodeDecodeError as exc:
+                    raise ObertError(f"{path}: line {number} is not UTF-8 text (byte "
+                                     f"{raw[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise ObertError(f"cannot read {path}: {exc.strerror}") from None
+    return n
+
+
 def load_file(path: str | Path) -> TextData:
     """Load a ``.jsonl``/``.json`` or ``.csv`` file through ``datasets``."""
     path = Path(path)
@@ -65,8 +81,7 @@ def load_file(path: str | Path) -> TextData:
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise ObertError(f"unsupported data file type '{suffix}' (use .jsonl, .json or .csv): {path}")
-    with path.open(errors="replace") as f:
-        lines = sum(1 for line in f if line.strip())
+    lines = count_lines(path)
     if lines <= (1 if builder == "csv" else 0):  # a CSV header alone holds no rows
         raise ObertError(f"{path}: no rows")
     import datasets

@@ -21,21 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .callback import OBertPruningCallback
+from .callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
 from .distributed import rank, world_size
-from .errors import ObertError, first_line
-from .io import save_model_dir, write_json
+from .errors import ObertError
+from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, pick_checkpoint, recipe_changes,
+                          sealed_checkpoints)
+from .io import MARKER, check_output, save_model_dir, write_json
+from .loading import check_length, load_weights, quiet_transformers
 from .masks import MaskSet
 from .recipe import Recipe, dump_recipe
 from .schedule import steps_per_epoch
 from .targets import find_targets
 from .trainer import LRSchedule, ObertTrainer
 
-SEAL = "obert_complete"
-HISTORY_FILE = "obert_history.json"
 
 
 @dataclass
@@ -52,30 +54,27 @@ class Task:
     load_teacher: Callable[[str], torch.nn.Module]
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def classification_task(recipe: Recipe) -> Task:
     from transformers import AutoModelForSequenceClassification
 
     from .data import Encoded, label_list, label_map_from_config, load_data
+    from .loading import CLASSIFIER, load_config, require_kind
     from .train import evaluate, load_classifier
 
     d, tr = recipe.data, recipe.training
     train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
     eval_rows = load_data(d.eval_file, d.task if d.eval_file is None else None, "eval")
     labels = label_list(train_rows.labels + eval_rows.labels)
-    tokenizer, model = load_classifier(recipe.model.path, labels)
+    tokenizer, model = load_classifier(recipe.model.path, labels, tokenizer=recipe.model.tokenizer,
+                                       reinit_head=recipe.model.reinit_head, log=_print)
+    check_length(tr.max_length, model.config, "training.max_length", tokenizer)
     label2id = label_map_from_config(model.config)
     train_ds = Encoded(train_rows.subset(d.max_train_rows, tr.seed), tokenizer, label2id, tr.max_length)
     eval_ds = Encoded(eval_rows.subset(d.max_eval_rows, tr.seed), tokenizer, label2id, tr.max_length)
 
     def load_teacher(path: str):
-        teacher = _load(AutoModelForSequenceClassification, path, "teacher")
+        require_kind(load_config(path, "teacher"), path, (CLASSIFIER,), "distillation.teacher")
+        teacher = load_weights(AutoModelForSequenceClassification, path, "teacher")
         if teacher.config.num_labels != len(label2id):
             raise ObertError(f"teacher '{path}' predicts {teacher.config.num_labels} labels but the "
                              f"data has {len(label2id)}")
@@ -94,33 +93,34 @@ def classification_task(recipe: Recipe) -> Task:
 
 
 def qa_task(recipe: Recipe) -> Task:
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers import AutoModelForQuestionAnswering
 
+    from .loading import ENCODER, QA, load_config, load_tokenizer, require_kind
     from .qa import eval_features, evaluate_qa, load_qa, train_features
 
     d, tr = recipe.data, recipe.training
+    path = recipe.model.path
+    config = load_config(path)
+    if require_kind(config, path, (QA, ENCODER), "question answering") == ENCODER:
+        _print(f"[obert] {path} is an encoder without a question-answering head: adding one")
+    tokenizer = load_tokenizer(path, recipe.model.tokenizer, config)
+    check_length(tr.max_length, config, "training.max_length", tokenizer)
     train = load_qa(d.train_file, d.task if d.train_file is None else None, "train")
     dev = load_qa(d.eval_file, d.task if d.eval_file is None else None, "eval")
     train, dev = train.subset(d.max_train_rows, tr.seed), dev.subset(d.max_eval_rows, tr.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ObertError(f"cannot load tokenizer '{recipe.model.path}': {first_line(exc)}") from exc
-    model = _load(AutoModelForQuestionAnswering, recipe.model.path, "model")
+    model = load_weights(AutoModelForQuestionAnswering, path)
     collator = DataCollatorWithPadding(tokenizer)
     features = train_features(train, tokenizer, tr.max_length, tr.doc_stride)
     dev_feats = eval_features(dev, tokenizer, tr.max_length, tr.doc_stride)
+
+    def load_teacher(teacher: str):
+        require_kind(load_config(teacher, "teacher"), teacher, (QA,), "distillation.teacher")
+        return load_weights(AutoModelForQuestionAnswering, teacher, "teacher")
+
     return Task("question-answering", "f1", tokenizer, model, features, collator,
                 lambda m: evaluate_qa(m, dev, dev_feats, collator, tr.eval_batch_size,
                                       progress=rank() == 0),
-                lambda path: _load(AutoModelForQuestionAnswering, path, "teacher"))
-
-
-def _load(cls, path: str, what: str):
-    try:
-        return cls.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}") from exc
+                load_teacher)
 
 
 class RunRecorder(TrainerCallback):
@@ -128,8 +128,9 @@ class RunRecorder(TrainerCallback):
     and seals checkpoints (history file, then the ``obert_complete`` marker, then rotation)."""
 
     def __init__(self, evaluate: Callable, eval_every_epochs: float, pruning: OBertPruningCallback | None,
-                 keep: int = 2) -> None:
+                 keep: int = 2, recipe_text: str = "") -> None:
         self.evaluate = evaluate
+        self.recipe_text = recipe_text
         self.every = eval_every_epochs
         self.pruning = pruning
         self.keep = keep
@@ -172,6 +173,7 @@ class RunRecorder(TrainerCallback):
         if not folder.is_dir():
             return
         write_json(folder / HISTORY_FILE, {"history": self.history})
+        (folder / RECIPE_FILE).write_text(self.recipe_text)
         (folder / SEAL).write_text("ok\n")
         for old in sealed_checkpoints(Path(args.output_dir))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -187,46 +189,56 @@ def _print(msg: str) -> None:
     tqdm.write(msg)
 
 
-def sealed_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("checkpoint-*") if (p / SEAL).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def checkpoint_dir(recipe: Recipe) -> Path:
     out = Path(recipe.output_dir)
     return out.with_name(out.name + ".checkpoints")
 
 
 def build_task(recipe: Recipe) -> Task:
-    _quiet_transformers()
+    quiet_transformers()
     return qa_task(recipe) if recipe.model.task_type == "question-answering" else classification_task(recipe)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,
-               extra_callbacks: list | None = None, progress: bool = True) -> dict:
-    """Train (and gradually prune) as ``recipe`` says; returns the final metrics."""
+               extra_callbacks: list | None = None, progress: bool = True, overwrite: bool = False,
+               force_recipe: bool = False, inputs: list | None = None) -> dict:
+    """Train (and gradually prune) as ``recipe`` says; returns the final metrics.
+
+    Before any work: ``output_dir`` is checked as ``obert.io.check_output`` does (an earlier obert
+    output is replaced only with ``overwrite``; ``inputs`` adds files the caller read, such as the
+    recipe). ``resume`` continues from the newest intact checkpoint, and refuses when the recipe's
+    settings differ from the checkpointed run's unless ``force_recipe``.
+    """
     from transformers import TrainingArguments
 
     from .train import pick_device
 
     tr = recipe.training
     ckpt = checkpoint_dir(recipe)
+    d = recipe.data
+    read = [recipe.model.path, recipe.model.tokenizer, d.train_file, d.eval_file,
+            recipe.distillation.teacher if recipe.distillation else None, *(inputs or [])]
+    check_output(recipe.output_dir, inputs=read, overwrite=overwrite, option="output_dir")
+    _check_checkpoint_dir(ckpt, read)
     resume_from = None
     if resume:
-        sealed = sealed_checkpoints(ckpt)
-        resume_from = sealed[-1] if sealed else None
-        if rank() == 0:  # checkpoints a kill left half-written are never used: clear them
-            for p in ckpt.glob("checkpoint-*") if ckpt.is_dir() else []:
-                if p not in sealed:
+        extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
+        resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
+        if resume_from is not None:
+            _check_same_recipe(resume_from, recipe, force_recipe)
+        if rank() == 0:  # checkpoints a kill left half-written or damaged are never used: clear them
+            sealed = set(sealed_checkpoints(ckpt))
+            for p in ckpt.glob("*checkpoint-*") if ckpt.is_dir() else []:
+                if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from)):
                     shutil.rmtree(p, ignore_errors=True)
         if resume_from is None and rank() == 0:
             _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
     elif sealed_checkpoints(ckpt):
         raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
                          "it, or remove that directory")
+    if rank() == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / MARKER).touch()
 
     task = build_task(recipe)
     model = task.model
@@ -238,7 +250,8 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
         pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
                                           task.collator, include=recipe.pruning.include,
                                           exclude=recipe.pruning.exclude, log=_print)
-    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb)
+    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
+                           recipe_text=dump_recipe(recipe))
     teacher = None
     dist_cfg = recipe.distillation
     if dist_cfg is not None and dist_cfg.hardness > 0:
@@ -299,10 +312,48 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
 
     save_model_dir(recipe.output_dir, model, task.tokenizer,
                    {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
-                   hook=extra)
+                   hook=extra, overwrite=overwrite)
     if not keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def _step(folder: Path) -> int:
+    tail = folder.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:
+    """The checkpoint directory is obert's alone: it is created, filled and removed by the run."""
+    if ckpt.is_symlink() or (ckpt.exists() and not ckpt.is_dir()):
+        raise ObertError(f"{ckpt} (the run's checkpoint directory) exists and is not a directory")
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        if not (ckpt / MARKER).is_file() and not sealed_checkpoints(ckpt):
+            raise ObertError(f"{ckpt} (the run's checkpoint directory) holds files obert did not "
+                             "write: move them, or choose another output_dir")
+    else:
+        check_output(ckpt, inputs=inputs, option="checkpoint directory")
+
+
+def _check_same_recipe(folder: Path, recipe: Recipe, force: bool) -> None:
+    """Refuse to resume under other settings than the checkpoint's, unless ``force``."""
+    from .recipe import load_recipe
+
+    saved_file = folder / RECIPE_FILE
+    if not saved_file.is_file():
+        changed = None
+    else:
+        saved = load_recipe(doc=yaml.safe_load(saved_file.read_text()))
+        changed = recipe_changes(saved.model_dump(), recipe.model_dump())
+        if not changed:
+            return
+    what = "records no recipe" if changed is None else \
+        f"was written under other settings ({', '.join(changed)})"
+    if not force:
+        raise ObertError(f"{folder.name} {what}: resume with the same recipe, or pass "
+                         "--force-recipe to continue under the new one")
+    if rank() == 0:
+        _print(f"[obert] {folder.name} {what}: continuing under the new recipe (--force-recipe)")
 
 
 def plot_history(history: dict, metric: str, path: Path) -> None:

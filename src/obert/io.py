@@ -1,55 +1,210 @@
-"""Writing results atomically: everything goes to a temporary sibling, then one rename."""
+"""Writing results safely: outputs are checked before any work, written to a temporary sibling,
+then put in place with one rename.
+
+An output directory obert wrote carries a marker file (``MARKER``); only such a directory may be
+replaced, and only when the caller says so (``overwrite=True``, the CLI's ``--overwrite``).
+Anything else that already exists at the output path (a file, a symbolic link, a directory with
+content obert did not write, the working directory, a directory holding one of the run's inputs)
+is refused before any work starts, so a mistyped ``--out`` never deletes a user's data.
+
+Temporary directories are named ``.NAME.obert-tmp-HOST-PID-TOKEN``: they are removed on every
+exit path Python sees (errors, Ctrl-C, SIGTERM through the CLI), and the next write next to the
+same output removes those a killed process (``kill -9``) left behind. Files and directories get
+the permissions the umask gives, like any file the user creates.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import ObertError
+
+MARKER = ".obert_output"
+_TMP, _OLD = "obert-tmp", "obert-old"
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (),
+                 overwrite: bool = False, option: str = "--out") -> Path:
+    """Refuse an output path that would destroy something; returns it. Call before any work.
+
+    Allowed: a path that does not exist (in a writable place), an empty directory, or a
+    directory obert wrote earlier (its ``MARKER``) when ``overwrite``. Refused: a file, a symbolic
+    link, any other non-empty directory, the working directory or a directory above it, and a
+    path that is or contains one of ``inputs`` (local paths; hub ids are ignored).
+    """
+    out = Path(out)
+    where = f"{option} {out}"
+    if out.is_symlink():
+        raise ObertError(f"{where} is a symbolic link: give a new directory path")
+    real = out.resolve()
+    if _contains(real, Path.cwd().resolve()):
+        raise ObertError(f"{where} is the working directory or contains it: give a new directory")
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        if _contains(real, Path(item).resolve()):
+            raise ObertError(f"{where} would replace the input {item}: write to a new directory")
+    if out.exists():
+        if not out.is_dir():
+            raise ObertError(f"{where} is an existing file: give a new directory path")
+        if (out / MARKER).is_file():
+            if not overwrite:
+                raise ObertError(f"{where} holds an earlier obert output: pass --overwrite to "
+                                 "replace it, or choose a new directory")
+        elif any(out.iterdir()):
+            raise ObertError(f"{where} is a non-empty directory obert did not write: give a new "
+                             "directory (obert replaces only its own outputs, with --overwrite)")
+    _check_writable(out.parent, where)
+    return out
+
+
+def check_file_output(path: str | Path, *, inputs: Iterable[str | Path | None] = (),
+                      overwrite: bool = False, option: str = "--out") -> Path:
+    """Like ``check_output`` for a single file: an existing file is replaced only with
+    ``overwrite``; a directory, a symbolic link or a path inside an input is refused."""
+    path = Path(path)
+    where = f"{option} {path}"
+    if path.is_symlink() or path.is_dir():
+        raise ObertError(f"{where} is a {'symbolic link' if path.is_symlink() else 'directory'}: "
+                         "give a file path")
+    real = path.resolve()
+    for item in inputs:
+        if item is not None and Path(item).exists() and _contains(Path(item).resolve(), real):
+            raise ObertError(f"{where} lies in the input {item}: write it elsewhere")
+    if path.exists() and not overwrite:
+        raise ObertError(f"{where} exists: pass --overwrite to replace it")
+    _check_writable(path.parent, where)
+    return path
+
+
+def _check_writable(parent: Path, where: str) -> None:
+    """Probe the nearest existing ancestor with a real mkdir (``os.access`` says yes to root)."""
+    base = _nearest_existing(parent)
+    if not base.is_dir():
+        raise ObertError(f"{where}: {base} is not a directory")
+    probe = base / f".obert-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        raise ObertError(f"{where}: cannot write in {base} ({os.strerror(exc.errno or errno.EACCES)})") from None
+
+
+def _stamp() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove temporary siblings of ``out`` left by killed processes on this host; returns them."""
+    host, removed = socket.gethostname(), []
+    if not out.parent.is_dir():
+        return removed
+    for kind in (_TMP, _OLD):
+        for p in out.parent.glob(f".{out.name}.{kind}-*"):
+            parts = p.name[len(f".{out.name}.{kind}-"):].rsplit("-", 2)  # HOST-PID-TOKEN
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue
+            if parts[0] == host and not _pid_alive(int(parts[1])):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
 
 @contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; on success it replaces ``out``.
+def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out``; on success it becomes ``out``.
 
-    On any error the temporary directory is removed and ``out`` is left as it was.
+    ``out`` is checked again when the work is done (``check_output`` rules, without inputs): an
+    obert output there is replaced only with ``overwrite``. On any error, interrupt included,
+    the temporary directory is removed and ``out`` is left as it was.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out)
+    tmp = out.parent / f".{out.name}.{_TMP}-{_stamp()}"
+    tmp.mkdir()  # honours the umask, where tempfile.mkdtemp always gives 0700
     try:
         yield tmp
+        write_json(tmp / MARKER, {"written_by": "obert"})
+        _check_replaceable(out, overwrite)
+        if out.exists():
+            old = out.parent / f".{out.name}.{_OLD}-{_stamp()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ObertError(f"{out} is not a directory obert wrote: not replaced")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ObertError(f"{out} is a non-empty directory obert did not write: not replaced")
+        if not overwrite:
+            raise ObertError(f"{out} holds an earlier obert output: pass overwrite to replace it")
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` to write; on success it replaces ``path``."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{_TMP}-{_stamp()}{path.suffix}"  # writers go by suffix
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | Path, data: dict) -> None:
     """Write JSON atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(f.name, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "x") as f:  # plain open: the umask sets the permissions
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
 
 
 def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None,
-                   hook: Callable[[Path], None] | None = None) -> Path:
+                   hook: Callable[[Path], None] | None = None, *, overwrite: bool = False) -> Path:
     """Save a Hugging Face model directory (safetensors) plus JSON files, atomically.
 
     ``hook(folder)`` may add more files to the directory before it takes its final name.
     """
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .data import Encoded, TextData, label_map_from_config
 from .fisher import FisherResult, collect_fisher
 from .io import save_model_dir
+from .loading import check_length
 from .masks import MaskSet
 from .methods import PruneConfig
 from .prune import PruneReport, prune_model
@@ -31,9 +32,16 @@ def sparsity_record(masks, config: PruneConfig, report: PruneReport, source: str
 
 def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
               eval_rows: TextData | None, *, out: str | Path, include=None, exclude=None,
-              max_length: int = 128, eval_batch_size: int = 64, device: str | None = None) -> dict:
-    """Prune ``model_path`` to ``config.sparsity`` and save it to ``out``; returns the summary."""
-    tokenizer, model = load_classifier(model_path)
+              max_length: int | None = None, eval_batch_size: int = 64, device: str | None = None,
+              tokenizer: str | None = None, overwrite: bool = False) -> dict:
+    """Prune ``model_path`` to ``config.sparsity`` and save it to ``out``; returns the summary.
+
+    ``max_length``: tokens per example (None: 128, or the model's limit when shorter).
+    ``tokenizer`` names another tokenizer when the model directory has none; an earlier obert
+    output at ``out`` is replaced only with ``overwrite``.
+    """
+    tokenizer, model = load_classifier(model_path, tokenizer=tokenizer)
+    max_length = check_length(max_length, model.config, "--max-length", tokenizer)
     model.to(pick_device(device))
     targets = find_targets(model, include, exclude)  # fails early if nothing is prunable
     label2id = label_map_from_config(model.config)
@@ -48,7 +56,8 @@ def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
         metrics["accuracy_after"] = evaluate(model, eval_ds, eval_batch_size)["accuracy"]
     record = sparsity_record(masks, config, report, model_path)
     metrics.update(global_sparsity=record["global_sparsity"], timings=report.timings)
-    save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics})
+    save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics},
+                   overwrite=overwrite)
     return metrics
 
 

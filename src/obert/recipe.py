@@ -23,15 +23,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ObertError
+from .targets import compile_patterns
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity pass every range check (nan > 0 is False, inf > 0 is True): refuse them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSection(_Section):
     path: str
     task_type: Literal["classification", "question-answering"] = "classification"
+    tokenizer: str | None = None  # another tokenizer (hub id or directory) when path has none
+    reinit_head: bool = False  # train a new classification head when the labels differ
 
 
 class DataSection(_Section):
@@ -60,7 +64,7 @@ class TrainingSection(_Section):
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     eval_batch_size: int = Field(64, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seed range
     fp16: bool = False  # used on CUDA only
     save_every_epochs: float = Field(1.0, gt=0)
     eval_every_epochs: float = Field(1.0, gt=0)
@@ -87,6 +91,15 @@ class PruningSection(_Section):
     exclude: list[str] | None = None
     max_memory_gb: float | None = Field(None, gt=0)
 
+    @model_validator(mode="after")
+    def _patterns(self):
+        for name in ("include", "exclude"):
+            try:
+                compile_patterns(getattr(self, name), f"pruning.{name}")
+            except ObertError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
 
 class DistillationSection(_Section):
     teacher: str
@@ -104,6 +117,10 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        tr = self.training
+        if self.model.task_type == "question-answering" and tr.doc_stride >= tr.max_length:
+            raise ValueError(f"training.doc_stride ({tr.doc_stride}) must be shorter than "
+                             f"training.max_length ({tr.max_length})")
         p = self.pruning
         if p is not None:
             if p.end_epoch > self.training.epochs:
@@ -160,8 +177,10 @@ def _format_error(exc: ValidationError, where: str) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
+    got = err.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and err["type"] != "extra_forbidden" else ""
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {loc}: {msg}{more}"
+    return f"{where}: {loc}: {msg}{shown}{more}"
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -173,7 +192,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ObertError(f"recipe not found: {path}")
         try:
-            doc = yaml.safe_load(path.read_text())
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ObertError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                             f"offset {exc.start})") from None
+        except OSError as exc:
+            raise ObertError(f"cannot read recipe {where}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
             raise ObertError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(doc, dict):

@@ -45,6 +45,17 @@ def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None if best is None else (best[1], best[2])
 
 
+def compile_patterns(patterns: list[str] | None, option: str) -> list[re.Pattern]:
+    """Compiled regular expressions, or a one-line error naming the option and the pattern."""
+    compiled = []
+    for p in patterns or []:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as exc:
+            raise ObertError(f"{option} '{p}' is not a valid regular expression: {exc}") from None
+    return compiled
+
+
 def find_targets(model: nn.Module, include: list[str] | None = None,
                  exclude: list[str] | None = None) -> list[Target]:
     """Prunable Linear layers, in model order.
@@ -54,7 +65,7 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
     matches; ``exclude`` patterns then remove matches.
     """
     if include:
-        pats = [re.compile(p) for p in include]
+        pats = compile_patterns(include, "include")
         found = [Target(n, m) for n, m in model.named_modules()
                  if _is_linear(m) and any(p.search(n) for p in pats)]
     else:
@@ -64,7 +75,7 @@ def find_targets(model: nn.Module, include: list[str] | None = None,
         else:
             prefix, stack = blocks
             found = [Target(f"{prefix}.{n}", m) for n, m in stack.named_modules() if _is_linear(m)]
-    for pat in (re.compile(p) for p in exclude or []):
+    for pat in compile_patterns(exclude, "exclude"):
         found = [t for t in found if not pat.search(t.name)]
     if not found:
         raise ObertError("the model has no prunable layers (no Linear layers in transformer blocks "

@@ -2,43 +2,94 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import torch
 from tqdm.auto import tqdm
 
 from .data import Encoded
-from .errors import ObertError, first_line
+from .errors import ObertError
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present unless told otherwise."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present unless told otherwise; a device that is not there is a one-line error."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ObertError(f"device '{device}' is not a device name (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ObertError(f"device '{device}': CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= count:
+            raise ObertError(f"device '{device}': this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ObertError(f"device '{device}': MPS is not available on this machine")
+    elif dev.type not in ("cpu", "mps"):
+        raise ObertError(f"device '{device}': obert runs on cpu, cuda or mps")
+    return dev
 
 
-def load_classifier(path: str, labels: list | None = None):
-    """Tokenizer and sequence classifier from a hub id or local directory.
+def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | None = None,
+                    reinit_head: bool = False, log=print):
+    """Tokenizer and sequence classifier from a hub id or local directory, checked first.
 
-    With ``labels`` (sorted raw label values) the head is sized and named for them; without, the
-    model must already carry its labels (a fine-tuned model).
+    Without ``labels`` the model must be a fine-tuned classifier (pruning, evaluation). With
+    ``labels`` (sorted raw label values, at least two) for fine-tuning: a classifier whose labels
+    are these keeps its head and its label ids; an encoder gets a new head (and ``log`` says so);
+    a classifier of other labels is an error unless ``reinit_head``, which trains a new head.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModelForSequenceClassification
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # obert shows its own progress; keep loading quiet
-    kwargs = {}
-    if labels is not None:
+    from .loading import CLASSIFIER, ENCODER, load_config, load_tokenizer, load_weights, require_kind
+
+    config = load_config(path)
+    kwargs: dict = {}
+    fresh_head = False
+    if labels is None:
+        require_kind(config, path, (CLASSIFIER,), "this command",
+                     hint=" (fine-tune an encoder first: obert finetune)")
+    else:
+        if len(labels) < 2:
+            raise ObertError(f"the data has only one class ({labels[0]!r}): a classifier needs at "
+                             "least two")
+        kind = require_kind(config, path, (CLASSIFIER, ENCODER), "fine-tuning")
         kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
                   "label2id": {str(v): i for i, v in enumerate(labels)}}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ObertError(f"cannot load model '{path}': {first_line(exc)}") from exc
-    return tokenizer, model
+        have, want = set(config.label2id or {}), set(kwargs["label2id"])
+        generic = all(re.fullmatch(r"LABEL_\d+", k) for k in have)
+        if kind == ENCODER:
+            log(f"[obert] {path} is an encoder without a classification head: adding one for "
+                f"{len(labels)} labels")
+        elif reinit_head:
+            fresh_head = True
+            kwargs["ignore_mismatched_sizes"] = True
+            log(f"[obert] replacing the classification head of {path} by a new one for "
+                f"{len(labels)} labels")
+        elif have == want:
+            kwargs = {}  # the model's own label ids, so its head keeps its meaning
+        elif not (generic and len(have) == len(want)):
+            raise ObertError(f"'{path}' classifies {sorted(have)} but the data's labels are "
+                             f"{sorted(want)}: pass --reinit-head to train a new head for them")
+        else:  # LABEL_0..LABEL_n-1 name nothing: take the data's labels in id order
+            log(f"[obert] {path} names its classes {sorted(have)}: taken to be the data's labels "
+                f"{sorted(want)} in sorted order")
+    tok = load_tokenizer(path, tokenizer, config)
+    model = load_weights(AutoModelForSequenceClassification, path, **kwargs)
+    if fresh_head:
+        _reinit_head(model)
+    return tok, model
+
+
+def _reinit_head(model) -> None:
+    """Give ``model`` freshly initialised task-head weights (everything outside the encoder)."""
+    fresh = type(model)(model.config)
+    prefix = model.base_model_prefix + "."
+    head = {k: v for k, v in fresh.state_dict().items() if not k.startswith(prefix)}
+    model.load_state_dict(head, strict=False)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -14,6 +15,10 @@ from ..targets import Target
 
 STRUCTURES = {"unstructured": 1, "block4": 4}  # structure -> group size along the input dim
 DEFAULT_BLOCK = {"unstructured": 50, "block4": 32}
+
+
+def _option(field: str) -> str:
+    return "--max-memory" if field == "max_memory_gb" else "--" + field.replace("_", "-")
 
 
 @dataclass
@@ -34,16 +39,17 @@ class PruneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("sparsity", "damp", "max_memory_gb"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ObertError(f"{_option(name)} must be a finite number, got {value}")
         if not 0.0 <= self.sparsity < 1.0:
-            raise ObertError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.method not in ("obert", "magnitude"):
-            raise ObertError(f"unknown method '{self.method}' (choose obert or magnitude)")
-        if self.structure not in STRUCTURES:
-            raise ObertError(f"unknown structure '{self.structure}' (choose {' or '.join(STRUCTURES)})")
-        if self.scope not in ("global", "uniform"):
-            raise ObertError(f"unknown scope '{self.scope}' (choose global or uniform)")
-        if self.update not in ("joint", "independent"):
-            raise ObertError(f"unknown update '{self.update}' (choose joint or independent)")
+            raise ObertError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        for name, choices in (("method", ("obert", "magnitude")), ("structure", tuple(STRUCTURES)),
+                              ("scope", ("global", "uniform")), ("update", ("joint", "independent"))):
+            if getattr(self, name) not in choices:
+                raise ObertError(f"{_option(name)} must be {' or '.join(choices)}, "
+                                 f"got '{getattr(self, name)}'")
         if self.fisher_block_size is None:
             self.fisher_block_size = DEFAULT_BLOCK[self.structure]
         if self.fisher_block_size < 1 or self.fisher_block_size % self.group_size:
@@ -51,9 +57,13 @@ class PruneConfig:
                              f"{self.group_size}, got {self.fisher_block_size}")
         for name in ("num_grads", "grad_batch_size", "num_recomputations"):
             if getattr(self, name) < 1:
-                raise ObertError(f"{name.replace('_', '-')} must be at least 1")
+                raise ObertError(f"{_option(name)} must be at least 1, got {getattr(self, name)}")
         if self.damp <= 0:
             raise ObertError(f"--damp must be positive, got {self.damp}")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            raise ObertError(f"--max-memory must be positive, got {self.max_memory_gb}")
+        if not 0 <= self.seed < 2**32:
+            raise ObertError(f"--seed must be in [0, 2^32), got {self.seed}")
 
     @property
     def group_size(self) -> int:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ObertError, first_line
 
 
 def cpu_info() -> dict:
@@ -47,17 +46,14 @@ def cpu_info() -> dict:
 
 
 def load_model(path: str):
+    """A sequence classifier, or a bare encoder (pre-training heads are left out), in eval mode."""
     from transformers import AutoModel, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # the "Loading weights" bar: noise around a one-line error
-    for cls in (AutoModelForSequenceClassification, AutoModel):
-        try:
-            return cls.from_pretrained(path).float().eval()
-        except (OSError, ValueError, KeyError) as exc:
-            err = exc
-    raise ObertError(f"cannot load model '{path}': {first_line(err)}")
+    from ..loading import CLASSIFIER, ENCODER, load_config, load_weights, require_kind
+
+    kind = require_kind(load_config(path), path, (CLASSIFIER, ENCODER), "the sparse runtime")
+    cls = AutoModelForSequenceClassification if kind == CLASSIFIER else AutoModel
+    return load_weights(cls, path).float().eval()
 
 
 def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -129,12 +125,24 @@ def _sparse_layers(model):
 def bench_onnxruntime(model_dir: str, *, batch: int, seq_len: int, threads: int, iters: int,
                       rounds: int) -> dict:
     """ONNX Runtime fp32 and int8 dynamic of the same model, in a child process."""
-    cmd = [sys.executable, "-m", "obert.runtime.bench", model_dir, str(batch), str(seq_len),
-           str(threads), str(iters), str(rounds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(isolated_python("obert.runtime.bench", model_dir, str(batch), str(seq_len),
+                                          str(threads), str(iters), str(rounds)),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def isolated_python(module: str, *args: str) -> list[str]:
+    """Command running ``python -m module args`` isolated (``-I``): nothing from the working
+    directory, ``PYTHONPATH`` or user site-packages is imported; only obert's own location is put
+    on the path (it may be a source checkout rather than an installed package)."""
+    import obert
+
+    root = str(Path(obert.__file__).resolve().parent.parent)
+    boot = f"import runpy, sys; sys.path.insert(0, {root!r}); sys.argv[0] = {module!r}; " \
+           f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [sys.executable, "-I", "-c", boot, *args]
 
 
 def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: int, rounds: int) -> dict:

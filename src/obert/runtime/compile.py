@@ -220,8 +220,9 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
-    """Write the compiled model atomically (see the module docstring for the files)."""
+def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write the compiled model atomically (see the module docstring for the files); an earlier
+    obert output at ``out`` is replaced only with ``overwrite``."""
     layers = sparse_modules(model)
     if not layers:
         raise ObertError("the model has no compiled sparse layers (run obert.runtime.compile first)")
@@ -236,7 +237,7 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
                            "group": m.group, "chunk": m.chunk, "bias": m.bias is not None,
                            "int8": m.quantized, "activation": m.activation}
                        for n, m in layers.items()}}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
