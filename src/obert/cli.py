@@ -1,7 +1,7 @@
 """The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``compile`` and ``bench``.
 
 Exit codes: 0 on success; 2 for a usage or input error (one line naming the option or file);
-130 when interrupted (Ctrl-C), 143 on SIGTERM; 1 for anything unexpected. Errors are one line
+130 when interrupted (Ctrl-C), 143 on SIGTERM (129 on SIGHUP); 1 for anything unexpected. Errors are one line
 on stderr (``OBERT_DEBUG=1`` shows the traceback). Every option is checked, and every output path
 with it, before any work starts; outputs appear only complete (see ``obert.io``).
 """
@@ -288,6 +288,13 @@ def bench(
     for path, option in ((plot, "--plot"), (json_out, "--json")):
         if path is not None:
             check_file_output(path, inputs=[model], overwrite=overwrite, option=option)
+    if plot is not None:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if plot.suffix.lstrip(".").lower() not in formats:
+            raise ObertError(f"--plot {plot}: unknown image type '{plot.suffix}' (use "
+                             f"{', '.join('.' + f for f in sorted(formats))})")
     seq_len = check_length(seq_len, load_config(model), "--seq-len")
     result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
                        iters=iters, onnx=onnx, int8=int8)
@@ -300,11 +307,15 @@ def bench(
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the process is so outputs are cleaned up as for Ctrl-C."""
+    """SIGTERM or SIGHUP, raised where the process is so outputs are cleaned up as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def _fail(message: str, code: int) -> int:
@@ -319,15 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("OBERT_DEBUG"))
     # Signal handlers can only be set from the main thread (a test may call main elsewhere).
     on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    caught = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.signal(s, _terminate) for s in caught} if on_main_thread else {}
     try:
         rv = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError:
         return 2  # the help is already printed: it is the message
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    except Terminated:
-        return _fail("terminated (SIGTERM)", 143)
+    except Terminated as exc:
+        return _fail(f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
     except ObertError as exc:
         if debug:
             raise
@@ -342,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(f"{type(exc).__name__}: {first_line(exc)} (set OBERT_DEBUG=1 for a traceback)", 1)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if rv == 130:  # Typer turns Ctrl-C into this return value
         return _fail("interrupted", 130)
     return rv if isinstance(rv, int) else 0

@@ -76,7 +76,7 @@ def load_file(path: str | Path) -> TextData:
     """Load a ``.jsonl``/``.json`` or ``.csv`` file through ``datasets``."""
     path = Path(path)
     if not path.is_file():
-        raise ObertError(f"data file not found: {path}")
+        raise ObertError(f"data file {'is a directory' if path.is_dir() else 'not found'}: {path}")
     suffix = path.suffix.lower()
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(suffix)
     if builder is None:
@@ -116,13 +116,20 @@ def _from_columns(ds, text: str, pair: str | None, where: str) -> TextData:
             raise ObertError(f"{where}: missing column '{col}' (have: {', '.join(ds.column_names)})")
     if len(ds) == 0:
         raise ObertError(f"{where}: no rows")
-    labels = ds["label"]
-    if any(lbl is None for lbl in labels):
-        raise ObertError(f"{where}: some rows have no label")
-    texts = ds[text]
-    if any(not isinstance(t, str) for t in texts):
-        raise ObertError(f"{where}: column '{text}' must hold strings")
-    return TextData(list(texts), list(ds[pair]) if pair else None, list(labels))
+    labels = list(ds["label"])
+    for i, lbl in enumerate(labels, 1):
+        if lbl is None:
+            raise ObertError(f"{where}: row {i} has no label")
+        if isinstance(lbl, float) and lbl.is_integer():
+            labels[i - 1] = int(lbl)  # CSV readers turn integer columns with gaps into floats
+        elif isinstance(lbl, bool) or not isinstance(lbl, (str, int)):
+            raise ObertError(f"{where}: row {i} has label {lbl!r}; class labels are strings or "
+                             "integers")
+    for column in (text, pair) if pair else (text,):
+        for i, t in enumerate(ds[column], 1):
+            if not isinstance(t, str):
+                raise ObertError(f"{where}: row {i}: column '{column}' must hold text, got {t!r}")
+    return TextData(list(ds[text]), list(ds[pair]) if pair else None, labels)
 
 
 def load_data(source: str | None, task: str | None, split: str) -> TextData:

@@ -214,11 +214,11 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     from .train import pick_device
 
     tr = recipe.training
-    ckpt = checkpoint_dir(recipe)
     d = recipe.data
     read = [recipe.model.path, recipe.model.tokenizer, d.train_file, d.eval_file,
             recipe.distillation.teacher if recipe.distillation else None, *(inputs or [])]
     check_output(recipe.output_dir, inputs=read, overwrite=overwrite, option="output_dir")
+    ckpt = checkpoint_dir(recipe)
     _check_checkpoint_dir(ckpt, read)
     resume_from = None
     if resume:
@@ -236,10 +236,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     elif sealed_checkpoints(ckpt):
         raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
                          "it, or remove that directory")
-    if rank() == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / MARKER).touch()
-
     task = build_task(recipe)
     model = task.model
     device = pick_device(tr.device)
@@ -285,6 +281,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
         recorder.load_checkpoint(resume_from)
         if rank() == 0:
             _print(f"[obert] resuming from {resume_from}")
+    if rank() == 0:  # marked as obert's, so only obert's own checkpoints are ever removed
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / MARKER).touch()
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - t0

@@ -154,6 +154,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         write_json(tmp / MARKER, {"written_by": "obert"})
+        apply_umask(tmp)
         _check_replaceable(out, overwrite)
         if out.exists():
             old = out.parent / f".{out.name}.{_OLD}-{_stamp()}"
@@ -165,6 +166,28 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes the umask gives new files and directories
+    (some writers, such as tempfile-based ones, always create 0600)."""
+    mask = current_umask()
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
@@ -181,9 +204,11 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Path]:
     """Yield a temporary path next to ``path`` to write; on success it replaces ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{_TMP}-{_stamp()}{path.suffix}"  # writers go by suffix
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ def resolve(path: str, what: str = "model") -> str:
     if p.exists():
         if not p.is_dir():
             raise ObertError(f"{what} '{path}' is a file: give a model directory or a hub id")
-        if not (p / "config.json").is_file():
+        if what != "tokenizer" and not (p / "config.json").is_file():
             raise ObertError(f"{what} directory '{path}' has no config.json (not a Hugging Face model)")
         return str(p)
     if path.startswith((".", "/", "~")) or "\\" in path or ".." in path or not _HUB_ID.fullmatch(path):
@@ -127,7 +127,8 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None, config=None):
     local = Path(source)
     if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
         raise ObertError(f"'{source}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
-                         "name one with --tokenizer (a hub id or a directory)")
+                         "name one with --tokenizer (recipes: model.tokenizer), a hub id or a "
+                         "directory")
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -154,5 +155,7 @@ def load_weights(cls, path: str, what: str = "model", **kwargs):
                          "safetensors only")
     try:
         return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # a truncated or mismatched checkpoint raises many types
         raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}") from exc

@@ -73,7 +73,8 @@ def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | N
             kwargs = {}  # the model's own label ids, so its head keeps its meaning
         elif not (generic and len(have) == len(want)):
             raise ObertError(f"'{path}' classifies {sorted(have)} but the data's labels are "
-                             f"{sorted(want)}: pass --reinit-head to train a new head for them")
+                             f"{sorted(want)}: pass --reinit-head (recipes: model.reinit_head: "
+                             "true) to train a new head for them")
         else:  # LABEL_0..LABEL_n-1 name nothing: take the data's labels in id order
             log(f"[obert] {path} names its classes {sorted(have)}: taken to be the data's labels "
                 f"{sorted(want)} in sorted order")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ObertError
 
 
 def cpu_info() -> dict:
@@ -51,6 +52,11 @@ def load_model(path: str):
 
     from ..loading import CLASSIFIER, ENCODER, load_config, load_weights, require_kind
 
+    from .compile import RUNTIME_FILE
+
+    if (Path(path) / RUNTIME_FILE).is_file():
+        raise ObertError(f"'{path}' is a compiled obert model (load it with obert.runtime."
+                         "load_compiled); give the pruned model it was compiled from")
     kind = require_kind(load_config(path), path, (CLASSIFIER, ENCODER), "the sparse runtime")
     cls = AutoModelForSequenceClassification if kind == CLASSIFIER else AutoModel
     return load_weights(cls, path).float().eval()

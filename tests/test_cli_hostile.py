@@ -1,0 +1,681 @@
+"""The CLI under careless and hostile input, by class of mistake rather than by example.
+
+Every refusal is checked the same way (``refused``): exit code 2 (or the one stated), exactly one
+line on stderr starting ``error:`` and naming what was wrong, no traceback, and the files around
+the run byte-for-byte as they were (nothing written, nothing removed). To add a case, add a row to
+the table of its class; the checks come with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_rows, make_tokenizer, tiny_config, tiny_model, write_jsonl
+
+from obert.cli import app, main
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+
+
+def snapshot(*roots: Path) -> dict:
+    """Every file and directory under ``roots``: kind, mode and content hash."""
+    seen = {}
+    for root in roots:
+        for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            if p.is_symlink():
+                seen[str(p)] = ("link", os.readlink(p))
+            elif p.is_dir():
+                seen[str(p)] = ("dir", p.stat().st_mode)
+            else:
+                seen[str(p)] = ("file", p.stat().st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+    return seen
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def refused(capsys, args, says: str | list[str], code: int = 2, roots=()) -> str:
+    """Run the CLI; it must exit ``code`` with one ``error:`` line containing ``says`` and
+    leave every file under ``roots`` exactly as it was. Returns the error line."""
+    before = snapshot(*roots)
+    capsys.readouterr()
+    rc = run(*args)
+    err = capsys.readouterr().err.strip()
+    assert rc == code, f"exit {rc}, stderr: {err}"
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err
+    for text in [says] if isinstance(says, str) else says:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert snapshot(*roots) == before, "a refused command changed files"
+    return err
+
+
+class Env:
+    """A tiny classifier with its tokenizer, data files and helpers, all under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.model = root / "model"
+        tiny_model("bert").save_pretrained(self.model)
+        make_tokenizer(root).save_pretrained(self.model)
+        self.train = Path(write_jsonl(root / "train.jsonl", make_rows(96, 0)))
+        self.eval = Path(write_jsonl(root / "eval.jsonl", make_rows(48, 1)))
+        self._pruned = None
+
+    @property
+    def pruned(self) -> Path:
+        """The tiny model with 70% of each block's weights zero in groups of 4 (compilable)."""
+        if self._pruned is None:
+            from transformers import AutoModelForSequenceClassification
+
+            from obert import find_targets
+
+            m = AutoModelForSequenceClassification.from_pretrained(self.model)
+            torch.manual_seed(4)
+            for t in find_targets(m):
+                w = t.module.weight.data
+                w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.7).repeat_interleave(4, 1))
+            self._pruned = self.root / "pruned"
+            m.save_pretrained(self._pruned)
+            make_tokenizer(self.root).save_pretrained(self._pruned)
+        return self._pruned
+
+    def recipe(self, name: str = "recipe.yaml", **sections) -> Path:
+        doc = {"model": {"path": str(self.model)},
+               "data": {"train_file": str(self.train), "eval_file": str(self.eval)},
+               "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 16,
+                            "seed": 0, "save_every_epochs": 0.5},
+               "pruning": {"method": "magnitude", "init_sparsity": 0.3, "final_sparsity": 0.5,
+                           "start_epoch": 0, "end_epoch": 1, "frequency": 1},
+               "output_dir": str(self.root / "trained")}
+        for section, value in sections.items():
+            doc[section] = {**doc.get(section, {}), **value} if isinstance(value, dict) else value
+        path = self.root / name
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+
+@pytest.fixture
+def env(tmp_path):
+    return Env(tmp_path / "env")
+
+
+# How each command writes to a directory output (``out``), with fast valid settings.
+DIR_COMMANDS = {
+    "prune": lambda e, out: ["prune", e.model, "--sparsity", 0.5, "--method", "magnitude",
+                             "--max-length", 16, "--out", out],
+    "finetune": lambda e, out: ["finetune", e.model, "--train-file", e.train, "--epochs", 1,
+                                "--max-length", 16, "--out", out],
+    "compile": lambda e, out: ["compile", e.pruned, "--out", out],
+    "train": lambda e, out: ["train", "--recipe", e.recipe(output_dir=str(out)), "--no-progress"],
+}
+
+# ---------------------------------------------------------------------------------------------
+# Outputs: refused unless new, empty, or an earlier obert output with --overwrite
+
+
+def _situation(kind: str, command: str, e: Env, tmp: Path, monkeypatch) -> tuple[Path, str]:
+    """Build an output path of ``kind``; returns it and a word the refusal must contain."""
+    if kind == "input model":
+        return (e.pruned if command == "compile" else e.model), "input"
+    if kind == "dir holding the inputs":
+        return e.root, "input"
+    if kind == "working directory":
+        work = tmp / "work"
+        work.mkdir()
+        (work / "notes.txt").write_text("mine\n")
+        monkeypatch.chdir(work)
+        return Path("."), "working directory"
+    if kind == "above the working directory":
+        work = tmp / "deep" / "work"
+        work.mkdir(parents=True)
+        monkeypatch.chdir(work)
+        return Path(".."), "working directory"
+    if kind == "regular file":
+        f = tmp / "results.txt"
+        f.write_text("keep me\n")
+        return f, "file"
+    if kind == "foreign directory":
+        d = tmp / "project"
+        d.mkdir()
+        (d / "data.csv").write_text("a,b\n")
+        return d, "did not write"
+    if kind == "symlinked directory":
+        (tmp / "real").mkdir()
+        (tmp / "link").symlink_to(tmp / "real")
+        return tmp / "link", "symbolic link"
+    if kind == "earlier output, no --overwrite":
+        d = tmp / "earlier"
+        assert run(*DIR_COMMANDS["prune"](e, d)) == 0
+        return d, "--overwrite"
+    if kind == "parent is a file":
+        (tmp / "plain").write_text("x\n")
+        return tmp / "plain" / "out", "not a directory"
+    if kind == "unwritable place":
+        return Path("/proc/obert-test-output"), "cannot write"
+    raise ValueError(kind)
+
+
+OUTPUT_REFUSALS = ["input model", "dir holding the inputs", "working directory",
+                   "above the working directory", "regular file", "foreign directory",
+                   "symlinked directory", "earlier output, no --overwrite", "parent is a file",
+                   "unwritable place"]
+
+
+@pytest.mark.parametrize("command", sorted(DIR_COMMANDS))
+@pytest.mark.parametrize("kind", OUTPUT_REFUSALS)
+def test_output_refused_before_any_work(command, kind, env, tmp_path, monkeypatch, capsys):
+    if command == "compile":
+        env.pruned  # built before the snapshot
+    out, says = _situation(kind, command, env, tmp_path, monkeypatch)
+    refused(capsys, DIR_COMMANDS[command](env, out), says, roots=[tmp_path])
+
+
+@pytest.mark.parametrize("command", sorted(DIR_COMMANDS))
+def test_output_written_new_empty_or_overwritten(command, env, tmp_path, capsys):
+    fresh = tmp_path / "a" / "b" / "new"
+    assert run(*DIR_COMMANDS[command](env, fresh)) == 0
+    assert (fresh / ".obert_output").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(*DIR_COMMANDS[command](env, empty)) == 0
+    assert (empty / ".obert_output").is_file()
+    (fresh / "stale.txt").write_text("from before\n")
+    assert run(*DIR_COMMANDS[command](env, fresh), "--overwrite") == 0
+    assert not (fresh / "stale.txt").exists() and (fresh / ".obert_output").is_file()
+    leftovers = [p.name for p in tmp_path.rglob(".*obert-*")]
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_get_the_umask_permissions(umask, env, tmp_path):
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "out"
+        assert run(*DIR_COMMANDS["prune"](env, out)) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("sparsity.json", "model.safetensors", ".obert_output"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+BENCH = ["--batch-size", 1, "--rounds", 1, "--iters", 1, "--no-onnx", "--seq-len", 8]
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_file_outputs(option, env, tmp_path, capsys):
+    name = "r.json" if option == "--json" else "r.png"
+    roots = [tmp_path]
+    refused(capsys, ["bench", env.pruned, *BENCH, option, env.pruned / name], "input", roots=roots)
+    refused(capsys, ["bench", env.pruned, *BENCH, option, tmp_path], "directory", roots=roots)
+    existing = tmp_path / name
+    existing.write_text("keep\n")
+    refused(capsys, ["bench", env.pruned, *BENCH, option, existing], "--overwrite", roots=roots)
+    if option == "--plot":
+        refused(capsys, ["bench", env.pruned, *BENCH, option, tmp_path / "r.txt"], "image type",
+                roots=roots)
+    assert run("bench", env.pruned, *BENCH, option, existing, "--overwrite") == 0
+    assert existing.read_bytes() != b"keep\n"
+    assert [p.name for p in tmp_path.glob(".*obert-*")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes: 0 success, 2 usage, 130 Ctrl-C, 143 SIGTERM; temp directories gone
+
+
+@pytest.mark.parametrize("args,says", [
+    (["prune"], "Missing argument"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--frobnicate", "1"], "No such option"),
+    (["bench", "m", "--threads", "abc"], "'--threads'"),
+    (["prune", "m", "--out", "o", "--sparsity", "50%"], "'--sparsity'"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--method", "random"], "--method must be obert or magnitude"),
+    (["compile", "m", "--out", "o", "--dtype", "int4"], "--dtype must be float32 or int8"),
+    (["finetune", "m", "--out", "o", "--lr-scheduler", "zigzag"], "--lr-scheduler must be one of"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--include", "(unclosed"], "--include '(unclosed' is not a valid regular expression"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--device", "tpu:9"], "device 'tpu:9'"),
+    (["frobnicate"], "No such command"),
+])
+def test_usage_errors_exit_2_naming_the_option(args, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, args, says, roots=[tmp_path])
+
+
+def test_bare_obert_prints_help_only(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "prune" in captured.out and "finetune" in captured.out
+    assert "error" not in captured.err.lower()
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0 and "Usage" in capsys.readouterr().out
+
+
+# A child that pauses while the output's temporary directory exists, so a test can signal it.
+_PAUSED_SAVE = """
+import sys, time
+import transformers
+save = transformers.PreTrainedModel.save_pretrained
+def paused(self, *a, **k):
+    save(self, *a, **k)
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+transformers.PreTrainedModel.save_pretrained = paused
+from obert.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _signal_while_saving(env: Env, tmp_path: Path, sig: int) -> tuple[subprocess.CompletedProcess, Path]:
+    out, flag = tmp_path / "out", tmp_path / "saving"
+    args = [str(a) for a in DIR_COMMANDS["prune"](env, out)]
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_SAVE, str(flag), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not flag.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the child never reached the save"
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".out.obert-tmp-*")), "no temporary directory while saving"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out
+
+
+@pytest.mark.parametrize("sig,code,says", [(signal.SIGINT, 130, "error: interrupted"),
+                                           (signal.SIGTERM, 143, "error: terminated (SIGTERM)")])
+def test_interrupt_exits_nonzero_and_leaves_nothing(sig, code, says, env, tmp_path):
+    done, out = _signal_while_saving(env, tmp_path, sig)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == says
+    assert not out.exists()
+    assert list(tmp_path.glob(".out.obert-*")) == []
+
+
+def test_kill_9_leftovers_are_cleaned_by_the_next_run(env, tmp_path):
+    done, out = _signal_while_saving(env, tmp_path, signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL
+    left = list(tmp_path.glob(".out.obert-tmp-*"))
+    assert left and not out.exists()
+    assert run(*DIR_COMMANDS["prune"](env, out)) == 0
+    assert list(tmp_path.glob(".out.obert-*")) == [] and (out / "sparsity.json").is_file()
+
+
+def test_unexpected_errors_are_one_line_exit_1(env, tmp_path, monkeypatch, capsys):
+    def explode(*a, **k):
+        raise RuntimeError("first line\nsecond line\nthird")
+
+    monkeypatch.setattr("obert.oneshot.prune_model", explode)
+    refused(capsys, DIR_COMMANDS["prune"](env, tmp_path / "o"), "RuntimeError: first line",
+            code=1, roots=[tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: every numeric option and recipe field refuses NaN, infinities, negatives, non-numbers
+
+
+def _numeric_options() -> list[tuple[str, str]]:
+    """(command, --option) for every int/float option of every command, read from the CLI."""
+    found = []
+    for info in app.registered_commands:
+        fn = info.callback
+        hints = typing.get_type_hints(fn)
+        for name, param in __import__("inspect").signature(fn).parameters.items():
+            kind = hints[name]
+            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+            if kind in (int, float):
+                decls = [d for d in getattr(param.default, "param_decls", ()) if d.startswith("--")]
+                found.append((info.name or fn.__name__, decls[0] if decls else "--" + name.replace("_", "-")))
+    return found
+
+
+NUMERIC = _numeric_options()
+ZERO_ALLOWED = {"--seed", "--sparsity", "--min-sparsity"}
+# Valid arguments for each command (the number under test is appended and wins).
+VALID = {
+    "prune": lambda e, out: DIR_COMMANDS["prune"](e, out),
+    "finetune": lambda e, out: DIR_COMMANDS["finetune"](e, out),
+    "compile": lambda e, out: ["compile", e.model, "--out", out],
+    "bench": lambda e, out: ["bench", e.model, "--no-onnx"],
+}
+
+
+def test_every_command_has_numeric_options_covered():
+    commands = {c for c, _ in NUMERIC}
+    assert commands == set(VALID), commands
+    assert len(NUMERIC) >= 25, NUMERIC
+
+
+@pytest.mark.parametrize("command,option", NUMERIC)
+def test_numeric_option_refuses_bad_values(command, option, env, tmp_path, capsys):
+    bad = ["nan", "inf", "-inf", "-1", "abc", "1e999"]
+    if option not in ZERO_ALLOWED:
+        bad.append("0")
+    for value in bad:
+        refused(capsys, [*VALID[command](env, tmp_path / "o"), option, value], option,
+                roots=[tmp_path])
+
+
+def _recipe_numeric_fields() -> list[str]:
+    from obert.recipe import Recipe
+
+    fields = []
+    for section, info in Recipe.model_fields.items():
+        model = next((a for a in typing.get_args(info.annotation) if a is not type(None)),
+                     info.annotation)
+        for name, f in getattr(model, "model_fields", {}).items():
+            kind = next((a for a in typing.get_args(f.annotation) if a is not type(None)), f.annotation)
+            if kind in (int, float):
+                fields.append(f"{section}.{name}")
+    return fields
+
+
+RECIPE_NUMERIC = _recipe_numeric_fields()
+
+
+def test_recipe_numeric_fields_found():
+    assert {"training.epochs", "pruning.damp", "distillation.temperature",
+            "data.max_train_rows"} <= set(RECIPE_NUMERIC)
+
+
+@pytest.mark.parametrize("field", RECIPE_NUMERIC)
+def test_recipe_numeric_field_refuses_bad_values(field, env, tmp_path, capsys):
+    recipe = env.recipe(distillation={"teacher": str(env.model)})
+    for value in (".nan", ".inf", "-.inf", "-1", "abc"):
+        refused(capsys, ["train", "--recipe", recipe, "--set", f"{field}={value}"], field,
+                roots=[tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the kind a command takes, tokenizers, weights, lengths
+
+
+@pytest.fixture
+def odd_models(env):
+    """Checkpoints that are not what a command expects, next to the good one."""
+    from transformers import BertModel, GPT2Config, GPT2LMHeadModel
+
+    root = env.root
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=40,
+                               n_positions=64)).save_pretrained(root / "causal")
+    make_tokenizer(root).save_pretrained(root / "causal")
+    cfg = tiny_config("bert")
+    cfg.architectures = None
+    BertModel(cfg).save_pretrained(root / "encoder")
+    make_tokenizer(root).save_pretrained(root / "encoder")
+    tiny_model("bert").save_pretrained(root / "no-tokenizer")
+    m = tiny_model("bert")
+    m.save_pretrained(root / "pickled")
+    make_tokenizer(root).save_pretrained(root / "pickled")
+    (root / "pickled" / "model.safetensors").unlink()
+    torch.save(m.state_dict(), root / "pickled" / "pytorch_model.bin")
+    return root
+
+
+MODEL_REFUSALS = [
+    ("prune", "causal", "decoder"),
+    ("finetune", "causal", "decoder"),
+    ("compile", "causal", "decoder"),
+    ("bench", "causal", "decoder"),
+    ("train", "causal", "decoder"),
+    ("prune", "encoder", "obert finetune"),
+    ("prune", "no-tokenizer", "--tokenizer"),
+    ("finetune", "no-tokenizer", "--tokenizer"),
+    ("train", "no-tokenizer", "--tokenizer"),
+    ("prune", "pickled", "safetensors"),
+    ("finetune", "pickled", "safetensors"),
+    ("prune", "./does/not/exist", "not found"),
+    ("compile", "../nowhere", "not found"),
+]
+
+
+def _with_model(command: str, e: Env, model: str, out: Path) -> list:
+    if command == "train":
+        return ["train", "--recipe", e.recipe(model={"path": model}, output_dir=str(out))]
+    if command == "bench":
+        return ["bench", model, *BENCH]
+    args = VALID[command](e, out)
+    return [args[0], model, *args[2:]]
+
+
+@pytest.mark.parametrize("command,model,says", MODEL_REFUSALS)
+def test_model_kind_and_files_checked(command, model, says, env, odd_models, tmp_path, capsys):
+    path = str(odd_models / model) if not model.startswith(".") else model
+    refused(capsys, _with_model(command, env, path, tmp_path / "out"), says, roots=[tmp_path])
+
+
+def test_compiled_model_is_not_a_pruned_model(env, tmp_path, capsys):
+    assert run("compile", env.pruned, "--out", tmp_path / "c") == 0
+    refused(capsys, ["bench", tmp_path / "c", *BENCH], "compiled obert model", roots=[tmp_path])
+
+
+def test_tokenizer_option_and_vocabulary_check(env, odd_models, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run("prune", odd_models / "no-tokenizer", "--tokenizer", env.model, "--sparsity", 0.5,
+               "--method", "magnitude", "--max-length", 16, "--out", out) == 0
+    assert (out / "tokenizer.json").is_file()
+    big = tmp_path / "big-tok"
+    from transformers import BertTokenizerFast
+
+    BertTokenizerFast(vocab={f"w{i}": i for i in range(100)} | {"[UNK]": 100, "[PAD]": 101}
+                      ).save_pretrained(big)
+    refused(capsys, ["prune", env.model, "--tokenizer", big, "--sparsity", 0.5, "--method",
+                     "magnitude", "--out", tmp_path / "o2"], "embedding holds", roots=[tmp_path])
+
+
+def test_encoder_gets_a_new_head_in_finetune_and_says_so(env, odd_models, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert run(*_with_model("finetune", env, str(odd_models / "encoder"), out)) == 0
+    assert "adding one for 3 labels" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForSequenceClassification"]
+
+
+LENGTHS = [
+    (lambda e, o: ["prune", e.model, "--sparsity", 0.5, "--method", "magnitude", "--out", o,
+                   "--max-length", 100], "--max-length 100"),
+    (lambda e, o: ["finetune", e.model, "--train-file", e.train, "--out", o, "--max-length", 65],
+     "--max-length 65"),
+    (lambda e, o: ["compile", e.pruned, "--out", o, "--dtype", "int8", "--calibration-file",
+                   e.train, "--max-length", 100], "--max-length 100"),
+    (lambda e, o: ["bench", e.model, "--seq-len", 65, "--no-onnx"], "--seq-len 65"),
+    (lambda e, o: ["train", "--recipe", e.recipe(training={"max_length": 100}, output_dir=str(o))],
+     "training.max_length 100"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LENGTHS)))
+def test_lengths_beyond_the_models_positions(case, env, tmp_path, capsys):
+    build, says = LENGTHS[case]
+    args = build(env, tmp_path / "o")
+    refused(capsys, args, [says, "64 positions"], roots=[tmp_path])
+
+
+def test_default_length_follows_a_short_model(env, tmp_path):
+    """Without --max-length, a model with 64 positions gets 64 tokens, not an error."""
+    long_rows = [{"text": " ".join(["alpha"] * 200), "label": "math"},
+                 {"text": "beta", "label": "net"}, {"text": "gamma", "label": "sound"}] * 8
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    assert run("prune", env.model, "--sparsity", 0.3, "--num-grads", 2, "--grad-batch-size", 4,
+               "--train-file", data, "--out", tmp_path / "o") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels: the head keeps its meaning, or the user asks for a new one
+
+
+def test_label_sets_must_match_an_existing_head(env, tmp_path, capsys):
+    other = write_jsonl(tmp_path / "other.jsonl", [{"text": "alpha", "label": "a"},
+                                                    {"text": "beta", "label": "b"}] * 8)
+    refused(capsys, ["finetune", env.model, "--train-file", other, "--epochs", 1, "--out",
+                     tmp_path / "o", "--max-length", 16], ["--reinit-head", "'a'", "'math'"],
+            roots=[tmp_path])
+    assert run("finetune", env.model, "--train-file", other, "--epochs", 1, "--out",
+               tmp_path / "o", "--max-length", 16, "--reinit-head") == 0
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["id2label"] == {"0": "a", "1": "b"}
+    single = write_jsonl(tmp_path / "single.jsonl", [{"text": "alpha", "label": "math"}] * 8)
+    refused(capsys, ["finetune", env.model, "--train-file", single, "--out", tmp_path / "s"],
+            "only one class", roots=[tmp_path])
+    refused(capsys, ["train", "--recipe", env.recipe(data={"train_file": other})],
+            "model.reinit_head", roots=[tmp_path])
+
+
+def test_head_kept_for_the_same_labels_and_replaced_on_request(env):
+    from obert.train import load_classifier
+
+    _, original = load_classifier(str(env.model))
+    _, same = load_classifier(str(env.model), ["sound", "math", "net"], log=lambda s: None)
+    _, fresh = load_classifier(str(env.model), ["math", "net", "sound"], reinit_head=True,
+                               log=lambda s: None)
+    assert same.config.label2id == original.config.label2id
+    assert torch.equal(same.classifier.weight, original.classifier.weight)
+    assert not torch.equal(fresh.classifier.weight, original.classifier.weight)
+    assert torch.equal(fresh.bert.encoder.layer[0].output.dense.weight,
+                       original.bert.encoder.layer[0].output.dense.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and recipe files
+
+
+def test_data_and_recipe_files_named_in_errors(env, tmp_path, capsys):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok", "label": "math"}\n{"text": "caf\xe9", "label": "net"}\n')
+    refused(capsys, ["prune", env.model, "--sparsity", 0.5, "--train-file", latin, "--out",
+                     tmp_path / "o"], [str(latin), "line 2", "UTF-8"], roots=[tmp_path])
+    recipe = env.recipe()
+    recipe.write_bytes(recipe.read_bytes() + b"# \xff\n")
+    refused(capsys, ["train", "--recipe", recipe], [str(recipe), "UTF-8"], roots=[tmp_path])
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"text": "alpha", "label": "math"},
+                                                {"text": "beta", "label": [1, 2]}])
+    refused(capsys, ["finetune", env.model, "--train-file", odd, "--out", tmp_path / "o"],
+            ["row 2", "labels are strings or integers"], roots=[tmp_path])
+    refused(capsys, ["finetune", env.model, "--train-file", tmp_path, "--out", tmp_path / "o"],
+            "is a directory", roots=[tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: checkpoints verified, the newest intact one used, the recipe held to
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A gradual run whose checkpoints were kept: (env, recipe, checkpoint dir)."""
+    root = tmp_path_factory.mktemp("resume")
+    e = Env(root / "env")
+    recipe = e.recipe()
+    assert run("train", "--recipe", recipe, "--no-progress", "--keep-checkpoints") == 0
+    ckpt = root / "env" / "trained.checkpoints"
+    assert len([p for p in ckpt.iterdir() if p.name.startswith("checkpoint-")]) == 2
+    return e, recipe, ckpt
+
+
+@pytest.fixture
+def resumable(finished_run, tmp_path):
+    """A copy of the finished run without its final output, ready for ``--resume``."""
+    import shutil
+
+    e, recipe, ckpt = finished_run
+    root = tmp_path / "copy"
+    shutil.copytree(e.root, root, symlinks=True)  # the checkpoints lie in it, next to the output
+    shutil.rmtree(root / "trained")
+    text = recipe.read_text().replace(str(e.root), str(root))
+    (root / "recipe.yaml").write_text(text)
+    # The checkpoints record the recipe they ran under: point them at the copy too.
+    for rec in (root / "trained.checkpoints").glob("checkpoint-*/obert_recipe.yaml"):
+        rec.write_text(rec.read_text().replace(str(e.root), str(root)))
+    ckpts = sorted((root / "trained.checkpoints").glob("checkpoint-*"),
+                   key=lambda p: int(p.name.split("-")[1]))
+    return root, ckpts
+
+
+def _damage(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "obert_masks.safetensors",
+                                    "trainer_state.json", "optimizer.pt", "obert_recipe.yaml"])
+def test_resume_skips_a_damaged_checkpoint(victim, resumable, capsys):
+    root, (older, newest) = resumable
+    if victim == "obert_recipe.yaml":
+        (newest / victim).write_text("model: [unclosed\n")
+    else:
+        _damage(newest / victim)
+    capsys.readouterr()
+    assert run("train", "--recipe", root / "recipe.yaml", "--resume", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert f"skipped damaged {newest.name}" in out and victim in out
+    assert f"resuming from {older.name}" in out
+    assert (root / "trained" / "sparsity.json").is_file()
+
+
+def test_resume_with_every_checkpoint_damaged_is_an_error(resumable, capsys):
+    root, ckpts = resumable
+    for ck in ckpts:
+        _damage(ck / "optimizer.pt")
+    refused(capsys, ["train", "--recipe", root / "recipe.yaml", "--resume"],
+            ["no intact checkpoint", ckpts[0].name, ckpts[1].name], roots=[root])
+
+
+def test_resume_refuses_a_changed_recipe_unless_forced(resumable, capsys):
+    root, ckpts = resumable
+    args = ["train", "--recipe", root / "recipe.yaml", "--resume", "--no-progress",
+            "--set", "training.lr=0.5", "--set", "pruning.final_sparsity=0.6"]
+    refused(capsys, args, ["training.lr", "pruning.final_sparsity", "--force-recipe"], roots=[root])
+    assert run(*args, "--set", "training.device=cpu", "--force-recipe") == 0
+    assert "continuing under the new recipe" in capsys.readouterr().out
+
+
+def test_resume_refuses_to_overwrite_a_finished_output(finished_run, capsys):
+    e, recipe, _ = finished_run
+    refused(capsys, ["train", "--recipe", recipe, "--resume"], "--overwrite", roots=[e.root])
+
+
+def test_checkpoint_dir_with_foreign_files_is_refused(env, tmp_path, capsys):
+    ckpt = env.root / "trained.checkpoints"
+    ckpt.mkdir()
+    (ckpt / "thesis.tex").write_text("years of work\n")
+    refused(capsys, ["train", "--recipe", env.recipe()], "did not write", roots=[tmp_path])
+
+
+# ---------------------------------------------------------------------------------------------
+# No code from the environment
+
+
+_PLANT = "open({marker!r}, 'w').write('planted code ran')\nraise ImportError('planted')\n"
+
+
+def test_bench_child_does_not_import_planted_modules(env, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    marker = tmp_path / "PLANTED"
+    for name in ("onnxruntime.py", "onnx.py"):
+        (plant / name).write_text(_PLANT.format(marker=str(marker)))
+    # Control: an ordinary child started in that directory does import the plant.
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], cwd=plant, capture_output=True)
+    assert marker.exists()
+    marker.unlink()
+    monkeypatch.chdir(plant)
+    monkeypatch.setenv("PYTHONPATH", str(plant))
+    assert run("bench", env.pruned, "--batch-size", 1, "--seq-len", 8, "--rounds", 1,
+               "--iters", 1) == 0
+    printed = capsys.readouterr().out
+    assert not marker.exists(), "the bench child imported code from the working directory"
+    assert "onnxruntime fp32" in printed
