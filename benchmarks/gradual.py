@@ -70,7 +70,7 @@ def run(args, work: Path, results: dict, path: Path) -> None:
         resume = bool(sealed_checkpoints(checkpoint_dir(recipe)))
         log(f"{name}: {'resuming' if resume else 'starting'}")
         t0 = time.perf_counter()
-        metrics = run_recipe(recipe, resume=resume)
+        metrics = run_recipe(recipe, resume=resume, overwrite=True)
         history = json.loads((Path(recipe.output_dir) / "history.json").read_text())
         results[name] = {"metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
                          "wall_seconds": time.perf_counter() - t0, "resumed": resume}

@@ -249,10 +249,18 @@ def test_bench_file_outputs(option, env, tmp_path, capsys):
     (["prune", "m", "--out", "o", "--sparsity", "0.5", "--include", "(unclosed"], "--include '(unclosed' is not a valid regular expression"),
     (["prune", "m", "--out", "o", "--sparsity", "0.5", "--device", "tpu:9"], "device 'tpu:9'"),
     (["frobnicate"], "No such command"),
+    (["bench", "m", "--threads", "100000"], "more than this machine's"),
+    (["finetune", "m", "--out", "o", "--train-file", "t.jsonl", "--task", "sst2"], "not both"),
+    (["train", "--recipe", "."], "recipe is a directory"),
 ])
 def test_usage_errors_exit_2_naming_the_option(args, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     refused(capsys, args, says, roots=[tmp_path])
+
+
+def test_memory_checked_before_a_huge_batch(env, capsys):
+    refused(capsys, ["bench", env.model, "--batch-size", 10**9, "--seq-len", 64, "--no-onnx"],
+            ["GiB", "--batch-size"], roots=[env.root])
 
 
 def test_bare_obert_prints_help_only(capsys):

@@ -61,6 +61,8 @@ LENGTH = number(int, ge=8)
 def _data(file: Optional[str], task: Optional[str], split: str, required: bool = True):
     from .data import load_data
 
+    if file is not None and task is not None and split == "train":
+        raise ObertError("give --train-file or --task, not both")
     if file is None and task is None:
         if required:
             raise ObertError(f"give --{'train' if split == 'train' else 'eval'}-file or --task")
@@ -295,6 +297,8 @@ def bench(
         if plot.suffix.lstrip(".").lower() not in formats:
             raise ObertError(f"--plot {plot}: unknown image type '{plot.suffix}' (use "
                              f"{', '.join('.' + f for f in sorted(formats))})")
+    if threads is not None and threads > (os.cpu_count() or 1):
+        raise ObertError(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs")
     seq_len = check_length(seq_len, load_config(model), "--seq-len")
     result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
                        iters=iters, onnx=onnx, int8=int8)
@@ -316,6 +320,18 @@ class Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise Terminated(signum)
+
+
+OUT_OF_MEMORY = ("out of memory: lower --batch-size or --max-length (pruning: --num-grads, "
+                 "--fisher-block-size or --max-memory)")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """PyTorch reports allocation failures as RuntimeError (CPU) or OutOfMemoryError (CUDA)."""
+    import torch
+
+    return isinstance(exc, getattr(torch, "OutOfMemoryError", MemoryError)) or \
+        "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
 
 
 def _fail(message: str, code: int) -> int:
@@ -348,10 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail((exc.format_message().strip().splitlines() or [type(exc).__name__])[0],
                      exc.exit_code)
     except MemoryError:
-        return _fail("out of memory (lower --num-grads, --fisher-block-size or --max-memory)", 1)
+        return _fail(OUT_OF_MEMORY, 1)
     except Exception as exc:
         if debug:
             raise
+        if _is_out_of_memory(exc):
+            return _fail(OUT_OF_MEMORY, 1)
         return _fail(f"{type(exc).__name__}: {first_line(exc)} (set OBERT_DEBUG=1 for a traceback)", 1)
     finally:
         for s, handler in previous.items():

@@ -155,7 +155,7 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         write_json(tmp / MARKER, {"written_by": "obert"})
         apply_umask(tmp)
-        _check_replaceable(out, overwrite)
+        check_output(out, overwrite=overwrite)  # again: hours may have passed since the start
         if out.exists():
             old = out.parent / f".{out.name}.{_OLD}-{_stamp()}"
             os.replace(out, old)
@@ -188,16 +188,6 @@ def apply_umask(root: Path) -> None:
     for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
         if not p.is_symlink():
             p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ObertError(f"{out} is not a directory obert wrote: not replaced")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise ObertError(f"{out} is a non-empty directory obert did not write: not replaced")
-        if not overwrite:
-            raise ObertError(f"{out} holds an earlier obert output: pass overwrite to replace it")
 
 
 @contextmanager

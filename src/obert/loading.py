@@ -158,4 +158,7 @@ def load_weights(cls, path: str, what: str = "model", **kwargs):
     except MemoryError:
         raise
     except Exception as exc:  # a truncated or mismatched checkpoint raises many types
-        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}") from exc
+        hint = " (obert loads safetensors only: a .bin checkpoint is a pickle, which runs code " \
+            "when loaded; convert it where you trust its source)" \
+            if "safetensors" in str(exc) else ""
+        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}{hint}") from exc

@@ -190,7 +190,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     if doc is None:
         path = Path(path)
         if not path.is_file():
-            raise ObertError(f"recipe not found: {path}")
+            raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:

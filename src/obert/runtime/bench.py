@@ -62,6 +62,26 @@ def load_model(path: str):
     return load_weights(cls, path).float().eval()
 
 
+def activation_bytes(config, batch: int, seq_len: int) -> int:
+    """Rough peak bytes of one float32 forward: a few hidden-size buffers, the feed-forward
+    activations and one layer's attention scores (all variants hold theirs at once, ~4x)."""
+    hidden = getattr(config, "hidden_size", getattr(config, "dim", 768))
+    ffn = getattr(config, "intermediate_size", getattr(config, "hidden_dim", 4 * hidden))
+    heads = getattr(config, "num_attention_heads", getattr(config, "n_heads", 12))
+    tokens = batch * seq_len
+    return 4 * 4 * (tokens * (4 * hidden + ffn) + batch * heads * seq_len * seq_len)
+
+
+def check_memory(config, batch: int, seq_len: int) -> None:
+    """One-line error before timing when the batch cannot fit in the memory available."""
+    import psutil
+
+    need, have = activation_bytes(config, batch, seq_len), psutil.virtual_memory().available
+    if need > have:
+        raise ObertError(f"batch {batch} x {seq_len} tokens needs about {need / 2**30:.1f} GiB of "
+                         f"activations, {have / 2**30:.1f} GiB is free: lower --batch-size")
+
+
 def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> dict:
     vocab = getattr(model.config, "vocab_size", 1000)
     g = torch.Generator().manual_seed(seed)
@@ -183,8 +203,9 @@ def run_bench(model_dir: str, *, batch: int = 16, seq_len: int = 128, threads: i
               min_sparsity: float | None = None) -> dict:
     """Everything ``obert bench`` prints, as a dict."""
     threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     model = load_model(model_dir)
+    check_memory(model.config, batch, seq_len)
+    torch.set_num_threads(threads)
     result = {"model": model_dir, "batch": batch, "seq_len": seq_len, "threads": threads,
               "torch": torch.__version__, **cpu_info()}
     result.update(bench_torch(model, batch=batch, seq_len=seq_len, rounds=rounds, iters=iters,
