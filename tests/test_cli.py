@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import block4_pruned_dir, write_jsonl
 
 from obert.cli import main
 
@@ -210,19 +210,7 @@ def test_train_bad_input_one_line_error(case, tmp_path, data_files, tiny_model_d
 
 
 def _block4_pruned_dir(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from obert import find_targets
-
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    torch.manual_seed(4)
-    for t in find_targets(model):
-        w = t.module.weight.data
-        w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.7).repeat_interleave(4, 1))
-    out = tmp_path / "pruned"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out, model.eval()
+    return block4_pruned_dir(tiny_model_dir, tmp_path / "pruned")
 
 
 def test_compile_command_int8_with_calibration_saves_a_loadable_model(tmp_path, data_files,

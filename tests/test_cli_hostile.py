@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_rows, make_tokenizer, tiny_config, tiny_model, write_jsonl
+from conftest import (block4_pruned_dir, make_rows, make_tokenizer, tiny_config, tiny_model,
+                      write_jsonl)
 
 from obert.cli import app, main
 
@@ -80,18 +81,7 @@ class Env:
     def pruned(self) -> Path:
         """The tiny model with 70% of each block's weights zero in groups of 4 (compilable)."""
         if self._pruned is None:
-            from transformers import AutoModelForSequenceClassification
-
-            from obert import find_targets
-
-            m = AutoModelForSequenceClassification.from_pretrained(self.model)
-            torch.manual_seed(4)
-            for t in find_targets(m):
-                w = t.module.weight.data
-                w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.7).repeat_interleave(4, 1))
-            self._pruned = self.root / "pruned"
-            m.save_pretrained(self._pruned)
-            make_tokenizer(self.root).save_pretrained(self._pruned)
+            self._pruned = block4_pruned_dir(self.model, self.root / "pruned")[0]
         return self._pruned
 
     def recipe(self, name: str = "recipe.yaml", **sections) -> Path:

@@ -26,10 +26,10 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
-from .distributed import rank, world_size
-from .errors import ObertError
 from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, pick_checkpoint, recipe_changes,
                           sealed_checkpoints)
+from .distributed import rank, world_size
+from .errors import ObertError
 from .io import MARKER, check_output, save_model_dir, write_json
 from .loading import check_length, load_weights, quiet_transformers
 from .masks import MaskSet
@@ -37,7 +37,6 @@ from .recipe import Recipe, dump_recipe
 from .schedule import steps_per_epoch
 from .targets import find_targets
 from .trainer import LRSchedule, ObertTrainer
-
 
 
 @dataclass

@@ -166,7 +166,7 @@ def isolated_python(module: str, *args: str) -> list[str]:
     import obert
 
     root = str(Path(obert.__file__).resolve().parent.parent)
-    boot = f"import runpy, sys; sys.path.insert(0, {root!r}); sys.argv[0] = {module!r}; " \
+    boot = f"import runpy, sys; sys.path.insert(0, {root!r}); " \
            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
     return [sys.executable, "-I", "-c", boot, *args]
 
