@@ -1,9 +1,10 @@
 """The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``compile`` and ``bench``.
 
 Exit codes: 0 on success; 2 for a usage or input error (one line naming the option or file);
-130 when interrupted (Ctrl-C), 143 on SIGTERM (129 on SIGHUP); 1 for anything unexpected. Errors are one line
-on stderr (``OBERT_DEBUG=1`` shows the traceback). Every option is checked, and every output path
-with it, before any work starts; outputs appear only complete (see ``obert.io``).
+130 when interrupted (Ctrl-C), 143 on SIGTERM (129 on SIGHUP); 1 for anything unexpected.
+Errors are one line on stderr (``OBERT_DEBUG=1`` shows the traceback). Every option is checked,
+and every output path with it, before any work starts; outputs appear only complete (see
+``obert.io``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def number(kind: type = float, *, gt: float | None = None, ge: float | None = No
 
     def parse(value: object) -> float | int:
         try:
-            x = kind(value) if not isinstance(value, str) or kind is float else int(value.strip())
+            x = kind(value)
         except (TypeError, ValueError):
             raise typer.BadParameter(f"expected {what}, got '{value}'") from None
         ok = (kind is int or math.isfinite(x)) and (gt is None or x > gt) and \
