@@ -305,6 +305,30 @@ def test_interrupt_exits_nonzero_and_leaves_nothing(sig, code, says, env, tmp_pa
     assert list(tmp_path.glob(".out.obert-*")) == []
 
 
+def test_interrupt_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before ``main`` runs (Python still importing the CLI) is 130 and one line too."""
+    import types
+
+    from obert import console
+
+    class Interrupted(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "obert.cli", Interrupted("obert.cli"))
+    with pytest.raises(SystemExit) as stop:
+        console.run()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_console_script_is_the_guarded_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "obert"]
+    assert script.value == "obert.console:run"
+
+
 def test_kill_9_leftovers_are_cleaned_by_the_next_run(env, tmp_path):
     done, out = _signal_while_saving(env, tmp_path, signal.SIGKILL)
     assert done.returncode == -signal.SIGKILL

@@ -1,4 +1,4 @@
-"""Sparse CPU inference for pruned models (issue 4, in progress).
+"""Sparse CPU inference for pruned models.
 
 ``SparseLinear.from_linear`` runs a pruned Linear from its non-zeros with native kernels;
 ``compile(model)`` swaps a pruned model's sparse Linear layers for them and fuses the rest of a
