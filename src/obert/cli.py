@@ -59,14 +59,17 @@ SEED = number(int, ge=0, lt=2**32)
 LENGTH = number(int, ge=8)
 
 
-def _data(file: Optional[str], task: Optional[str], split: str, required: bool = True):
+def _data(file: Optional[str], task: Optional[str], split: str, required: bool = True,
+          option: str | None = None):
+    """Rows from ``file`` or a GLUE ``task``; ``option`` names the file's option in errors."""
     from .data import load_data
 
+    option = option or f"--{'train' if split == 'train' else 'eval'}-file"
     if file is not None and task is not None and split == "train":
-        raise ObertError("give --train-file or --task, not both")
+        raise ObertError(f"give {option} or --task, not both")
     if file is None and task is None:
         if required:
-            raise ObertError(f"give --{'train' if split == 'train' else 'eval'}-file or --task")
+            raise ObertError(f"give {option} or --task")
         return None
     return load_data(file, task, split)
 
@@ -103,37 +106,39 @@ def finetune(
 ) -> None:
     """Dense fine-tuning of a sequence classifier (the task model you then prune)."""
     from .data import label_list
-    from .io import check_output, save_model_dir
-    from .loading import check_length
+    from .io import check_output, claim_output, save_model_dir
+    from .loading import check_finite, check_length
     from .train import evaluate, finetune as run_finetune, load_classifier, pick_device
 
     if lr_scheduler not in LR_SCHEDULERS:
         raise ObertError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{lr_scheduler}'")
     target = pick_device(device)
-    check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
-    all_train = _data(train_file, task, "train")
-    eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
-    # Label ids come from every label seen in either split, so a subset still knows all classes.
-    labels = label_list(all_train.labels + (eval_rows.labels if eval_rows else []))
-    if len(label_list(all_train.labels)) < 2:
-        raise ObertError(f"the training data has only one class ({all_train.labels[0]!r}): a "
-                         "classifier needs at least two")
-    train_rows = all_train.subset(max_train_rows, seed)
-    tok, net = load_classifier(model, labels, tokenizer=tokenizer, reinit_head=reinit_head,
-                               log=typer.echo)
-    max_length = check_length(max_length, net.config, "--max-length", tok)
-    net.to(target)
-    train_ds = _encode(train_rows, tok, net, max_length)
-    eval_ds = _encode(eval_rows, tok, net, max_length)
-    t0 = time.perf_counter()
-    run_finetune(net, tok, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                 lr_scheduler=lr_scheduler)
-    metrics = {"train_seconds": time.perf_counter() - t0, "train_rows": len(train_ds)}
-    if eval_ds is not None:
-        metrics.update(evaluate(net, eval_ds))
-        typer.echo(f"eval accuracy: {metrics['accuracy']:.4f} ({metrics['num_examples']} examples)")
-    save_model_dir(out, net, tok, {"metrics.json": metrics}, overwrite=overwrite)
-    typer.echo(f"saved {out}")
+    out = check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
+    with claim_output(out):
+        all_train = _data(train_file, task, "train")
+        eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
+        # Label ids come from every label seen in either split, so a subset still knows all classes.
+        labels = label_list(all_train.labels + (eval_rows.labels if eval_rows else []))
+        if len(label_list(all_train.labels)) < 2:
+            raise ObertError(f"the training data has only one class ({all_train.labels[0]!r}): a "
+                             "classifier needs at least two")
+        train_rows = all_train.subset(max_train_rows, seed)
+        tok, net = load_classifier(model, labels, tokenizer=tokenizer, reinit_head=reinit_head,
+                                   log=typer.echo)
+        max_length = check_length(max_length, net.config, "--max-length", tok)
+        net.to(target)
+        train_ds = _encode(train_rows, tok, net, max_length)
+        eval_ds = _encode(eval_rows, tok, net, max_length)
+        t0 = time.perf_counter()
+        run_finetune(net, tok, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                     lr_scheduler=lr_scheduler)
+        check_finite(net, "the fine-tuned model (training diverged: lower --lr)")
+        metrics = {"train_seconds": time.perf_counter() - t0, "train_rows": len(train_ds)}
+        if eval_ds is not None:
+            metrics.update(evaluate(net, eval_ds))
+            typer.echo(f"eval accuracy: {metrics['accuracy']:.4f} ({metrics['num_examples']} examples)")
+        save_model_dir(out, net, tok, {"metrics.json": metrics}, overwrite=overwrite)
+        typer.echo(f"saved {out}")
 
 
 @app.command()
@@ -164,7 +169,7 @@ def prune(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """One-shot pruning to a target sparsity; writes a HF model dir with sparsity.json."""
-    from .io import check_output
+    from .io import check_output, claim_output
     from .methods import PruneConfig
     from .oneshot import run_prune
     from .targets import compile_patterns
@@ -178,17 +183,18 @@ def prune(
     compile_patterns(include, "--include")
     compile_patterns(exclude, "--exclude")
     pick_device(device)
-    check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
-    needs_train = method == "obert"
-    train_rows = _data(train_file, task, "train", required=needs_train)
-    eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
-    result = run_prune(model, config, train_rows, eval_rows, out=out, include=include,
-                       exclude=exclude, max_length=max_length, eval_batch_size=eval_batch_size,
-                       device=device, tokenizer=tokenizer, overwrite=overwrite)
-    if "accuracy_before" in result:
-        typer.echo(f"accuracy before: {result['accuracy_before']:.4f}  after: "
-                   f"{result['accuracy_after']:.4f}")
-    typer.echo(f"sparsity {result['global_sparsity']:.4f}; saved {out}")
+    out = check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
+    with claim_output(out):
+        needs_train = method == "obert"
+        train_rows = _data(train_file, task, "train", required=needs_train)
+        eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
+        result = run_prune(model, config, train_rows, eval_rows, out=out, include=include,
+                           exclude=exclude, max_length=max_length, eval_batch_size=eval_batch_size,
+                           device=device, tokenizer=tokenizer, overwrite=overwrite)
+        if "accuracy_before" in result:
+            typer.echo(f"accuracy before: {result['accuracy_before']:.4f}  after: "
+                       f"{result['accuracy_after']:.4f}")
+        typer.echo(f"sparsity {result['global_sparsity']:.4f}; saved {out}")
 
 
 @app.command()
@@ -229,9 +235,9 @@ def compile_model(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
-    from .io import check_output
+    from .io import check_output, claim_output
     from .loading import ENCODER, check_length, load_config, load_tokenizer, model_kind
-    from .runtime import compile as compile_runtime, save_compiled
+    from .runtime import compile as compile_runtime, save_compiled, sparse_modules
     from .runtime.bench import load_model
     from .runtime.calibrate import text_batches
 
@@ -240,33 +246,38 @@ def compile_model(
     calibrate = calibration_file is not None or task is not None
     if calibrate and dtype != "int8":
         raise ObertError("calibration rounds int8 weights: add --dtype int8")
-    check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)
-    config = load_config(model)
-    net = load_model(model)
-    if model_kind(config) == ENCODER and config.architectures and \
-            not config.architectures[0].endswith("Model"):
-        typer.echo(f"note: {model} is a {config.architectures[0]}: compiling its encoder only "
-                   "(the pre-training head is not kept)")
-    tok = None
-    if calibrate or tokenizer is not None:
-        tok = load_tokenizer(model, tokenizer, config)
-        max_length = check_length(max_length, config, "--max-length", tok)
-    else:
-        try:  # saved next to the compiled model when there is one; not needed to compile
-            tok = load_tokenizer(model, None, config)
-        except ObertError as exc:
-            typer.echo(f"note: no tokenizer saved with the compiled model ({exc})")
-    batches = None
-    if calibrate:
-        rows = _data(calibration_file, task, "train").subset(calibration_rows, seed)
-        batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
-    report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches)
-    if not report.sparse_layers:
-        raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
-    save_compiled(net, out, tok, overwrite=overwrite)
-    rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
-        if dtype == "int8" else ""
-    typer.echo(f"{report.summary()}{rounding}; saved {out}")
+    out = check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)
+    with claim_output(out):
+        config = load_config(model)
+        net = load_model(model)
+        if model_kind(config) == ENCODER and config.architectures and \
+                not config.architectures[0].endswith("Model"):
+            typer.echo(f"note: {model} is a {config.architectures[0]}: compiling its encoder only "
+                       "(the pre-training head is not kept)")
+        tok = None
+        if calibrate or tokenizer is not None:
+            tok = load_tokenizer(model, tokenizer, config)
+            max_length = check_length(max_length, config, "--max-length", tok)
+        else:
+            try:  # saved next to the compiled model when there is one; not needed to compile
+                tok = load_tokenizer(model, None, config)
+            except ObertError as exc:
+                typer.echo(f"note: no tokenizer saved with the compiled model ({exc})")
+        batches = None
+        if calibrate:
+            rows = _data(calibration_file, task, "train", option="--calibration-file").subset(
+                calibration_rows, seed)
+            batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
+        report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches)
+        if not report.sparse_layers:
+            raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
+        if dtype == "int8" and not any(m.quantized for m in sparse_modules(net).values()):
+            raise ObertError(f"--dtype int8 quantises block4 layers, and {model} has none (prune with "
+                             "--structure block4): compile it as float32")
+        save_compiled(net, out, tok, overwrite=overwrite)
+        rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
+            if dtype == "int8" else ""
+        typer.echo(f"{report.summary()}{rounding}; saved {out}")
 
 
 @app.command()
@@ -291,6 +302,7 @@ def bench(
     for path, option in ((plot, "--plot"), (json_out, "--json")):
         if path is not None:
             check_file_output(path, inputs=[model], overwrite=overwrite, option=option)
+    plot, json_out = (p.expanduser() if p is not None else None for p in (plot, json_out))
     if plot is not None:
         from matplotlib.figure import Figure
 

@@ -7,6 +7,7 @@ follow the sorted order of the label values and are stored in the model config
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,33 +57,79 @@ class TextData:
         return TextData(pick(self.texts), pick(self.pairs) if self.pairs else None, pick(self.labels))
 
 
-def count_lines(path: Path) -> int:
-    """Non-blank lines of a UTF-8 text file; a one-line error naming the file and line otherwise."""
-    n = 0
+def read_text(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a one-line error naming the file and line otherwise."""
+    lines = []
     try:
         with path.open("rb") as f:
             for number, raw in enumerate(f, 1):
                 try:
-                    n += bool(raw.decode("utf-8").strip())
+                    lines.append(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
                 except UnicodeDecodeError as exc:
                     raise ObertError(f"{path}: line {number} is not UTF-8 text (byte "
                                      f"{raw[exc.start]:#04x})") from None
     except OSError as exc:
         raise ObertError(f"cannot read {path}: {exc.strerror}") from None
+    return lines
+
+
+def _no_repeats(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if keys.count(k) > 1:
+            raise ValueError(f"repeats the key '{k}'")
+    return dict(pairs)
+
+
+def count_rows(path: Path, builder: str) -> int:
+    """Rows of a JSON-lines / JSON-array or CSV file, each checked so that a malformed one is
+    named by its line (the parsers behind ``datasets`` report positions in a buffer instead, and
+    pandas silently turns a CSV's extra first field into an index)."""
+    lines = read_text(path)
+    text = "".join(lines)
+    if builder == "csv":
+        import csv
+        import io
+
+        rows = list(csv.reader(io.StringIO(text)))
+        width = len(rows[0]) if rows else 0
+        for number, row in enumerate(rows[1:], 2):
+            if row and len(row) != width:
+                raise ObertError(f"{path}: row {number - 1} has {len(row)} fields but the header "
+                                 f"has {width} (quote text that holds commas)")
+        return sum(1 for row in rows[1:] if row)
+    if text.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            items = json.loads(text, object_pairs_hook=_no_repeats)
+        except ValueError as exc:
+            raise ObertError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(items, list) or not all(isinstance(x, dict) for x in items):
+            raise ObertError(f"{path}: a JSON file holds one object per row")
+        return len(items)
+    n = 0
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_no_repeats)
+        except ValueError as exc:
+            raise ObertError(f"{path}: line {number} is not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise ObertError(f"{path}: line {number} is not a JSON object (one object per line)")
+        n += 1
     return n
 
 
 def load_file(path: str | Path) -> TextData:
     """Load a ``.jsonl``/``.json`` or ``.csv`` file through ``datasets``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ObertError(f"data file {'is a directory' if path.is_dir() else 'not found'}: {path}")
     suffix = path.suffix.lower()
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise ObertError(f"unsupported data file type '{suffix}' (use .jsonl, .json or .csv): {path}")
-    lines = count_lines(path)
-    if lines <= (1 if builder == "csv" else 0):  # a CSV header alone holds no rows
+    if count_rows(path, builder) == 0:
         raise ObertError(f"{path}: no rows")
     import datasets
 
@@ -147,7 +194,9 @@ def label_list(labels: list) -> list:
     try:
         return sorted(values)
     except TypeError:
-        raise ObertError("labels mix strings and numbers") from None
+        examples = {type(v).__name__: v for v in values}
+        mixed = " and ".join(f"{kind} ({v!r})" for kind, v in sorted(examples.items()))
+        raise ObertError(f"labels mix {mixed}: give every data file the same kind of label") from None
 
 
 def label_map_from_config(config) -> dict:

@@ -49,6 +49,14 @@ def available_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def _size(n: float) -> str:
+    """Bytes in the largest unit that keeps a number >= 1 (B to GiB)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
 @dataclass
 class MemoryPlan:
     """How the Fisher accumulators are split into gradient passes, and what they cost."""
@@ -90,9 +98,9 @@ def plan_memory(sizes: list[int], block_size: int, num_grads: int, budget_bytes:
             break
         chunk //= 2
     if best is None:
-        need = (elem_bytes * (block_size + 1) * biggest + scratch) / GiB
-        raise ObertError(f"the Fisher blocks of one layer need {need:.2f} GiB but only "
-                         f"{budget_bytes / GiB:.2f} GiB is available; lower --fisher-block-size "
+        need = elem_bytes * (block_size + 1) * biggest + scratch
+        raise ObertError(f"the Fisher blocks of one layer need {_size(need)} but only "
+                         f"{_size(budget_bytes)} is available; lower --fisher-block-size "
                          "or raise --max-memory")
     chunk, _, groups = best
     return MemoryPlan(groups, elem_bytes * total * block_size, elem_bytes * total * chunk,

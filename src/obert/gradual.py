@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, pick_checkpoint, reci
                           sealed_checkpoints)
 from .distributed import rank, world_size
 from .errors import ObertError
-from .io import MARKER, check_output, save_model_dir, write_json
-from .loading import check_length, load_weights, quiet_transformers
+from .io import MARKER, check_output, claim_output, save_model_dir, write_json
+from .loading import check_finite, check_length, load_weights, quiet_transformers
 from .masks import MaskSet
 from .recipe import Recipe, dump_recipe
 from .schedule import steps_per_epoch
@@ -53,12 +54,12 @@ class Task:
     load_teacher: Callable[[str], torch.nn.Module]
 
 
-def classification_task(recipe: Recipe) -> Task:
+def classification_task(recipe: Recipe, progress: bool = True) -> Task:
     from transformers import AutoModelForSequenceClassification
 
     from .data import Encoded, label_list, label_map_from_config, load_data
     from .loading import CLASSIFIER, load_config, require_kind
-    from .train import evaluate, load_classifier
+    from .train import evaluate, load_classifier, reorder_classes
 
     d, tr = recipe.data, recipe.training
     train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
@@ -78,20 +79,29 @@ def classification_task(recipe: Recipe) -> Task:
             raise ObertError(f"teacher '{path}' predicts {teacher.config.num_labels} labels but the "
                              f"data has {len(label2id)}")
         names = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()}
+        ours = {str(k): int(v) for k, v in label2id.items()}
         generic = all(re.fullmatch(r"LABEL_\d+", k) for k in names)
-        if not generic and names != {str(k): int(v) for k, v in label2id.items()}:
+        if generic or names == ours:
+            return teacher
+        if set(names) == set(ours):  # the same classes in another order: line them up by name
+            reorder_classes(teacher, ours)
+            _print(f"[obert] teacher's classes reordered by name to the data's label ids {ours}")
+        elif all(isinstance(v, int) for v in labels):
             # Hub teachers name GLUE classes ("entailment", ...) where the data has ids 0..n-1.
             _print(f"[obert] note: teacher labels {sorted(names, key=names.get)} are taken to be "
                    f"the data's labels {list(label2id)} in id order")
+        else:
+            raise ObertError(f"teacher '{path}' classifies {sorted(names)} but the data's labels "
+                             f"are {sorted(ours)}")
         return teacher
 
     return Task("classification", "accuracy", tokenizer, model, train_ds,
                 DataCollatorWithPadding(tokenizer),
-                lambda m: evaluate(m, eval_ds, tr.eval_batch_size, progress=rank() == 0),
+                lambda m: evaluate(m, eval_ds, tr.eval_batch_size, progress=progress and rank() == 0),
                 load_teacher)
 
 
-def qa_task(recipe: Recipe) -> Task:
+def qa_task(recipe: Recipe, progress: bool = True) -> Task:
     from transformers import AutoModelForQuestionAnswering
 
     from .loading import ENCODER, QA, load_config, load_tokenizer, require_kind
@@ -118,7 +128,7 @@ def qa_task(recipe: Recipe) -> Task:
 
     return Task("question-answering", "f1", tokenizer, model, features, collator,
                 lambda m: evaluate_qa(m, dev, dev_feats, collator, tr.eval_batch_size,
-                                      progress=rank() == 0),
+                                      progress=progress and rank() == 0),
                 load_teacher)
 
 
@@ -193,9 +203,10 @@ def checkpoint_dir(recipe: Recipe) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
-def build_task(recipe: Recipe) -> Task:
+def build_task(recipe: Recipe, progress: bool = True) -> Task:
     quiet_transformers()
-    return qa_task(recipe) if recipe.model.task_type == "question-answering" else classification_task(recipe)
+    make = qa_task if recipe.model.task_type == "question-answering" else classification_task
+    return make(recipe, progress)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,
@@ -217,103 +228,106 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     read = [recipe.model.path, recipe.model.tokenizer, d.train_file, d.eval_file,
             recipe.distillation.teacher if recipe.distillation else None, *(inputs or [])]
     check_output(recipe.output_dir, inputs=read, overwrite=overwrite, option="output_dir")
-    ckpt = checkpoint_dir(recipe)
-    _check_checkpoint_dir(ckpt, read)
-    resume_from = None
-    if resume:
-        extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
-        resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
+    # rank 0 holds the output for the whole run: a second run aimed at it is refused now
+    with claim_output(recipe.output_dir) if rank() == 0 else nullcontext():
+        ckpt = checkpoint_dir(recipe)
+        _check_checkpoint_dir(ckpt, read)
+        resume_from = None
+        if resume:
+            extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
+            resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
+            if resume_from is not None:
+                _check_same_recipe(resume_from, recipe, force_recipe)
+            if rank() == 0:  # checkpoints a kill left half-written or damaged are never used: clear them
+                sealed = set(sealed_checkpoints(ckpt))
+                for p in ckpt.glob("*checkpoint-*") if ckpt.is_dir() else []:
+                    if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from)):
+                        shutil.rmtree(p, ignore_errors=True)
+            if resume_from is None and rank() == 0:
+                _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
+        elif sealed_checkpoints(ckpt):
+            raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
+                             "it, or remove that directory")
+        task = build_task(recipe, progress)
+        model = task.model
+        device = pick_device(tr.device)
+        use_cpu = device.type == "cpu"
+        pruning_cb = None
+        if recipe.pruning is not None:
+            find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
+            pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
+                                              task.collator, include=recipe.pruning.include,
+                                              exclude=recipe.pruning.exclude, log=_print)
+        recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
+                               recipe_text=dump_recipe(recipe))
+        teacher = None
+        dist_cfg = recipe.distillation
+        if dist_cfg is not None and dist_cfg.hardness > 0:
+            teacher = task.load_teacher(dist_cfg.teacher)
+
+        save_ratio = tr.save_every_epochs / tr.epochs
+        args = TrainingArguments(
+            output_dir=str(ckpt), num_train_epochs=tr.epochs, learning_rate=tr.lr,
+            per_device_train_batch_size=tr.batch_size, weight_decay=tr.weight_decay,
+            max_grad_norm=tr.max_grad_norm, gradient_accumulation_steps=tr.gradient_accumulation_steps,
+            seed=tr.seed, data_seed=tr.seed, report_to="none", logging_strategy="steps",
+            logging_steps=tr.logging_steps, save_strategy="steps" if save_ratio < 1 else "no",
+            save_steps=save_ratio if save_ratio < 1 else 500, save_total_limit=None,
+            disable_tqdm=not progress or rank() != 0, dataloader_num_workers=0,
+            dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
+            fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
+        )
+        callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
+        trainer = ObertTrainer(
+            model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
+            callbacks=callbacks, teacher=teacher,
+            hardness=dist_cfg.hardness if dist_cfg else 0.0,
+            temperature=dist_cfg.temperature if dist_cfg else 1.0,
+            lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
+                                   recipe.schedule() if recipe.pruning else None),
+        )
+        recorder.trainer = trainer
         if resume_from is not None:
-            _check_same_recipe(resume_from, recipe, force_recipe)
-        if rank() == 0:  # checkpoints a kill left half-written or damaged are never used: clear them
-            sealed = set(sealed_checkpoints(ckpt))
-            for p in ckpt.glob("*checkpoint-*") if ckpt.is_dir() else []:
-                if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from)):
-                    shutil.rmtree(p, ignore_errors=True)
-        if resume_from is None and rank() == 0:
-            _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
-    elif sealed_checkpoints(ckpt):
-        raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
-                         "it, or remove that directory")
-    task = build_task(recipe)
-    model = task.model
-    device = pick_device(tr.device)
-    use_cpu = device.type == "cpu"
-    pruning_cb = None
-    if recipe.pruning is not None:
-        find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
-        pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
-                                          task.collator, include=recipe.pruning.include,
-                                          exclude=recipe.pruning.exclude, log=_print)
-    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
-                           recipe_text=dump_recipe(recipe))
-    teacher = None
-    dist_cfg = recipe.distillation
-    if dist_cfg is not None and dist_cfg.hardness > 0:
-        teacher = task.load_teacher(dist_cfg.teacher)
+            if pruning_cb is not None:
+                pruning_cb.load_checkpoint(resume_from)
+            recorder.load_checkpoint(resume_from)
+            if rank() == 0:
+                _print(f"[obert] resuming from {resume_from}")
+        if rank() == 0:  # marked as obert's, so only obert's own checkpoints are ever removed
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / MARKER).touch()
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_seconds = time.perf_counter() - t0
+        if rank() != 0:
+            return {}
+        model = trainer.model
+        check_finite(model, "the trained model (training diverged: lower training.lr)")
+        final = recorder.record(trainer.state, model)
+        masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
+        stats = masks.stats()
+        metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
+        metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
+                       world_size=world_size(), metric=task.metric)
+        sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
+                    "structure": recipe.pruning.structure if recipe.pruning else None,
+                    "scope": recipe.pruning.scope if recipe.pruning else None,
+                    "source_model": recipe.model.path,
+                    "settings": recipe.pruning.model_dump() if recipe.pruning else None,
+                    "steps": pruning_cb.history if pruning_cb else []}
+        history = {"eval": recorder.history, "pruning": sparsity["steps"],
+                   "log": [e for e in trainer.state.log_history if "loss" in e]}
 
-    save_ratio = tr.save_every_epochs / tr.epochs
-    args = TrainingArguments(
-        output_dir=str(ckpt), num_train_epochs=tr.epochs, learning_rate=tr.lr,
-        per_device_train_batch_size=tr.batch_size, weight_decay=tr.weight_decay,
-        max_grad_norm=tr.max_grad_norm, gradient_accumulation_steps=tr.gradient_accumulation_steps,
-        seed=tr.seed, data_seed=tr.seed, report_to="none", logging_strategy="steps",
-        logging_steps=tr.logging_steps, save_strategy="steps" if save_ratio < 1 else "no",
-        save_steps=save_ratio if save_ratio < 1 else 500, save_total_limit=None,
-        disable_tqdm=not progress or rank() != 0, dataloader_num_workers=0,
-        dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
-        fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
-    )
-    callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
-    trainer = ObertTrainer(
-        model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
-        callbacks=callbacks, teacher=teacher,
-        hardness=dist_cfg.hardness if dist_cfg else 0.0,
-        temperature=dist_cfg.temperature if dist_cfg else 1.0,
-        lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
-                               recipe.schedule() if recipe.pruning else None),
-    )
-    recorder.trainer = trainer
-    if resume_from is not None:
-        if pruning_cb is not None:
-            pruning_cb.load_checkpoint(resume_from)
-        recorder.load_checkpoint(resume_from)
-        if rank() == 0:
-            _print(f"[obert] resuming from {resume_from}")
-    if rank() == 0:  # marked as obert's, so only obert's own checkpoints are ever removed
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / MARKER).touch()
-    t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - t0
-    if rank() != 0:
-        return {}
-    model = trainer.model
-    final = recorder.record(trainer.state, model)
-    masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
-    stats = masks.stats()
-    metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
-    metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
-                   world_size=world_size(), metric=task.metric)
-    sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
-                "structure": recipe.pruning.structure if recipe.pruning else None,
-                "scope": recipe.pruning.scope if recipe.pruning else None,
-                "source_model": recipe.model.path,
-                "settings": recipe.pruning.model_dump() if recipe.pruning else None,
-                "steps": pruning_cb.history if pruning_cb else []}
-    history = {"eval": recorder.history, "pruning": sparsity["steps"],
-               "log": [e for e in trainer.state.log_history if "loss" in e]}
+        def extra(folder: Path) -> None:
+            (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+            plot_history(history, task.metric, folder / "training.png")
 
-    def extra(folder: Path) -> None:
-        (folder / "recipe.yaml").write_text(dump_recipe(recipe))
-        plot_history(history, task.metric, folder / "training.png")
-
-    save_model_dir(recipe.output_dir, model, task.tokenizer,
-                   {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
-                   hook=extra, overwrite=overwrite)
-    if not keep_checkpoints:
-        shutil.rmtree(ckpt, ignore_errors=True)
-    return metrics
+        save_model_dir(recipe.output_dir, model, task.tokenizer,
+                       {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
+                       hook=extra, overwrite=overwrite)
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return metrics
 
 
 def _step(folder: Path) -> int:

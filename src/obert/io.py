@@ -48,9 +48,10 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (),
     Allowed: a path that does not exist (in a writable place), an empty directory, or a
     directory obert wrote earlier (its ``MARKER``) when ``overwrite``. Refused: a file, a symbolic
     link, any other non-empty directory, the working directory or a directory above it, and a
-    path that is or contains one of ``inputs`` (local paths; hub ids are ignored).
+    path that is or contains one of ``inputs`` (local paths; hub ids are ignored). Returns the
+    path with ``~`` expanded (a quoted ``~/x`` must not become a directory named ``~``).
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     where = f"{option} {out}"
     if out.is_symlink():
         raise ObertError(f"{where} is a symbolic link: give a new directory path")
@@ -80,7 +81,7 @@ def check_file_output(path: str | Path, *, inputs: Iterable[str | Path | None] =
                       overwrite: bool = False, option: str = "--out") -> Path:
     """Like ``check_output`` for a single file: an existing file is replaced only with
     ``overwrite``; a directory, a symbolic link or a path inside an input is refused."""
-    path = Path(path)
+    path = Path(path).expanduser()
     where = f"{option} {path}"
     if path.is_symlink() or path.is_dir():
         raise ObertError(f"{where} is a {'symbolic link' if path.is_symlink() else 'directory'}: "
@@ -136,6 +137,43 @@ def clean_stale(out: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
+
+
+@contextmanager
+def claim_output(out: str | Path) -> Iterator[Path]:
+    """Hold ``.NAME.obert-lock`` next to ``out`` while a run works towards it, so a second run
+    aimed at the same output is refused when it starts rather than after its work. A lock left
+    by a killed process on this host is taken over."""
+    out = Path(out)
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.obert-lock"
+    host = socket.gethostname()
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            holder_host, _, pid = lock.read_text().strip().rpartition("-")
+            if holder_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+            where = "" if holder_host == host else f" on {holder_host}"
+            raise ObertError(f"another obert run (process {pid}{where}) is writing {out}: wait "
+                             f"for it, or remove {lock} if it is gone") from None
+    else:
+        raise ObertError(f"cannot take the lock {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{host}-{os.getpid()}\n")
+    try:
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)
+        for p in created if not out.exists() else []:  # a failed run leaves no empty parents
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 @contextmanager

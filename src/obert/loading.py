@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .errors import ObertError, first_line
 
-CLASSIFIER, QA, ENCODER, DECODER, OTHER = ("sequence classifier", "question-answering model",
-                                           "encoder", "decoder (causal LM)", "other")
+CLASSIFIER, QA, ENCODER, DECODER, OTHER = ("a sequence classifier", "a question-answering model",
+                                           "an encoder", "a decoder (causal LM)",
+                                           "another kind of model")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model", "sentencepiece.model")
 # Models whose position ids start after the padding index (RoBERTa's scheme).
@@ -36,6 +37,12 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:  # the hub client logs every retry of an unreachable hub: the error line says it once
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 def resolve(path: str, what: str = "model") -> str:
@@ -60,8 +67,15 @@ def load_config(path: str, what: str = "model"):
     path = resolve(path, what)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}") from exc
+    except KeyError as exc:  # Transformers' config registry has no such model type
+        raise ObertError(f"cannot load {what} '{path}': unknown model type {exc} in its "
+                         "config.json (not one this Transformers version knows)") from exc
+    except (OSError, ValueError) as exc:
+        raise ObertError(f"cannot load {what} '{path}': {_not_local(path)}{first_line(exc)}") from exc
+
+
+def _not_local(path: str) -> str:
+    return "" if Path(path).exists() else "not a local directory, and from the hub: "
 
 
 def model_kind(config) -> str:
@@ -89,7 +103,7 @@ def require_kind(config, path: str, allowed: tuple[str, ...], command: str, hint
     kind = model_kind(config)
     if kind not in allowed:
         arch = (config.architectures or [config.model_type])[0]
-        raise ObertError(f"'{path}' is a {kind} ({arch}); {command} takes a "
+        raise ObertError(f"'{path}' is {kind} ({arch}); {command} takes "
                          f"{' or '.join(allowed)}{hint}")
     return kind
 
@@ -132,7 +146,8 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None, config=None):
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ObertError(f"cannot load tokenizer '{source}': {first_line(exc)}") from exc
+        raise ObertError(f"cannot load tokenizer '{source}': {_not_local(source)}"
+                         f"{first_line(exc)}") from exc
     if len(tok) <= len(set(tok.all_special_tokens)):
         raise ObertError(f"tokenizer '{source}' has no vocabulary beyond its special tokens")
     vocab = getattr(config, "vocab_size", None) if config is not None else None
@@ -154,11 +169,27 @@ def load_weights(cls, path: str, what: str = "model", **kwargs):
         raise ObertError(f"{what} '{path}' has no safetensors weights{found}; obert loads "
                          "safetensors only")
     try:
-        return cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
+        model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     except MemoryError:
         raise
     except Exception as exc:  # a truncated or mismatched checkpoint raises many types
-        hint = " (obert loads safetensors only: a .bin checkpoint is a pickle, which runs code " \
-            "when loaded; convert it where you trust its source)" \
-            if "safetensors" in str(exc) else ""
-        raise ObertError(f"cannot load {what} '{path}': {first_line(exc)}{hint}") from exc
+        text = str(exc)
+        if "mismatched" in text or "size mismatch" in text:
+            reason = "its weights do not fit its config.json (tensor shapes differ)"
+        elif "safetensors" in text:
+            reason = (f"{first_line(exc)} (obert loads safetensors only: a .bin checkpoint is a "
+                      "pickle, which runs code when loaded; convert it where you trust its source)")
+        else:
+            reason = first_line(exc)
+        raise ObertError(f"cannot load {what} '{path}': {_not_local(path)}{reason}") from exc
+    check_finite(model, f"{what} '{path}'")
+    return model
+
+
+def check_finite(model, what: str) -> None:
+    """One-line error naming the first parameter holding NaN or infinity."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise ObertError(f"{what} has non-finite values (NaN or inf) in {name}")

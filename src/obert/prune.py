@@ -97,6 +97,10 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
         for t in targets:
             masks.set(t.name, ~prune[t.name])
         masks.apply()
+        for t in targets:  # a singular Fisher or NaN gradients must not end in a saved model
+            if not bool(torch.isfinite(t.module.weight).all()):
+                raise ObertError(f"pruning step {r} left non-finite weights in {t.name} (NaN "
+                                 "gradients or a singular Fisher: check the model, raise --damp)")
         stats = masks.stats()
         report.steps.append({"step": r, "target_sparsity": target,
                              "sparsity": stats["global_sparsity"]})

@@ -16,6 +16,8 @@ section.key=value`` overrides any field; values are parsed as YAML (``0.9``, ``t
 
 from __future__ import annotations
 
+import os
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +31,32 @@ from .targets import compile_patterns
 class _Section(BaseModel):
     # NaN and infinity pass every range check (nan > 0 is False, inf > 0 is True): refuse them.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_as_numbers(cls, data):
+        """``batch_size: true`` would otherwise be read as 1."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and bool not in _types(field.annotation):
+                    kind = _types(field.annotation)[0]
+                    raise ValueError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value}")
+        return data
+
+    @model_validator(mode="after")
+    def _expand_home(self):
+        """``~/x`` in a path field means the home directory (YAML never expands it)."""
+        for name in ("path", "tokenizer", "train_file", "eval_file", "teacher", "output_dir"):
+            value = getattr(self, name, None)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+        return self
+
+
+def _types(annotation) -> tuple:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return tuple(args) or (annotation,)
 
 
 class ModelSection(_Section):
@@ -49,6 +77,8 @@ class DataSection(_Section):
     def _source(self):
         if self.task is None and (self.train_file is None or self.eval_file is None):
             raise ValueError("give data.task, or both data.train_file and data.eval_file")
+        if self.task is not None and (self.train_file is not None or self.eval_file is not None):
+            raise ValueError("give data.task or data.train_file and data.eval_file, not both")
         return self
 
 
@@ -153,11 +183,12 @@ class Recipe(_Section):
                            max_memory_gb=p.max_memory_gb, seed=self.training.seed)
 
 
-def _set(doc: dict, assignment: str) -> None:
-    if "=" not in assignment:
-        raise ObertError(f"--set expects section.key=value, got '{assignment}'")
-    key, raw = assignment.split("=", 1)
+def _set(doc: dict, assignment: str) -> str:
+    """Apply ``section.key=value`` to ``doc``; returns the dotted key."""
+    key, _, raw = assignment.partition("=")
     parts = key.strip().split(".")
+    if not _ or not all(parts):
+        raise ObertError(f"--set expects section.key=value, got '{assignment}'")
     node = doc
     for p in parts[:-1]:
         if node.get(p) is None:
@@ -169,18 +200,39 @@ def _set(doc: dict, assignment: str) -> None:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = raw
+    return ".".join(parts)
 
 
-def _format_error(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "recipe"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    got = err.get("input")
-    shown = f" (got {got!r})" if isinstance(got, (int, float, str)) and err["type"] != "extra_forbidden" else ""
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {loc}: {msg}{shown}{more}"
+def _format_error(exc: ValidationError, where: str, overridden: set[str]) -> str:
+    """Every problem (up to three) in one line, each with its field and the value given; a field
+    set by ``--set`` is blamed on ``--set``, not on the file."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = err.get("input")
+        shown = f" (got {got!r})" if (got is None or isinstance(got, (int, float, str))) \
+            and err["type"] != "extra_forbidden" else ""
+        source = "--set " if any(loc == k or loc.startswith(k + ".") for k in overridden) else ""
+        parts.append(f"{source}{loc}: {msg}{shown}")
+    more = f" (and {len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return f"{where}: {'; '.join(parts)}{more}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -192,22 +244,24 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except UnicodeDecodeError as exc:
             raise ObertError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                              f"offset {exc.start})") from None
         except OSError as exc:
             raise ObertError(f"cannot read recipe {where}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ObertError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ObertError(f"{where}: not valid YAML{at}: {problem}") from None
     if not isinstance(doc, dict):
         raise ObertError(f"{where}: a recipe is a mapping of sections (model, data, training, ...)")
-    for assignment in overrides or []:
-        _set(doc, assignment)
+    overridden = {_set(doc, assignment) for assignment in overrides or []}
     try:
         return Recipe.model_validate(doc)
     except ValidationError as exc:
-        raise ObertError(_format_error(exc, where)) from None
+        raise ObertError(_format_error(exc, where, overridden)) from None
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -85,6 +85,26 @@ def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | N
     return tok, model
 
 
+def reorder_classes(model, label2id: dict) -> None:
+    """Permute a classifier's output classes so that class ``name`` comes out at
+    ``label2id[name]``: the rows of the head's last Linear (and the config's label maps)."""
+    from torch import nn
+
+    names = {str(k): int(v) for k, v in model.config.label2id.items()}
+    order = [names[str(name)] for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    prefix = model.base_model_prefix + "."
+    heads = [m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and not n.startswith(prefix) and m.out_features == len(order)]
+    if not heads:
+        raise ObertError("cannot find the classifier's output layer to reorder its classes")
+    with torch.no_grad():
+        heads[-1].weight.copy_(heads[-1].weight[order])
+        if heads[-1].bias is not None:
+            heads[-1].bias.copy_(heads[-1].bias[order])
+    model.config.label2id = {str(k): int(v) for k, v in label2id.items()}
+    model.config.id2label = {int(v): str(k) for k, v in label2id.items()}
+
+
 def _reinit_head(model) -> None:
     """Give ``model`` freshly initialised task-head weights (everything outside the encoder)."""
     fresh = type(model)(model.config)
