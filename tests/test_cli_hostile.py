@@ -242,6 +242,8 @@ def test_bench_file_outputs(option, env, tmp_path, capsys):
     (["bench", "m", "--threads", "100000"], "more than this machine's"),
     (["finetune", "m", "--out", "o", "--train-file", "t.jsonl", "--task", "sst2"], "not both"),
     (["train", "--recipe", "."], "recipe is a directory"),
+    (["compile", "m", "--out", "o", "--dtype", "int8", "--calibration-file", "c.jsonl", "--task",
+      "sst2"], "give --calibration-file or --task, not both"),
 ])
 def test_usage_errors_exit_2_naming_the_option(args, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -251,6 +253,37 @@ def test_usage_errors_exit_2_naming_the_option(args, says, tmp_path, monkeypatch
 def test_memory_checked_before_a_huge_batch(env, capsys):
     refused(capsys, ["bench", env.model, "--batch-size", 10**9, "--seq-len", 64, "--no-onnx"],
             ["GiB", "--batch-size"], roots=[env.root])
+
+
+def test_int8_without_block4_layers_is_refused(env, tmp_path, capsys):
+    pruned = tmp_path / "unstructured"
+    assert run("prune", env.model, "--sparsity", 0.8, "--method", "magnitude", "--max-length", 16,
+               "--out", pruned) == 0
+    refused(capsys, ["compile", pruned, "--out", tmp_path / "c", "--dtype", "int8"],
+            "--structure block4", roots=[tmp_path])
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_its_start(env, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.obert-lock"
+    lock.write_text(f"{socket.gethostname()}-{os.getpid()}\n")  # a live process holds it
+    refused(capsys, DIR_COMMANDS["prune"](env, out), "another obert run", roots=[tmp_path])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lock.write_text(f"{socket.gethostname()}-{dead}\n")  # left by a process that is gone
+    assert run(*DIR_COMMANDS["prune"](env, out)) == 0
+    assert not lock.exists() and (out / "sparsity.json").is_file()
+
+
+def test_home_is_expanded_in_outputs(env, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert run(*DIR_COMMANDS["prune"](env, "~/pruned")) == 0
+    assert (home / "pruned" / "sparsity.json").is_file() and not (tmp_path / "~").exists()
 
 
 def test_bare_obert_prints_help_only(capsys):
@@ -418,7 +451,7 @@ def test_recipe_numeric_fields_found():
 @pytest.mark.parametrize("field", RECIPE_NUMERIC)
 def test_recipe_numeric_field_refuses_bad_values(field, env, tmp_path, capsys):
     recipe = env.recipe(distillation={"teacher": str(env.model)})
-    for value in (".nan", ".inf", "-.inf", "-1", "abc"):
+    for value in (".nan", ".inf", "-.inf", "-1", "abc", "true"):
         refused(capsys, ["train", "--recipe", recipe, "--set", f"{field}={value}"], field,
                 roots=[tmp_path])
 
@@ -446,6 +479,17 @@ def odd_models(env):
     make_tokenizer(root).save_pretrained(root / "pickled")
     (root / "pickled" / "model.safetensors").unlink()
     torch.save(m.state_dict(), root / "pickled" / "pytorch_model.bin")
+    m = tiny_model("bert")
+    with torch.no_grad():
+        m.classifier.weight[0, 0] = float("nan")
+    m.save_pretrained(root / "nan-weights")
+    make_tokenizer(root).save_pretrained(root / "nan-weights")
+    cfg = tiny_config("bert")
+    cfg.max_position_embeddings = 512  # the config no longer fits the weights
+    cfg.architectures = ["BertForSequenceClassification"]
+    tiny_model("bert").save_pretrained(root / "misfit")
+    make_tokenizer(root).save_pretrained(root / "misfit")
+    cfg.save_pretrained(root / "misfit")
     return root
 
 
@@ -461,6 +505,9 @@ MODEL_REFUSALS = [
     ("train", "no-tokenizer", "--tokenizer"),
     ("prune", "pickled", "safetensors"),
     ("finetune", "pickled", "safetensors"),
+    ("prune", "nan-weights", "non-finite values (NaN or inf) in classifier.weight"),
+    ("compile", "nan-weights", "non-finite"),
+    ("prune", "misfit", "do not fit its config.json"),
     ("prune", "./does/not/exist", "not found"),
     ("compile", "../nowhere", "not found"),
 ]
@@ -571,8 +618,74 @@ def test_head_kept_for_the_same_labels_and_replaced_on_request(env):
                        original.bert.encoder.layer[0].output.dense.weight)
 
 
+def test_teacher_classes_lined_up_by_name(env, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from obert.train import reorder_classes
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(env.model).eval()
+    ids = torch.randint(5, 30, (4, 8))
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits  # columns: math, net, sound
+        reorder_classes(teacher, {"sound": 0, "math": 1, "net": 2})
+        got = teacher(input_ids=ids).logits
+    assert torch.equal(got, ref[:, [2, 0, 1]])
+    assert teacher.config.id2label == {0: "sound", 1: "math", 2: "net"}
+    teacher.save_pretrained(tmp_path / "teacher")
+    recipe = env.recipe(distillation={"teacher": str(tmp_path / "teacher")},
+                        output_dir=str(tmp_path / "out"))
+    assert run("train", "--recipe", recipe, "--no-progress") == 0
+    assert "teacher's classes reordered by name" in capsys.readouterr().out
+    teacher.config.id2label = {0: "x", 1: "y", 2: "z"}
+    teacher.config.label2id = {"x": 0, "y": 1, "z": 2}
+    teacher.save_pretrained(tmp_path / "stranger")
+    recipe = env.recipe(distillation={"teacher": str(tmp_path / "stranger")},
+                        output_dir=str(tmp_path / "out2"))
+    refused(capsys, ["train", "--recipe", recipe], ["classifies ['x', 'y', 'z']", "'math'"],
+            roots=[tmp_path])
+
+
 # ---------------------------------------------------------------------------------------------
 # Data and recipe files
+
+
+BAD_DATA = [  # (file name, content, what the error must say)
+    ("unquoted.csv", "text,label\nalpha, beta,math\ngamma,net\n", ["row 1 has 3 fields", "header has 2"]),
+    ("notobj.jsonl", '{"text": "a", "label": "math"}\n1\n', ["line 2 is not a JSON object"]),
+    ("truncated.jsonl", '{"text": "a", "label": "math"}\n{"text": "b", "lab\n', ["line 2 is not valid JSON"]),
+    ("dupkey.jsonl", '{"text": "a", "label": "math", "label": "net"}\n', ["line 1", "repeats the key 'label'"]),
+    ("float.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n', ["row 2 has label 0.5"]),
+]
+
+
+@pytest.mark.parametrize("name,content,says", BAD_DATA, ids=[b[0] for b in BAD_DATA])
+def test_malformed_data_named_by_line(name, content, says, env, tmp_path, capsys):
+    bad = tmp_path / name
+    bad.write_text(content)
+    refused(capsys, ["finetune", env.model, "--train-file", bad, "--out", tmp_path / "o"],
+            [str(bad), *says], roots=[tmp_path])
+
+
+BAD_RECIPES = [  # (--set assignments or a raw file, what the error must say)
+    (["data.task=sst2"], "not both"),
+    (["training.batch_size=true"], "training.batch_size: true/false is not a value"),
+    (["training.epochs=abc"], "--set training.epochs"),
+    (["=5"], "--set expects section.key=value"),
+    ("model:\n  path: m\nmodel:\n  path: n\n", "line 3, column 1: the key 'model' appears twice"),
+    ("model:\n\tpath: x\n", "line 2, column 1"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_RECIPES)))
+def test_bad_recipes_named_precisely(case, env, tmp_path, capsys):
+    change, says = BAD_RECIPES[case]
+    recipe = env.recipe()
+    if isinstance(change, str):
+        recipe.write_text(change)
+        args = ["train", "--recipe", recipe]
+    else:
+        args = ["train", "--recipe", recipe, *[a for c in change for a in ("--set", c)]]
+    refused(capsys, args, says, roots=[tmp_path])
 
 
 def test_data_and_recipe_files_named_in_errors(env, tmp_path, capsys):

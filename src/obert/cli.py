@@ -244,6 +244,8 @@ def compile_model(
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
     calibrate = calibration_file is not None or task is not None
+    if calibration_file is not None and task is not None:
+        raise ObertError("give --calibration-file or --task, not both")
     if calibrate and dtype != "int8":
         raise ObertError("calibration rounds int8 weights: add --dtype int8")
     out = check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ObertError
 from .targets import compile_patterns
@@ -32,17 +32,13 @@ class _Section(BaseModel):
     # NaN and infinity pass every range check (nan > 0 is False, inf > 0 is True): refuse them.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_bools_as_numbers(cls, data):
+    def _no_bools_as_values(cls, value, info):
         """``batch_size: true`` would otherwise be read as 1."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                field = cls.model_fields.get(name)
-                if isinstance(value, bool) and field is not None and bool not in _types(field.annotation):
-                    kind = _types(field.annotation)[0]
-                    raise ValueError(f"{name}: expected {getattr(kind, '__name__', kind)}, got {value}")
-        return data
+        if isinstance(value, bool) and bool not in _types(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true/false is not a value for this field")
+        return value
 
     @model_validator(mode="after")
     def _expand_home(self):
