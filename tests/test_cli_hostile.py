@@ -349,8 +349,13 @@ def test_interrupt_while_the_command_starts_is_one_line(monkeypatch, capsys):
             raise KeyboardInterrupt
 
     monkeypatch.setitem(sys.modules, "obert.cli", Interrupted("obert.cli"))
-    with pytest.raises(SystemExit) as stop:
-        console.run()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            console.run()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # for the shutdown that follows
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert stop.value.code == 130
     assert capsys.readouterr().err == "error: interrupted\n"
 

@@ -350,6 +350,13 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _fail(message: str, code: int) -> int:
+    try:  # a progress bar cut short by the error would otherwise share its line
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except ImportError:
+        pass
     print(f"error: {message}", file=sys.stderr)
     return code
 
