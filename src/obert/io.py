@@ -123,18 +123,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _gone(host: str, pid: str) -> bool:
+    """Whether process ``pid`` was one of this host's and no longer runs (its files are stale)."""
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
 def clean_stale(out: Path) -> list[Path]:
     """Remove temporary siblings of ``out`` left by killed processes on this host; returns them."""
-    host, removed = socket.gethostname(), []
+    removed = []
     if not out.parent.is_dir():
         return removed
     for kind in (_TMP, _OLD):
         for p in out.parent.glob(f".{out.name}.{kind}-*"):
-            parts = p.name[len(f".{out.name}.{kind}-"):].rsplit("-", 2)  # HOST-PID-TOKEN
-            if len(parts) != 3 or not parts[1].isdigit():
-                continue
-            if parts[0] == host and not _pid_alive(int(parts[1])):
-                shutil.rmtree(p, ignore_errors=True)
+            host, pid, _ = (p.name[len(f".{out.name}.{kind}-"):].rsplit("-", 2) + ["", ""])[:3]
+            if _gone(host, pid):  # the name is .NAME.KIND-HOST-PID-TOKEN[.SUFFIX]
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
 
@@ -155,8 +161,8 @@ def claim_output(out: str | Path) -> Iterator[Path]:
             break
         except FileExistsError:
             holder_host, _, pid = lock.read_text().strip().rpartition("-")
-            if holder_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-                lock.unlink(missing_ok=True)  # its process is gone
+            if _gone(holder_host, pid):
+                lock.unlink(missing_ok=True)
                 continue
             where = "" if holder_host == host else f" on {holder_host}"
             raise ObertError(f"another obert run (process {pid}{where}) is writing {out}: wait "
@@ -233,6 +239,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Path]:
     """Yield a temporary path next to ``path`` to write; on success it replaces ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path)
     tmp = path.parent / f".{path.name}.{_TMP}-{_stamp()}{path.suffix}"  # writers go by suffix
     try:
         yield tmp
