@@ -376,6 +376,28 @@ def test_kill_9_leftovers_are_cleaned_by_the_next_run(env, tmp_path):
     assert list(tmp_path.glob(".out.obert-*")) == [] and (out / "sparsity.json").is_file()
 
 
+def test_only_a_dead_local_process_temporaries_are_removed(tmp_path):
+    import socket
+
+    from obert.io import clean_stale
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    names = {"dead dir": f".out.obert-tmp-{host}-{dead}-ab12",
+             "dead file": f".r.json.obert-tmp-{host}-{dead}-cd34.json",
+             "dead old": f".out.obert-old-{host}-{dead}-ef56",
+             "live": f".out.obert-tmp-{host}-{os.getpid()}-0000",
+             "other host": f".out.obert-tmp-elsewhere-{dead}-1111",
+             "not ours": ".out.obert-tmp-notes"}
+    for kind, name in names.items():
+        (tmp_path / name).mkdir() if "file" not in kind else (tmp_path / name).write_text("{")
+    clean_stale(tmp_path / "out")
+    clean_stale(tmp_path / "r.json")
+    left = {kind for kind, name in names.items() if (tmp_path / name).exists()}
+    assert left == {"live", "other host", "not ours"}
+
+
 def test_unexpected_errors_are_one_line_exit_1(env, tmp_path, monkeypatch, capsys):
     def explode(*a, **k):
         raise RuntimeError("first line\nsecond line\nthird")
