@@ -7,15 +7,29 @@ where a Ctrl-C must still give one line) does not pay for PyTorch until it is ne
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from .errors import ObertError
+    from .masks import MaskSet
+    from .methods import PruneConfig
+    from .obs import fisher_inverse_blocks, prune_update, saliency
+    from .prune import prune_model
+    from .targets import find_targets
 
 __version__ = "0.1.0"
 _EXPORTS = {"MaskSet": ".masks", "ObertError": ".errors", "PruneConfig": ".methods",
             "fisher_inverse_blocks": ".obs", "prune_update": ".obs", "saliency": ".obs",
             "prune_model": ".prune", "find_targets": ".targets"}
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = ["MaskSet", "ObertError", "PruneConfig", "find_targets", "fisher_inverse_blocks",
+           "prune_model", "prune_update", "saliency", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'obert' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -23,6 +23,9 @@ TRAINER_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 # Settings that may change between a run and its resumption: where it runs and how it reports.
 RESUMABLE_CHANGES = frozenset({"training.device", "training.eval_batch_size",
                                "training.logging_steps"})
+# Fields naming files: compared as the files they name, so ``data/x`` and ``./data/x`` agree.
+PATH_FIELDS = frozenset({"model.path", "model.tokenizer", "data.train_file", "data.eval_file",
+                         "distillation.teacher", "output_dir"})
 
 
 def sealed_checkpoints(folder: Path) -> list[Path]:
@@ -64,13 +67,16 @@ def checkpoint_problem(folder: Path, extra_files: tuple[str, ...] = ()) -> str |
         return "no model weights (*.safetensors)"
     if not list(folder.glob("rng_state*.pth")):
         return "rng_state.pth is missing"
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            try:
-                _read_back(path)
-            except Exception as exc:  # any failure to read back means: do not resume from it
-                text = str(exc).strip().splitlines()
-                return f"{path.name} is unreadable ({text[0] if text else type(exc).__name__})"
+    try:
+        files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    for path in files:
+        try:
+            _read_back(path)
+        except Exception as exc:  # any failure to read back means: do not resume from it
+            text = str(exc).strip().splitlines()
+            return f"{path.name} is unreadable ({text[0] if text else type(exc).__name__})"
     return None
 
 
@@ -105,8 +111,17 @@ def _flatten(doc: dict, prefix: str = "") -> dict:
     return out
 
 
+def _same_file(a, b) -> bool:
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def recipe_changes(saved: dict, current: dict) -> list[str]:
     """Dotted fields whose values differ between two recipe dumps (allowed changes left out)."""
     a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in a.keys() | b.keys()
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_CHANGES and not (
+        _same_file(a.get(k), b.get(k)) if k in PATH_FIELDS else a.get(k) == b.get(k)))

@@ -301,10 +301,10 @@ def bench(
     from .loading import check_length, load_config
     from .runtime.bench import format_table, plot as plot_chart, run_bench
 
-    for path, option in ((plot, "--plot"), (json_out, "--json")):
-        if path is not None:
-            check_file_output(path, inputs=[model], overwrite=overwrite, option=option)
-    plot, json_out = (p.expanduser() if p is not None else None for p in (plot, json_out))
+    plot, json_out = (check_file_output(p, inputs=[model], overwrite=overwrite, option=o)
+                      if p is not None else None for p, o in ((plot, "--plot"), (json_out, "--json")))
+    if plot is not None and json_out is not None and plot.resolve() == json_out.resolve():
+        raise ObertError("--plot and --json name the same file")
     if plot is not None:
         from matplotlib.figure import Figure
 
@@ -331,6 +331,10 @@ class Terminated(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class _Never(Exception):
+    """Stands in for an exception class the installed click does not have."""
 
 
 def _terminate(signum, frame):
@@ -363,18 +367,26 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app and turns every outcome into one line and an exit code."""
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    try:  # Typer bundles its own copy of click from 0.16 on; older ones use the click package
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+    ClickException = click_errors.ClickException
+    Abort = getattr(click_errors, "Abort", _Never)  # Typer's own copy has none
+    NoArgsIsHelpError = getattr(click_errors, "NoArgsIsHelpError", _Never)
 
     debug = bool(os.environ.get("OBERT_DEBUG"))
     # Signal handlers can only be set from the main thread (a test may call main elsewhere).
     on_main_thread = threading.current_thread() is threading.main_thread()
+    # A signal the caller set to be ignored stays ignored (``nohup`` ignores SIGHUP).
     caught = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    caught = [s for s in caught if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, _terminate) for s in caught} if on_main_thread else {}
     try:
         rv = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError:
         return 2  # the help is already printed: it is the message
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Abort):  # older click reports Ctrl-C as Abort
         return _fail("interrupted", 130)
     except Terminated as exc:
         return _fail(f"terminated ({signal.Signals(exc.signum).name})", 128 + exc.signum)
@@ -387,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                      exc.exit_code)
     except MemoryError:
         return _fail(OUT_OF_MEMORY, 1)
+    except PermissionError as exc:  # a path the user gave that this user may not use
+        return _fail(f"permission denied: {exc.filename or exc}", 2)
     except Exception as exc:
         if debug:
             raise

@@ -90,8 +90,15 @@ def count_rows(path: Path, builder: str) -> int:
     if builder == "csv":
         import csv
         import io
+        import sys
 
-        rows = list(csv.reader(io.StringIO(text)))
+        limit = csv.field_size_limit(sys.maxsize)  # long texts are fine; the default is 128 KiB
+        try:
+            rows = list(csv.reader(io.StringIO(text)))
+        except csv.Error as exc:
+            raise ObertError(f"{path}: not valid CSV ({exc})") from None
+        finally:
+            csv.field_size_limit(limit)
         width = len(rows[0]) if rows else 0
         for number, row in enumerate(rows[1:], 2):
             if row and len(row) != width:

@@ -30,6 +30,12 @@ def process_group() -> tuple[int, int]:
     return (dist.get_world_size(), dist.get_rank()) if _initialized() else (1, 0)
 
 
+def barrier() -> None:
+    """Wait for every process (nothing to wait for on one)."""
+    if _initialized() and world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum ``t`` over processes in place (CPU tensors work on gloo, CUDA ones on nccl)."""
     if _initialized() and world_size() > 1:

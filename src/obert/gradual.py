@@ -29,7 +29,7 @@ from transformers.trainer_callback import ProgressCallback
 from .callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
 from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, pick_checkpoint, recipe_changes,
                           sealed_checkpoints)
-from .distributed import rank, world_size
+from .distributed import barrier, rank, world_size
 from .errors import ObertError
 from .io import MARKER, check_output, claim_output, save_model_dir, write_json
 from .loading import check_finite, check_length, load_weights, quiet_transformers
@@ -232,17 +232,17 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     with claim_output(recipe.output_dir) if rank() == 0 else nullcontext():
         ckpt = checkpoint_dir(recipe)
         _check_checkpoint_dir(ckpt, read)
-        resume_from = None
+        resume_from, unusable = None, []
         if resume:
             extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
             resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
             if resume_from is not None:
                 _check_same_recipe(resume_from, recipe, force_recipe)
-            if rank() == 0:  # checkpoints a kill left half-written or damaged are never used: clear them
-                sealed = set(sealed_checkpoints(ckpt))
-                for p in ckpt.glob("*checkpoint-*") if ckpt.is_dir() else []:
-                    if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from)):
-                        shutil.rmtree(p, ignore_errors=True)
+            # Checkpoints a kill left half-written, or damaged ones newer than the one resumed
+            # from, are never used: cleared once every process has chosen (below).
+            sealed = set(sealed_checkpoints(ckpt))
+            unusable = [p for p in (ckpt.glob("*checkpoint-*") if ckpt.is_dir() else [])
+                        if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from))]
             if resume_from is None and rank() == 0:
                 _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
         elif sealed_checkpoints(ckpt):
@@ -277,6 +277,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
             dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
             fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
         )
+        barrier()  # every process has picked its checkpoint before any is removed
+        for p in unusable if rank() == 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
         callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
         trainer = ObertTrainer(
             model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
@@ -351,15 +354,15 @@ def _check_same_recipe(folder: Path, recipe: Recipe, force: bool) -> None:
     """Refuse to resume under other settings than the checkpoint's, unless ``force``."""
     from .recipe import load_recipe
 
-    saved_file = folder / RECIPE_FILE
-    if not saved_file.is_file():
-        changed = None
-    else:
-        saved = load_recipe(doc=yaml.safe_load(saved_file.read_text()))
+    changed = None  # no recipe recorded, or one this version cannot read
+    try:
+        saved = load_recipe(doc=yaml.safe_load((folder / RECIPE_FILE).read_text()))
         changed = recipe_changes(saved.model_dump(), recipe.model_dump())
-        if not changed:
-            return
-    what = "records no recipe" if changed is None else \
+    except (OSError, yaml.YAMLError, ObertError):
+        pass
+    if changed == []:
+        return
+    what = "records no recipe this version can read" if changed is None else \
         f"was written under other settings ({', '.join(changed)})"
     if not force:
         raise ObertError(f"{folder.name} {what}: resume with the same recipe, or pass "

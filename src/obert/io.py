@@ -53,15 +53,22 @@ def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (),
     """
     out = Path(out).expanduser()
     where = f"{option} {out}"
+    try:
+        return _check_output(out, where, inputs, overwrite)
+    except OSError as exc:  # e.g. a directory on the way that this user may not enter
+        raise ObertError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _check_output(out: Path, where: str, inputs, overwrite: bool) -> Path:
     if out.is_symlink():
         raise ObertError(f"{where} is a symbolic link: give a new directory path")
     real = out.resolve()
     if _contains(real, Path.cwd().resolve()):
         raise ObertError(f"{where} is the working directory or contains it: give a new directory")
     for item in inputs:
-        if item is None or not Path(item).exists():
+        if item is None or not Path(item).expanduser().exists():
             continue
-        if _contains(real, Path(item).resolve()):
+        if _contains(real, Path(item).expanduser().resolve()):
             raise ObertError(f"{where} would replace the input {item}: write to a new directory")
     if out.exists():
         if not out.is_dir():
@@ -88,7 +95,8 @@ def check_file_output(path: str | Path, *, inputs: Iterable[str | Path | None] =
                          "give a file path")
     real = path.resolve()
     for item in inputs:
-        if item is not None and Path(item).exists() and _contains(Path(item).resolve(), real):
+        item = Path(item).expanduser() if item is not None else None
+        if item is not None and item.exists() and _contains(item.resolve(), real):
             raise ObertError(f"{where} lies in the input {item}: write it elsewhere")
     if path.exists() and not overwrite:
         raise ObertError(f"{where} exists: pass --overwrite to replace it")
@@ -137,7 +145,9 @@ def clean_stale(out: Path) -> list[Path]:
         for p in out.parent.glob(f".{out.name}.{kind}-*"):
             host, pid, _ = (p.name[len(f".{out.name}.{kind}-"):].rsplit("-", 2) + ["", ""])[:3]
             if _gone(host, pid):  # the name is .NAME.KIND-HOST-PID-TOKEN[.SUFFIX]
-                if p.is_dir() and not p.is_symlink():
+                if kind == _OLD and not out.exists():  # killed between its two renames
+                    os.replace(p, out)
+                elif p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
@@ -150,7 +160,7 @@ def claim_output(out: str | Path) -> Iterator[Path]:
     """Hold ``.NAME.obert-lock`` next to ``out`` while a run works towards it, so a second run
     aimed at the same output is refused when it starts rather than after its work. A lock left
     by a killed process on this host is taken over."""
-    out = Path(out)
+    out = Path(out).expanduser()
     created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.obert-lock"
@@ -160,13 +170,16 @@ def claim_output(out: str | Path) -> Iterator[Path]:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             break
         except FileExistsError:
-            holder_host, _, pid = lock.read_text().strip().rpartition("-")
+            try:
+                holder_host, _, pid = lock.read_text().strip().rpartition("-")
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
             if _gone(holder_host, pid):
                 lock.unlink(missing_ok=True)
                 continue
-            where = "" if holder_host == host else f" on {holder_host}"
-            raise ObertError(f"another obert run (process {pid}{where}) is writing {out}: wait "
-                             f"for it, or remove {lock} if it is gone") from None
+            holder = f"process {pid}" + ("" if holder_host in (host, "") else f" on {holder_host}")
+            raise ObertError(f"another obert run ({holder if pid else 'starting'}) is writing "
+                             f"{out}: wait for it, or remove {lock} if it is gone") from None
     else:
         raise ObertError(f"cannot take the lock {lock}")
     with os.fdopen(fd, "w") as f:
@@ -190,24 +203,31 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     obert output there is replaced only with ``overwrite``. On any error, interrupt included,
     the temporary directory is removed and ``out`` is left as it was.
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     tmp = out.parent / f".{out.name}.{_TMP}-{_stamp()}"
+    old = out.parent / f".{out.name}.{_OLD}-{_stamp()}"
     tmp.mkdir()  # honours the umask, where tempfile.mkdtemp always gives 0700
     try:
         yield tmp
         write_json(tmp / MARKER, {"written_by": "obert"})
         apply_umask(tmp)
-        check_output(out, overwrite=overwrite)  # again: hours may have passed since the start
+        try:
+            check_output(out, overwrite=overwrite)  # again: hours may have passed since the start
+        except ObertError as exc:  # keep the finished work rather than lose it
+            kept = out.parent / f".{out.name}.obert-kept-{_stamp()}"
+            os.replace(tmp, kept)
+            raise ObertError(f"{exc} (the finished result is kept in {kept})") from None
         if out.exists():
-            old = out.parent / f".{out.name}.{_OLD}-{_stamp()}"
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
+        if old.exists() and not out.exists():  # interrupted between the two renames
+            os.replace(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -235,9 +255,9 @@ def apply_umask(root: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Path]:
+def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` to write; on success it replaces ``path``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path)
     tmp = path.parent / f".{path.name}.{_TMP}-{_stamp()}{path.suffix}"  # writers go by suffix

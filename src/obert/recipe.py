@@ -221,9 +221,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # resolves merge keys (<<: *base) as the base loader does
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a mapping key must be a plain value", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key '{key}' appears twice", key_node.start_mark)
@@ -236,7 +240,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     """Parse and validate a recipe file (or ``doc``), applying ``--set`` overrides first."""
     where = str(path) if path else "recipe"
     if doc is None:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_file():
             raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
         try:
