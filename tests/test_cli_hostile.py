@@ -191,6 +191,88 @@ def test_output_written_new_empty_or_overwritten(command, env, tmp_path, capsys)
     assert leftovers == [], leftovers
 
 
+def test_an_earlier_output_given_as_input_is_not_replaced(env, tmp_path, monkeypatch, capsys):
+    """The input check alone guards here: the directory is obert's and --overwrite is given."""
+    prev = tmp_path / "prev"
+    assert run(*DIR_COMMANDS["prune"](env, prev)) == 0
+    refused(capsys, ["prune", prev, "--sparsity", 0.6, "--method", "magnitude", "--max-length",
+                     16, "--out", prev, "--overwrite"], "input", roots=[tmp_path])
+    monkeypatch.setenv("HOME", str(tmp_path))  # the same with ~ on both sides, quoted
+    refused(capsys, ["prune", "~/prev", "--sparsity", 0.6, "--method", "magnitude",
+                     "--max-length", 16, "--out", "~/prev", "--overwrite"], "input",
+            roots=[tmp_path])
+
+
+def test_interrupt_between_the_renames_keeps_the_earlier_output(env, tmp_path, monkeypatch):
+    from obert import io
+
+    out = tmp_path / "out"
+    assert run(*DIR_COMMANDS["prune"](env, out)) == 0
+    before = snapshot(out)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # out has been moved aside; the new one is not in place yet
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new\n")
+    monkeypatch.setattr(io.os, "replace", real)
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.glob(".out.obert-*")] == []
+
+
+def test_a_killed_rename_is_restored_by_the_next_run(tmp_path):
+    import socket
+
+    from obert.io import clean_stale
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    aside = tmp_path / f".out.obert-old-{socket.gethostname()}-{dead}-ab12"
+    aside.mkdir()
+    (aside / "sparsity.json").write_text("{}\n")
+    clean_stale(tmp_path / "out")
+    assert (tmp_path / "out" / "sparsity.json").is_file() and not aside.exists()
+
+
+def test_a_finished_result_is_kept_when_its_place_was_taken(tmp_path, capsys):
+    from obert.errors import ObertError
+    from obert.io import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(ObertError, match="kept in"):
+        with atomic_dir(out) as tmp:
+            (tmp / "weights.bin").write_text("hours of work\n")
+            out.mkdir()
+            (out / "someone-else.txt").write_text("theirs\n")
+    kept = list(tmp_path.glob(".out.obert-kept-*"))
+    assert len(kept) == 1 and (kept[0] / "weights.bin").read_text() == "hours of work\n"
+    assert (out / "someone-else.txt").read_text() == "theirs\n"
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored(env, tmp_path, monkeypatch):
+    seen = {}
+
+    def record(*a, **k):
+        seen["hup"] = signal.getsignal(signal.SIGHUP)
+        seen["term"] = signal.getsignal(signal.SIGTERM)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr("obert.oneshot.prune_model", record)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        assert run(*DIR_COMMANDS["prune"](env, tmp_path / "o")) == 1
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert seen["hup"] is signal.SIG_IGN and seen["term"] is not signal.SIG_DFL
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_get_the_umask_permissions(umask, env, tmp_path):
     old = os.umask(umask)
@@ -334,6 +416,7 @@ def test_interrupt_exits_nonzero_and_leaves_nothing(sig, code, says, env, tmp_pa
     done, out = _signal_while_saving(env, tmp_path, sig)
     assert done.returncode == code, done.stderr
     assert done.stderr.strip().splitlines()[-1] == says
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr
     assert not out.exists()
     assert list(tmp_path.glob(".out.obert-*")) == []
 
@@ -713,6 +796,26 @@ def test_bad_recipes_named_precisely(case, env, tmp_path, capsys):
     else:
         args = ["train", "--recipe", recipe, *[a for c in change for a in ("--set", c)]]
     refused(capsys, args, says, roots=[tmp_path])
+
+
+def test_valid_but_unusual_files_are_accepted(env, tmp_path):
+    from obert.checkpoints import recipe_changes
+    from obert.data import load_file
+    from obert.recipe import load_recipe
+
+    long_text = " ".join(["alpha"] * 40000)  # over the csv module's default 128 KiB field limit
+    csv_file = tmp_path / "long.csv"
+    csv_file.write_text(f'text,label\n"{long_text}",math\n"beta, gamma",net\n')
+    rows = load_file(csv_file)
+    assert rows.texts == [long_text, "beta, gamma"] and rows.labels == ["math", "net"]
+    from obert.recipe import UniqueKeyLoader
+
+    merged = yaml.load("base: &b {a: 1}\nx:\n  <<: *b\n  c: 2\n", Loader=UniqueKeyLoader)
+    assert merged == {"base": {"a": 1}, "x": {"a": 1, "c": 2}}
+    a = load_recipe(env.recipe()).model_dump()
+    b = {**a, "data": {**a["data"], "train_file": "./" + os.path.relpath(a["data"]["train_file"])}}
+    assert recipe_changes(a, b) == []
+    assert recipe_changes(a, {**a, "training": {**a["training"], "lr": 0.5}}) == ["training.lr"]
 
 
 def test_data_and_recipe_files_named_in_errors(env, tmp_path, capsys):

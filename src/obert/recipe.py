@@ -217,7 +217,7 @@ def _format_error(exc: ValidationError, where: str, overridden: set[str]) -> str
     return f"{where}: {'; '.join(parts)}{more}"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
@@ -244,7 +244,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
         try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except UnicodeDecodeError as exc:
             raise ObertError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
                              f"offset {exc.start})") from None
