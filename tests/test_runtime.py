@@ -685,3 +685,14 @@ def test_smoothing_an_outlier_channel_cuts_int8_error():
     err = {name: float((SparseLinear.from_linear(lin, dtype="int8", smooth=sm)(x).double() - exact).pow(2).mean())
            for name, sm in {"plain": None, "smoothed": s}.items()}
     assert err["smoothed"] < 0.5 * err["plain"], err
+
+
+def test_kernel_cache_is_keyed_by_the_cpu_features(monkeypatch):
+    """An AVX-512 build must never be picked up by an AVX2-only CPU sharing the cache."""
+    from obert.runtime import kernels
+
+    monkeypatch.setattr(kernels, "cpu_identity", lambda: ("EPYC", frozenset({"avx2", "fma", "avx512f"})))
+    wide = kernels._build_dir()
+    assert kernels._build_dir() == wide
+    monkeypatch.setattr(kernels, "cpu_identity", lambda: ("EPYC", frozenset({"avx2", "fma"})))
+    assert kernels._build_dir() != wide

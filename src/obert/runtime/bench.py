@@ -31,16 +31,9 @@ from ..errors import ObertError
 
 def cpu_info() -> dict:
     """CPU model and the vector ISA extensions the kernels can use."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from .kernels import cpu_identity
+
+    model, flags = cpu_identity()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
            if f in flags]
     return {"cpu": model, "machine": platform.machine(), "isa": isa}

@@ -1,7 +1,8 @@
 """The native sparse kernels: built once from ``csrc/`` with the installed PyTorch, or a fallback.
 
 ``load()`` compiles ``csrc/sparse_linear.cpp`` with ``torch.utils.cpp_extension`` (``-O3
--march=native``: vector FMAs for this CPU's ISA) into ``~/.cache/obert/ext-<hash>`` the first time,
+-march=native``: vector FMAs for this CPU's ISA) into ``~/.cache/obert/ext-<hash>`` the first time
+(the hash covers the CPU's feature flags, so machines sharing the cache never share a build),
 and imports it afterwards (``make setup`` runs ``obert.runtime.kernels.build()`` so nothing
 compiles on first use). Where no compiler is available it returns ``None`` and
 ``SparseLinear`` falls back to ``csr_linear``, PyTorch's CSR matmul (correct, not fast);
@@ -24,11 +25,32 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ["sparse_linear.cpp", "attention.cpp", "layer_norm.cpp"]
 
 
+def cpu_identity() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its feature flags (``/proc/cpuinfo``; elsewhere what
+    ``platform`` says, with no flags)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith(("flags", "Features")):
+                flags = frozenset(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return model, flags
+
+
 def _build_dir() -> Path:
+    """Where this build lives: keyed by the sources, torch, Python and the CPU's features, since
+    ``-march=native`` code built on an AVX-512 machine dies (SIGILL) on an AVX2-only one that
+    shares the cache directory."""
     h = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):  # sources and headers
         h.update(path.name.encode() + path.read_bytes())
     h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}".encode())
+    model, flags = cpu_identity()
+    h.update(f"{model}|{' '.join(sorted(flags))}".encode())
     base = Path(os.environ.get("OBERT_CACHE", Path.home() / ".cache" / "obert"))
     return base / f"ext-{h.hexdigest()[:16]}"
 
