@@ -28,13 +28,18 @@ PATH_FIELDS = frozenset({"model.path", "model.tokenizer", "data.train_file", "da
                          "distillation.teacher", "output_dir"})
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The optimizer step in a checkpoint folder's name (``checkpoint-N``); -1 when it has none."""
+    tail = folder.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def sealed_checkpoints(folder: Path) -> list[Path]:
     """Complete (sealed) checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob("checkpoint-*") if (p / SEAL).is_file()
-             and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in folder.glob("checkpoint-*") if (p / SEAL).is_file() and checkpoint_step(p) >= 0]
+    return sorted(found, key=checkpoint_step)
 
 
 def _read_back(path: Path) -> None:

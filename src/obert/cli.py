@@ -105,7 +105,7 @@ def finetune(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Dense fine-tuning of a sequence classifier (the task model you then prune)."""
-    from .data import label_list
+    from .data import training_labels
     from .io import check_output, claim_output, save_model_dir
     from .loading import check_finite, check_length
     from .train import evaluate, finetune as run_finetune, load_classifier, pick_device
@@ -117,11 +117,7 @@ def finetune(
     with claim_output(out):
         all_train = _data(train_file, task, "train")
         eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
-        # Label ids come from every label seen in either split, so a subset still knows all classes.
-        labels = label_list(all_train.labels + (eval_rows.labels if eval_rows else []))
-        if len(label_list(all_train.labels)) < 2:
-            raise ObertError(f"the training data has only one class ({all_train.labels[0]!r}): a "
-                             "classifier needs at least two")
+        labels = training_labels(all_train, eval_rows)
         train_rows = all_train.subset(max_train_rows, seed)
         tok, net = load_classifier(model, labels, tokenizer=tokenizer, reinit_head=reinit_head,
                                    log=typer.echo)

@@ -8,6 +8,7 @@ follow the sorted order of the label values and are stored in the model config
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,20 @@ def label_list(labels: list) -> list:
         examples = {type(v).__name__: v for v in values}
         mixed = " and ".join(f"{kind} ({v!r})" for kind, v in sorted(examples.items()))
         raise ObertError(f"labels mix {mixed}: give every data file the same kind of label") from None
+
+
+def training_labels(train: "TextData", eval_rows: "TextData | None" = None) -> list:
+    """Label values for a classifier's head: every label seen in either split (a subset still
+    knows all classes), sorted; the training split itself must hold at least two classes."""
+    if len(label_list(train.labels)) < 2:
+        raise ObertError(f"the training data has only one class ({train.labels[0]!r}): a "
+                         "classifier needs at least two")
+    return label_list(train.labels + (eval_rows.labels if eval_rows is not None else []))
+
+
+def generic_label_names(names) -> bool:
+    """Whether a model names its classes ``LABEL_0..LABEL_n-1``, i.e. not at all."""
+    return all(re.fullmatch(r"LABEL_\d+", str(k)) for k in names)
 
 
 def label_map_from_config(config) -> dict:

@@ -13,7 +13,6 @@ Layout of a run with ``output_dir: OUT``:
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from .callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
-from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, pick_checkpoint, recipe_changes,
-                          sealed_checkpoints)
+from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick_checkpoint,
+                          recipe_changes, sealed_checkpoints)
 from .distributed import barrier, rank, world_size
 from .errors import ObertError
 from .io import MARKER, check_output, claim_output, save_model_dir, write_json
@@ -57,14 +56,14 @@ class Task:
 def classification_task(recipe: Recipe, progress: bool = True) -> Task:
     from transformers import AutoModelForSequenceClassification
 
-    from .data import Encoded, label_list, label_map_from_config, load_data
+    from .data import Encoded, generic_label_names, label_map_from_config, load_data, training_labels
     from .loading import CLASSIFIER, load_config, require_kind
     from .train import evaluate, load_classifier, reorder_classes
 
     d, tr = recipe.data, recipe.training
     train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
     eval_rows = load_data(d.eval_file, d.task if d.eval_file is None else None, "eval")
-    labels = label_list(train_rows.labels + eval_rows.labels)
+    labels = training_labels(train_rows, eval_rows)
     tokenizer, model = load_classifier(recipe.model.path, labels, tokenizer=recipe.model.tokenizer,
                                        reinit_head=recipe.model.reinit_head, log=_print)
     check_length(tr.max_length, model.config, "training.max_length", tokenizer)
@@ -80,8 +79,7 @@ def classification_task(recipe: Recipe, progress: bool = True) -> Task:
                              f"data has {len(label2id)}")
         names = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()}
         ours = {str(k): int(v) for k, v in label2id.items()}
-        generic = all(re.fullmatch(r"LABEL_\d+", k) for k in names)
-        if generic or names == ours:
+        if generic_label_names(names) or names == ours:
             return teacher
         if set(names) == set(ours):  # the same classes in another order: line them up by name
             reorder_classes(teacher, ours)
@@ -241,8 +239,9 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
             # Checkpoints a kill left half-written, or damaged ones newer than the one resumed
             # from, are never used: cleared once every process has chosen (below).
             sealed = set(sealed_checkpoints(ckpt))
+            last = checkpoint_step(resume_from) if resume_from is not None else -1
             unusable = [p for p in (ckpt.glob("*checkpoint-*") if ckpt.is_dir() else [])
-                        if p not in sealed or (resume_from is not None and _step(p) > _step(resume_from))]
+                        if p not in sealed or checkpoint_step(p) > last]
             if resume_from is None and rank() == 0:
                 _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
         elif sealed_checkpoints(ckpt):
@@ -331,11 +330,6 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
         if not keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
         return metrics
-
-
-def _step(folder: Path) -> int:
-    tail = folder.name.split("-")[-1]
-    return int(tail) if tail.isdigit() else -1
 
 
 def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded
+from .data import Encoded, generic_label_names
 from .errors import ObertError
 
 
@@ -60,7 +59,7 @@ def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | N
         kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
                   "label2id": {str(v): i for i, v in enumerate(labels)}}
         have, want = set(config.label2id or {}), set(kwargs["label2id"])
-        generic = all(re.fullmatch(r"LABEL_\d+", k) for k in have)
+        generic = generic_label_names(have)
         if kind == ENCODER:
             log(f"[obert] {path} is an encoder without a classification head: adding one for "
                 f"{len(labels)} labels")
