@@ -232,7 +232,7 @@ def compile_model(
 ) -> None:
     """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
     from .io import check_output, claim_output
-    from .loading import ENCODER, check_length, load_config, load_tokenizer, model_kind
+    from .loading import ENCODER, check_length, load_tokenizer, model_kind
     from .runtime import compile as compile_runtime, save_compiled, sparse_modules
     from .runtime.bench import load_model
     from .runtime.calibrate import text_batches
@@ -246,8 +246,8 @@ def compile_model(
         raise ObertError("calibration rounds int8 weights: add --dtype int8")
     out = check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)
     with claim_output(out):
-        config = load_config(model)
         net = load_model(model)
+        config = net.config
         if model_kind(config) == ENCODER and config.architectures and \
                 not config.architectures[0].endswith("Model"):
             typer.echo(f"note: {model} is a {config.architectures[0]}: compiling its encoder only "
@@ -294,7 +294,6 @@ def bench(
 ) -> None:
     """Throughput of the same model dense vs sparse on this CPU (like for like)."""
     from .io import atomic_file, check_file_output, write_json
-    from .loading import check_length, load_config
     from .runtime.bench import format_table, plot as plot_chart, run_bench
 
     plot, json_out = (check_file_output(p, inputs=[model], overwrite=overwrite, option=o)
@@ -310,7 +309,6 @@ def bench(
                              f"{', '.join('.' + f for f in sorted(formats))})")
     if threads is not None and threads > (os.cpu_count() or 1):
         raise ObertError(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs")
-    seq_len = check_length(seq_len, load_config(model), "--seq-len")
     result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
                        iters=iters, onnx=onnx, int8=int8)
     typer.echo(format_table(result))

@@ -87,7 +87,9 @@ def count_rows(path: Path, builder: str) -> int:
     named by its line (the parsers behind ``datasets`` report positions in a buffer instead, and
     pandas silently turns a CSV's extra first field into an index)."""
     lines = read_text(path)
-    text = "".join(lines)
+    first = next((line for line in lines if line.strip()), "")
+    # CSV and a JSON array are parsed whole; JSON lines one by one, so a bad one is named
+    text = "".join(lines) if builder == "csv" or first.lstrip().startswith("[") else None
     if builder == "csv":
         import csv
         import io
@@ -106,7 +108,7 @@ def count_rows(path: Path, builder: str) -> int:
                 raise ObertError(f"{path}: row {number - 1} has {len(row)} fields but the header "
                                  f"has {width} (quote text that holds commas)")
         return sum(1 for row in rows[1:] if row)
-    if text.lstrip().startswith("["):  # one JSON array of objects
+    if text is not None:  # one JSON array of objects
         try:
             items = json.loads(text, object_pairs_hook=_no_repeats)
         except ValueError as exc:

@@ -35,6 +35,13 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _local_inputs(inputs: Iterable[str | Path | None]) -> Iterator[tuple[str | Path, Path]]:
+    """``(as given, resolved)`` for each input that is a local path (hub ids and None skipped)."""
+    for item in inputs:
+        if item is not None and Path(item).expanduser().exists():
+            yield item, Path(item).expanduser().resolve()
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -65,10 +72,8 @@ def _check_output(out: Path, where: str, inputs, overwrite: bool) -> Path:
     real = out.resolve()
     if _contains(real, Path.cwd().resolve()):
         raise ObertError(f"{where} is the working directory or contains it: give a new directory")
-    for item in inputs:
-        if item is None or not Path(item).expanduser().exists():
-            continue
-        if _contains(real, Path(item).expanduser().resolve()):
+    for item, resolved in _local_inputs(inputs):
+        if _contains(real, resolved):
             raise ObertError(f"{where} would replace the input {item}: write to a new directory")
     if out.exists():
         if not out.is_dir():
@@ -94,9 +99,8 @@ def check_file_output(path: str | Path, *, inputs: Iterable[str | Path | None] =
         raise ObertError(f"{where} is a {'symbolic link' if path.is_symlink() else 'directory'}: "
                          "give a file path")
     real = path.resolve()
-    for item in inputs:
-        item = Path(item).expanduser() if item is not None else None
-        if item is not None and item.exists() and _contains(item.resolve(), real):
+    for item, resolved in _local_inputs(inputs):
+        if _contains(resolved, real):
             raise ObertError(f"{where} lies in the input {item}: write it elsewhere")
     if path.exists() and not overwrite:
         raise ObertError(f"{where} exists: pass --overwrite to replace it")

@@ -191,12 +191,16 @@ def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: in
     return out
 
 
-def run_bench(model_dir: str, *, batch: int = 16, seq_len: int = 128, threads: int | None = None,
-              rounds: int = 5, iters: int = 3, onnx: bool = True, int8: bool | None = None,
-              min_sparsity: float | None = None) -> dict:
-    """Everything ``obert bench`` prints, as a dict."""
+def run_bench(model_dir: str, *, batch: int = 16, seq_len: int | None = None,
+              threads: int | None = None, rounds: int = 5, iters: int = 3, onnx: bool = True,
+              int8: bool | None = None, min_sparsity: float | None = None) -> dict:
+    """Everything ``obert bench`` prints, as a dict. ``seq_len``: tokens per sequence (None:
+    128, or the model's limit when shorter; longer than the limit is an error)."""
+    from ..loading import check_length
+
     threads = threads or torch.get_num_threads()
     model = load_model(model_dir)
+    seq_len = check_length(seq_len, model.config, "--seq-len")
     check_memory(model.config, batch, seq_len)
     torch.set_num_threads(threads)
     result = {"model": model_dir, "batch": batch, "seq_len": seq_len, "threads": threads,
