@@ -217,119 +217,127 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     recipe). ``resume`` continues from the newest intact checkpoint, and refuses when the recipe's
     settings differ from the checkpointed run's unless ``force_recipe``.
     """
-    from transformers import TrainingArguments
-
-    from .train import pick_device
-
-    tr = recipe.training
     d = recipe.data
     read = [recipe.model.path, recipe.model.tokenizer, d.train_file, d.eval_file,
             recipe.distillation.teacher if recipe.distillation else None, *(inputs or [])]
     check_output(recipe.output_dir, inputs=read, overwrite=overwrite, option="output_dir")
     # rank 0 holds the output for the whole run: a second run aimed at it is refused now
     with claim_output(recipe.output_dir) if rank() == 0 else nullcontext():
-        ckpt = checkpoint_dir(recipe)
-        _check_checkpoint_dir(ckpt, read)
-        resume_from, unusable = None, []
-        if resume:
-            extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
-            resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
-            if resume_from is not None:
-                _check_same_recipe(resume_from, recipe, force_recipe)
-            # Checkpoints a kill left half-written, or damaged ones newer than the one resumed
-            # from, are never used: cleared once every process has chosen (below).
-            sealed = set(sealed_checkpoints(ckpt))
-            last = checkpoint_step(resume_from) if resume_from is not None else -1
-            unusable = [p for p in (ckpt.glob("*checkpoint-*") if ckpt.is_dir() else [])
-                        if p not in sealed or checkpoint_step(p) > last]
-            if resume_from is None and rank() == 0:
-                _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
-        elif sealed_checkpoints(ckpt):
-            raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
-                             "it, or remove that directory")
-        task = build_task(recipe, progress)
-        model = task.model
-        device = pick_device(tr.device)
-        use_cpu = device.type == "cpu"
-        pruning_cb = None
-        if recipe.pruning is not None:
-            find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
-            pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
-                                              task.collator, include=recipe.pruning.include,
-                                              exclude=recipe.pruning.exclude, log=_print)
-        recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
-                               recipe_text=dump_recipe(recipe))
-        teacher = None
-        dist_cfg = recipe.distillation
-        if dist_cfg is not None and dist_cfg.hardness > 0:
-            teacher = task.load_teacher(dist_cfg.teacher)
+        return _train(recipe, read, resume=resume, keep_checkpoints=keep_checkpoints,
+                      extra_callbacks=extra_callbacks, progress=progress, overwrite=overwrite,
+                      force_recipe=force_recipe)
 
-        save_ratio = tr.save_every_epochs / tr.epochs
-        args = TrainingArguments(
-            output_dir=str(ckpt), num_train_epochs=tr.epochs, learning_rate=tr.lr,
-            per_device_train_batch_size=tr.batch_size, weight_decay=tr.weight_decay,
-            max_grad_norm=tr.max_grad_norm, gradient_accumulation_steps=tr.gradient_accumulation_steps,
-            seed=tr.seed, data_seed=tr.seed, report_to="none", logging_strategy="steps",
-            logging_steps=tr.logging_steps, save_strategy="steps" if save_ratio < 1 else "no",
-            save_steps=save_ratio if save_ratio < 1 else 500, save_total_limit=None,
-            disable_tqdm=not progress or rank() != 0, dataloader_num_workers=0,
-            dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
-            fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
-        )
-        barrier()  # every process has picked its checkpoint before any is removed
-        for p in unusable if rank() == 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
-        callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
-        trainer = ObertTrainer(
-            model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
-            callbacks=callbacks, teacher=teacher,
-            hardness=dist_cfg.hardness if dist_cfg else 0.0,
-            temperature=dist_cfg.temperature if dist_cfg else 1.0,
-            lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
-                                   recipe.schedule() if recipe.pruning else None),
-        )
-        recorder.trainer = trainer
+
+def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
+           extra_callbacks: list | None, progress: bool, overwrite: bool, force_recipe: bool) -> dict:
+    """``run_recipe`` once its output is checked and held; ``read``: the run's local inputs."""
+    from transformers import TrainingArguments
+
+    from .train import pick_device
+
+    tr = recipe.training
+    ckpt = checkpoint_dir(recipe)
+    _check_checkpoint_dir(ckpt, read)
+    resume_from, unusable = None, []
+    if resume:
+        extra = (MASKS_FILE, STATE_FILE) if recipe.pruning is not None else ()
+        resume_from = pick_checkpoint(ckpt, extra, log=_print if rank() == 0 else lambda s: None)
         if resume_from is not None:
-            if pruning_cb is not None:
-                pruning_cb.load_checkpoint(resume_from)
-            recorder.load_checkpoint(resume_from)
-            if rank() == 0:
-                _print(f"[obert] resuming from {resume_from}")
-        if rank() == 0:  # marked as obert's, so only obert's own checkpoints are ever removed
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / MARKER).touch()
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        train_seconds = time.perf_counter() - t0
-        if rank() != 0:
-            return {}
-        model = trainer.model
-        check_finite(model, "the trained model (training diverged: lower training.lr)")
-        final = recorder.record(trainer.state, model)
-        masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
-        stats = masks.stats()
-        metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
-        metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
-                       world_size=world_size(), metric=task.metric)
-        sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
-                    "structure": recipe.pruning.structure if recipe.pruning else None,
-                    "scope": recipe.pruning.scope if recipe.pruning else None,
-                    "source_model": recipe.model.path,
-                    "settings": recipe.pruning.model_dump() if recipe.pruning else None,
-                    "steps": pruning_cb.history if pruning_cb else []}
-        history = {"eval": recorder.history, "pruning": sparsity["steps"],
-                   "log": [e for e in trainer.state.log_history if "loss" in e]}
+            _check_same_recipe(resume_from, recipe, force_recipe)
+        # Checkpoints a kill left half-written, or damaged ones newer than the one resumed
+        # from, are never used: cleared once every process has chosen (below).
+        sealed = set(sealed_checkpoints(ckpt))
+        last = checkpoint_step(resume_from) if resume_from is not None else -1
+        unusable = [p for p in (ckpt.glob("*checkpoint-*") if ckpt.is_dir() else [])
+                    if p not in sealed or checkpoint_step(p) > last]
+        if resume_from is None and rank() == 0:
+            _print(f"[obert] no complete checkpoint in {ckpt}: starting from the beginning")
+    elif sealed_checkpoints(ckpt):
+        raise ObertError(f"{ckpt} holds checkpoints of an earlier run: pass --resume to continue "
+                         "it, or remove that directory")
+    task = build_task(recipe, progress)
+    model = task.model
+    device = pick_device(tr.device)
+    use_cpu = device.type == "cpu"
+    pruning_cb = None
+    if recipe.pruning is not None:
+        find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
+        pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
+                                          task.collator, include=recipe.pruning.include,
+                                          exclude=recipe.pruning.exclude, log=_print)
+    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
+                           recipe_text=dump_recipe(recipe))
+    teacher = None
+    dist_cfg = recipe.distillation
+    if dist_cfg is not None and dist_cfg.hardness > 0:
+        teacher = task.load_teacher(dist_cfg.teacher)
 
-        def extra(folder: Path) -> None:
-            (folder / "recipe.yaml").write_text(dump_recipe(recipe))
-            plot_history(history, task.metric, folder / "training.png")
+    save_ratio = tr.save_every_epochs / tr.epochs
+    args = TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=tr.epochs, learning_rate=tr.lr,
+        per_device_train_batch_size=tr.batch_size, weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm, gradient_accumulation_steps=tr.gradient_accumulation_steps,
+        seed=tr.seed, data_seed=tr.seed, report_to="none", logging_strategy="steps",
+        logging_steps=tr.logging_steps, save_strategy="steps" if save_ratio < 1 else "no",
+        save_steps=save_ratio if save_ratio < 1 else 500, save_total_limit=None,
+        disable_tqdm=not progress or rank() != 0, dataloader_num_workers=0,
+        dataloader_pin_memory=not use_cpu, use_cpu=use_cpu, remove_unused_columns=False,
+        fp16=tr.fp16 and device.type == "cuda", eval_strategy="no",
+    )
+    barrier()  # every process has picked its checkpoint before any is removed
+    for p in unusable if rank() == 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
+    trainer = ObertTrainer(
+        model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
+        callbacks=callbacks, teacher=teacher,
+        hardness=dist_cfg.hardness if dist_cfg else 0.0,
+        temperature=dist_cfg.temperature if dist_cfg else 1.0,
+        lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
+                               recipe.schedule() if recipe.pruning else None),
+    )
+    recorder.trainer = trainer
+    if resume_from is not None:
+        if pruning_cb is not None:
+            pruning_cb.load_checkpoint(resume_from)
+        recorder.load_checkpoint(resume_from)
+        if rank() == 0:
+            _print(f"[obert] resuming from {resume_from}")
+    if rank() == 0:  # marked as obert's, so only obert's own checkpoints are ever removed
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / MARKER).touch()
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - t0
+    if rank() != 0:
+        return {}
+    model = trainer.model
+    check_finite(model, "the trained model (training diverged: lower training.lr)")
+    final = recorder.record(trainer.state, model)
+    masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
+    stats = masks.stats()
+    metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
+    metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
+                   world_size=world_size(), metric=task.metric)
+    sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
+                "structure": recipe.pruning.structure if recipe.pruning else None,
+                "scope": recipe.pruning.scope if recipe.pruning else None,
+                "source_model": recipe.model.path,
+                "settings": recipe.pruning.model_dump() if recipe.pruning else None,
+                "steps": pruning_cb.history if pruning_cb else []}
+    history = {"eval": recorder.history, "pruning": sparsity["steps"],
+               "log": [e for e in trainer.state.log_history if "loss" in e]}
 
-        save_model_dir(recipe.output_dir, model, task.tokenizer,
-                       {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
-                       hook=extra, overwrite=overwrite)
-        if not keep_checkpoints:
-            shutil.rmtree(ckpt, ignore_errors=True)
-        return metrics
+    def extra(folder: Path) -> None:
+        (folder / "recipe.yaml").write_text(dump_recipe(recipe))
+        plot_history(history, task.metric, folder / "training.png")
+
+    save_model_dir(recipe.output_dir, model, task.tokenizer,
+                   {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
+                   hook=extra, overwrite=overwrite)
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
 
 
 def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:
