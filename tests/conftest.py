@@ -99,3 +99,18 @@ def tiny_model_dir(tmp_path):
     tiny_model("bert").save_pretrained(out)
     make_tokenizer(tmp_path).save_pretrained(out)
     return str(out)
+
+
+def _kernel_isas() -> list:
+    """Every instruction-set path of the native kernels this CPU runs (none without a compiler:
+    the tests that take ``isa`` are then skipped)."""
+    from obert.runtime import kernels
+
+    return kernels.available_isas()
+
+
+@pytest.fixture(params=_kernel_isas())
+def isa(request, monkeypatch):
+    """Runs the test once per kernel path this machine has, forced through ``OBERT_ISA``."""
+    monkeypatch.setenv("OBERT_ISA", request.param)
+    return request.param

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +49,7 @@ def test_native_kernels_build_here():
 @pytest.mark.parametrize("shape", [(1, 8, 3), (5, 16, 7), (63, 64, 17), (64, 32, 16), (130, 200, 33),
                                    (257, 40, 50), (70, 132, 16)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
-def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
+def test_sparse_linear_matches_dense(shape, sparsity, group, threads, isa):
     tokens, n_in, n_out = shape
     lin = pruned_linear(n_out, n_in, sparsity, group, seed=tokens + n_in)
     lin.weight.data[1 % n_out] = 0  # an empty row
@@ -64,7 +67,7 @@ def test_sparse_linear_matches_dense(shape, sparsity, group, threads):
 @pytest.mark.parametrize("shape,chunk", [((40, 1100, 24), None), ((33, 1100, 17), 192), ((17, 300, 35), 8),
                                          ((50, 300, 16), 100), ((16, 64, 16), 12), ((70, 1028, 40), 1028),
                                          ((600, 96, 20), None), ((131, 40, 33), None)])
-def test_sparse_linear_chunks_and_tiles(shape, chunk, group):
+def test_sparse_linear_chunks_and_tiles(shape, chunk, group, isa):
     """Several chunks per row (segments), 16- and 32-token tiles, a last chunk cut short."""
     tokens, n_in, n_out = shape
     lin = pruned_linear(n_out, n_in, 0.85, group, seed=n_in + n_out)
@@ -78,13 +81,14 @@ def test_sparse_linear_chunks_and_tiles(shape, chunk, group):
         with num_threads(threads):
             torch.testing.assert_close(sl(x).double(), expected, rtol=1e-5, atol=1e-5)
             for tile in (16, 32, 64) if ext is not None else ():  # every tile width the kernel has
-                got = ext.sparse_linear(x, seg_ptr, col, val, lin.bias, n_out, group, chunk, tile, 0)
+                got = ext.sparse_linear(x, seg_ptr, col, val, lin.bias, n_out, group, chunk, tile, 0,
+                                         kernels.isa_index())
                 torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sl.to_dense_weight(), lin.weight.data)
 
 
 @pytest.mark.parametrize("dtype,group", [("float32", 1), ("float32", 4), ("int8", 4)])
-def test_fused_gelu_matches_exact_gelu(dtype, group):
+def test_fused_gelu_matches_exact_gelu(dtype, group, isa):
     """GELU in the kernel epilogue (erf by a polynomial and a vector exp) against float64 erf GELU,
     pre-activations spread over +-12 so both tails and the centre are exercised."""
     lin = pruned_linear(48, 64, 0.6, group, seed=5)
@@ -189,7 +193,7 @@ def test_compiled_model_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("groups", [(1, 1), (4, 1), (1, 4), (4, 4)])
 @pytest.mark.parametrize("shape", [(64, 32, 40, 24), (200, 48, 1100, 20), (129, 16, 64, 16)])
-def test_fused_ffn_float32_matches_float64(shape, groups, threads):
+def test_fused_ffn_float32_matches_float64(shape, groups, threads, isa):
     from obert.runtime.linear import SparseFFN
 
     tokens, n_in, hidden, n_out = shape
@@ -211,7 +215,7 @@ def test_fused_ffn_float32_matches_float64(shape, groups, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(64, 32, 40, 24), (130, 48, 200, 20), (300, 16, 64, 8)])
 @pytest.mark.parametrize("smooth", [False, True])
-def test_fused_ffn_int8_equals_the_two_int8_layers(shape, threads, smooth):
+def test_fused_ffn_int8_equals_the_two_int8_layers(shape, threads, smooth, isa):
     from obert.runtime.linear import SparseFFN
 
     tokens, n_in, hidden, n_out = shape
@@ -285,7 +289,7 @@ def _quantised_reference(x, lin, in_mul=None):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (64, 64, 64), (20, 1100, 24)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.7, 1.0])
-def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads):
+def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads, isa):
     tokens, n_in, n_out = shape
     lin = pruned_linear(n_out, n_in, sparsity, 4, seed=tokens)
     sl = SparseLinear.from_linear(lin, dtype="int8")
@@ -404,7 +408,7 @@ def test_compiled_layers_still_run_after_moving_to_cuda(dtype):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 5, 16), (1, 2, 33, 33, 32), (2, 4, 70, 70, 64),
                                    (1, 2, 17, 40, 128), (2, 2, 40, 19, 48)])
 @pytest.mark.parametrize("mask", ["none", "padding", "float"])
-def test_attention_kernel_matches_float64_sdpa(shape, mask, threads):
+def test_attention_kernel_matches_float64_sdpa(shape, mask, threads, isa):
     batch, heads, q_len, k_len, dim = shape
     torch.manual_seed(q_len)
     # q, k, v as the model makes them: views of [batch, seq, heads * dim] projections
@@ -422,24 +426,24 @@ def test_attention_kernel_matches_float64_sdpa(shape, mask, threads):
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask,
                                               scale=0.3).transpose(1, 2)
     with num_threads(threads):
-        got = kernels.load().attention(q, k, v, additive, 0.3)
+        got = kernels.load().attention(q, k, v, additive, 0.3, kernels.isa_index())
     assert got.shape == (batch, q_len, heads, dim) and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_are_zero():
+def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_are_zero(isa):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 40, 3, 32).transpose(1, 2) for _ in range(3))
     additive = torch.randn(2, 40, 40) * 3
     additive[:, :, 30:] = float("-inf")  # padding keys: must weigh 0, not 2^-126
     additive[:, :, 5] = -1e4  # Hugging Face style "large negative" mask values
     additive[1, 7] = float("-inf")  # every key masked for this query
-    got = kernels.load().attention(q, k, v, additive, 0.2)
+    got = kernels.load().attention(q, k, v, additive, 0.2, kernels.isa_index())
     assert torch.equal(got[1, 7], torch.zeros(3, 32))
     # Masked keys' values must not leak in: 3e38 there would show even at weight 2^-126 (~1e-38).
     v_poisoned = v.clone()
     v_poisoned[:, :, 30:] = 3e38
-    torch.testing.assert_close(kernels.load().attention(q, k, v_poisoned, additive, 0.2), got)
+    torch.testing.assert_close(kernels.load().attention(q, k, v_poisoned, additive, 0.2, kernels.isa_index()), got)
     keep = additive[:, None].double()
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep,
                                               scale=0.2).transpose(1, 2)
@@ -448,7 +452,7 @@ def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_a
     torch.testing.assert_close(got[rows].double(), expected[rows], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_kernel_skips_keys_padded_on_either_side_for_every_query():
+def test_attention_kernel_skips_keys_padded_on_either_side_for_every_query(isa):
     torch.manual_seed(1)
     q, k, v = (torch.randn(3, 70, 2, 16).transpose(1, 2) for _ in range(3))
     keep = torch.ones(3, 70, dtype=torch.bool)
@@ -456,13 +460,13 @@ def test_attention_kernel_skips_keys_padded_on_either_side_for_every_query():
     keep[0, 60:] = False
     keep[1, 33:] = False  # right padding: one key in the second block
     additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
-    got = kernels.load().attention(q, k, v, additive, 0.25)
+    got = kernels.load().attention(q, k, v, additive, 0.25, kernels.isa_index())
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                               attn_mask=keep[:, None, None, :], scale=0.25).transpose(1, 2)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     keep[2] = False  # no key at all: zero output
     additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
-    got = kernels.load().attention(q, k, v, additive, 0.25)
+    got = kernels.load().attention(q, k, v, additive, 0.25, kernels.isa_index())
     assert torch.equal(got[2], torch.zeros(70, 2, 16))
     torch.testing.assert_close(got[:2].double(), expected[:2], rtol=1e-5, atol=1e-5)
 
@@ -556,9 +560,9 @@ def test_attention_forward_takes_sdpa_style_masks(kind, monkeypatch):
     ext, seen = kernels.load(), []
 
     class Spy:
-        def attention(self, q, k, v, m, scale):
+        def attention(self, q, k, v, m, scale, isa):
             seen.append(m.shape)
-            return ext.attention(q, k, v, m, scale)
+            return ext.attention(q, k, v, m, scale, isa)
 
     monkeypatch.setattr(kernels, "load", lambda: Spy())
     got, _ = attention_forward(module, q, k, v, mask)
@@ -568,11 +572,11 @@ def test_attention_forward_takes_sdpa_style_masks(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1, 16), (5, 37), (70, 384), (33, 8)])
-def test_add_layer_norm_kernel_matches_float64(shape):
+def test_add_layer_norm_kernel_matches_float64(shape, isa):
     x, r = torch.randn(shape) * 3 + 1, torch.randn(shape)
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
     expected = F.layer_norm((x + r).double(), (shape[1],), w.double(), b.double(), 1e-12)
-    torch.testing.assert_close(kernels.load().add_layer_norm(x, r, w, b, 1e-12).double(), expected,
+    torch.testing.assert_close(kernels.load().add_layer_norm(x, r, w, b, 1e-12, kernels.isa_index()).double(), expected,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -653,7 +657,7 @@ def test_compiled_model_without_native_kernels_uses_the_pytorch_fallbacks(dtype,
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 8, 3), (70, 132, 16), (130, 200, 33), (20, 1100, 24)])
-def test_int8_smoothed_input_is_exact_quantised_arithmetic(shape, threads):
+def test_int8_smoothed_input_is_exact_quantised_arithmetic(shape, threads, isa):
     tokens, n_in, n_out = shape
     lin = pruned_linear(n_out, n_in, 0.6, 4, seed=tokens)
     smooth = torch.rand(n_in) * 8 + 0.05
@@ -687,12 +691,62 @@ def test_smoothing_an_outlier_channel_cuts_int8_error():
     assert err["smoothed"] < 0.5 * err["plain"], err
 
 
-def test_kernel_cache_is_keyed_by_the_cpu_features(monkeypatch):
-    """An AVX-512 build must never be picked up by an AVX2-only CPU sharing the cache."""
-    from obert.runtime import kernels
-
+def test_kernel_build_is_portable_and_shared_by_every_cpu(monkeypatch):
+    """One build for every x86-64 CPU: the cache is not keyed by the CPU, nothing is compiled for
+    the build machine (-march=native), and the per-instruction-set objects share no code the
+    linker could merge (a weak symbol compiled for AVX-512 would be used by the AVX2 path)."""
     monkeypatch.setattr(kernels, "cpu_identity", lambda: ("EPYC", frozenset({"avx2", "fma", "avx512f"})))
     wide = kernels._build_dir()
-    assert kernels._build_dir() == wide
     monkeypatch.setattr(kernels, "cpu_identity", lambda: ("EPYC", frozenset({"avx2", "fma"})))
-    assert kernels._build_dir() != wide
+    assert kernels._build_dir() == wide
+    flags = [f for fl in kernels.ISA_FLAGS.values() for f in fl] + kernels._COMMON
+    assert not [f for f in flags if f.startswith(("-march", "-mcpu", "-mtune"))]
+    if not kernels.native_available() or shutil.which("nm") is None:
+        pytest.skip("no native build or no nm here")
+    assert "native" not in (wide / "build.ninja").read_text()  # the glue's flags
+    objects = sorted(wide.glob("isa_*.o"))
+    assert {o.stem for o in objects} >= {"isa_generic"}
+    for obj in objects:
+        out = subprocess.run(["nm", str(obj)], capture_output=True, text=True, check=True).stdout
+        weak = [line.split()[-1] for line in out.splitlines() if line.split()[-2:-1] in (["W"], ["V"], ["u"])]
+        assert set(weak) <= {"DW.ref.__gxx_personality_v0"}, (obj.name, weak[:5])
+
+
+def _cpu_runs() -> list[str]:
+    """The kernel sets this CPU runs, by /proc/cpuinfo (an independent check of the cpuid code)."""
+    flags = kernels.cpu_identity()[1]
+    runs = ["generic"]
+    if {"avx2", "fma"} <= flags:
+        runs.append("avx2")
+        if "avx_vnni" in flags:
+            runs.append("avxvnni")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            runs.append("avx512")
+            if "avx512_vnni" in flags:
+                runs.append("avx512_vnni")
+    return runs
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="no /proc/cpuinfo to compare with")
+def test_dispatch_picks_the_best_path_this_cpu_has_and_obert_isa_forces_a_lower_one(monkeypatch):
+    from obert.errors import ObertError
+
+    if not kernels.native_available():
+        pytest.skip("no native kernels")
+    compiled = set(kernels.load().compiled_isas())
+    expected = [name for name in _cpu_runs() if name in compiled]
+    monkeypatch.delenv("OBERT_ISA", raising=False)
+    assert kernels.available_isas() == expected
+    assert kernels.isa() == expected[-1] and kernels.isa_index() == len(expected) - 1
+    if platform.machine() == "x86_64":
+        assert {"generic", "avx2", "avx512", "avx512_vnni"} <= compiled  # GCC/Clang of the last years
+    for name in expected:
+        monkeypatch.setenv("OBERT_ISA", name)
+        assert kernels.isa() == name and kernels.available_isas()[kernels.isa_index()] == name
+    for bad in ("avx1024", "AVX2"):
+        monkeypatch.setenv("OBERT_ISA", bad)
+        with pytest.raises(ObertError, match=f"OBERT_ISA={bad}: this CPU and build run generic"):
+            kernels.isa()
+    with pytest.raises(RuntimeError, match="no kernel set"):
+        kernels.load().add_layer_norm(torch.ones(1, 16), torch.ones(1, 16), torch.ones(16),
+                                      torch.ones(16), 1e-5, len(expected))

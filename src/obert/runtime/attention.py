@@ -73,7 +73,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
-    return ext.attention(query, key, value, mask, scale), None
+    return ext.attention(query, key, value, mask, scale, kernels.isa_index()), None
 
 
 def register() -> bool:

@@ -1,12 +1,17 @@
-"""The native sparse kernels: built once from ``csrc/`` with the installed PyTorch, or a fallback.
+"""The native kernels: one portable build carrying every x86 instruction-set path, chosen at run
+time; or a fallback where nothing can be built.
 
-``load()`` compiles ``csrc/sparse_linear.cpp`` with ``torch.utils.cpp_extension`` (``-O3
--march=native``: vector FMAs for this CPU's ISA) into ``~/.cache/obert/ext-<hash>`` the first time
-(the hash covers the CPU's feature flags, so machines sharing the cache never share a build),
-and imports it afterwards (``make setup`` runs ``obert.runtime.kernels.build()`` so nothing
-compiles on first use). Where no compiler is available it returns ``None`` and
-``SparseLinear`` falls back to ``csr_linear``, PyTorch's CSR matmul (correct, not fast);
-``native_available()`` says which one runs.
+``load()`` compiles ``csrc/`` with the installed PyTorch the first time (``make setup`` runs
+``build()`` so nothing compiles on first use): ``csrc/isa.cpp`` once per instruction set, each
+object with its own target flags (``ISA_FLAGS``; a set the compiler does not know is left out),
+and the PyTorch glue ``csrc/binding.cpp`` with the platform's baseline flags, linked into one
+extension in ``~/.cache/obert/ext-<hash>`` (the hash covers the sources, the compiler, torch and
+Python; no ``-march=native``, so a build made on one x86-64 machine runs on any other). Which
+kernels run is decided per call from ``isa()``: the best set this CPU runs (cpuid, checked by the
+extension itself), or the one the environment variable ``OBERT_ISA`` names, to test or measure a
+lower path (``OBERT_ISA=avx2`` on an AVX-512 machine). Other architectures build the generic path.
+Where no compiler is available ``load()`` returns ``None`` and ``SparseLinear`` falls back to
+``csr_linear``, PyTorch's CSR matmul (correct, not fast); ``native_available()`` says which runs.
 """
 
 from __future__ import annotations
@@ -15,14 +20,31 @@ import functools
 import hashlib
 import os
 import platform
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..errors import ObertError
+
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ["sparse_linear.cpp", "attention.cpp", "layer_norm.cpp"]
+ISA_ENV = "OBERT_ISA"
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"]
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
+# Target flags of each instruction set's kernel object, lowest first (x86-64; elsewhere only
+# "generic" is built, with the platform's baseline flags).
+ISA_FLAGS: dict[str, list[str]] = {
+    "generic": [],
+    "avx2": _AVX2,
+    "avxvnni": _AVX2 + ["-mavxvnni"],
+    "avx512": _AVX512,
+    "avx512_vnni": _AVX512 + ["-mavx512vnni"],
+}
+_COMMON = ["-O3", "-fPIC", "-std=gnu++17", "-fno-math-errno", "-ffp-contract=fast",
+           "-fvisibility=hidden"]
 
 
 def cpu_identity() -> tuple[str, frozenset[str]]:
@@ -41,18 +63,49 @@ def cpu_identity() -> tuple[str, frozenset[str]]:
     return model, flags
 
 
+def _compiler() -> str:
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "get_cxx_compiler", None)
+    return get() if get else os.environ.get("CXX", "c++")
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _build_dir() -> Path:
-    """Where this build lives: keyed by the sources, torch, Python and the CPU's features, since
-    ``-march=native`` code built on an AVX-512 machine dies (SIGILL) on an AVX2-only one that
-    shares the cache directory."""
+    """Where this build lives: keyed by the sources, the compiler, torch and Python (not by the
+    CPU: the build is the same on every machine of the architecture)."""
     h = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):  # sources and headers
         h.update(path.name.encode() + path.read_bytes())
-    h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}".encode())
-    model, flags = cpu_identity()
-    h.update(f"{model}|{' '.join(sorted(flags))}".encode())
+    h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}-{_COMMON}".encode())
+    try:
+        h.update(subprocess.run([_compiler(), "--version"], capture_output=True, timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError):
+        pass
     base = Path(os.environ.get("OBERT_CACHE", Path.home() / ".cache" / "obert"))
     return base / f"ext-{h.hexdigest()[:16]}"
+
+
+def _compile_isa(name: str, build: Path) -> Path | None:
+    """``isa_<name>.o`` in ``build`` (written under a temporary name, then renamed), or None
+    when the compiler cannot target the set."""
+    obj = build / f"isa_{name}.o"
+    if obj.is_file():
+        return obj
+    tmp = build / f".isa_{name}.{os.getpid()}.o"
+    cmd = [_compiler(), *_COMMON, f"-DOBERT_ISA={name}", *ISA_FLAGS[name], "-c",
+           str(CSRC / "isa.cpp"), "-o", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        if name == "generic":
+            raise RuntimeError(f"compiling the kernels failed: {done.stderr.strip()[-400:]}")
+        return None
+    os.replace(tmp, obj)
+    return obj
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,13 +116,17 @@ def load(verbose: bool = False):
     from torch.utils import cpp_extension
 
     build = _build_dir()
-    build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    names = list(ISA_FLAGS) if _is_x86() else ["generic"]
     try:
-        return cpp_extension.load(name="obert_sparse", sources=[str(CSRC / s) for s in SOURCES],
-                                  extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                  build_directory=str(build), verbose=verbose)
+        build.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            objects = dict(zip(names, pool.map(lambda n: _compile_isa(n, build), names)))
+        built = [n for n, o in objects.items() if o is not None]
+        return cpp_extension.load(
+            name="obert_sparse", sources=[str(CSRC / "binding.cpp")],
+            extra_cflags=["-O3", "-fopenmp", *[f"-DOBERT_HAVE_{n}" for n in built if n != "generic"]],
+            extra_ldflags=["-fopenmp", *[str(objects[n]) for n in built]],
+            build_directory=str(build), verbose=verbose)
     except Exception as exc:  # no compiler, no ninja, unsupported platform: use the fallback
         print(f"[obert] native sparse kernels unavailable ({str(exc).splitlines()[0][:200]}); "
               "using the PyTorch fallback", file=sys.stderr)
@@ -78,6 +135,38 @@ def load(verbose: bool = False):
 
 def native_available() -> bool:
     return load() is not None
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_isa(forced: str | None) -> tuple[str, int]:
+    ext = load()
+    if ext is None:
+        return "none", -1
+    names = list(ext.available_isas())
+    if not forced:
+        return names[-1], len(names) - 1
+    if forced not in names:
+        known = ", ".join(ISA_FLAGS)
+        raise ObertError(f"{ISA_ENV}={forced}: this CPU and build run {', '.join(names)} "
+                         f"(kernel sets: {known})")
+    return forced, names.index(forced)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: ``OBERT_ISA`` when set, else the best this CPU
+    runs; ``"none"`` without native kernels."""
+    return _resolve_isa(os.environ.get(ISA_ENV) or None)[0]
+
+
+def isa_index() -> int:
+    """``isa()`` as the extension's ``isa`` argument."""
+    return _resolve_isa(os.environ.get(ISA_ENV) or None)[1]
+
+
+def available_isas() -> list[str]:
+    """The instruction sets this CPU runs in this build, lowest first (empty without one)."""
+    ext = load()
+    return [] if ext is None else list(ext.available_isas())
 
 
 def csr_linear(x: Tensor, weight_csr: Tensor, bias: Tensor | None) -> Tensor:
@@ -89,4 +178,5 @@ def csr_linear(x: Tensor, weight_csr: Tensor, bias: Tensor | None) -> Tensor:
 def build() -> None:
     """Build now and say which kernels run (``make setup`` calls this)."""
     ok = load() is not None
-    print(f"obert sparse kernels: {'native (' + str(_build_dir()) + ')' if ok else 'PyTorch fallback'}")
+    print(f"obert sparse kernels: native, {isa()} of {', '.join(available_isas())} ({_build_dir()})"
+          if ok else "obert sparse kernels: PyTorch fallback (slow: compile keeps layers dense)")

@@ -204,11 +204,11 @@ class SparseLinear(nn.Module):
         elif self.quantized:
             y = ext.sparse_linear_int8(x2, self.seg_ptr, self.col, self.val, self.w_scale,
                                        self.row_sum, self.bias, self.out_features, self.chunk, act,
-                                       self.in_mul)
+                                       self.in_mul, kernels.isa_index())
         else:
             y = ext.sparse_linear(x2, self.seg_ptr, self.col, self.val, self.bias, self.out_features,
                                   self.group, self.chunk,
-                                  fp32_tile(*x2.shape), act)
+                                  fp32_tile(*x2.shape), act, kernels.isa_index())
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -250,11 +250,11 @@ class SparseFFN(nn.Module):
             y = ext.sparse_ffn_int8(x2, a.seg_ptr, a.col, a.val, a.w_scale, a.row_sum, a.bias,
                                     a.out_features, a.chunk, act, b.seg_ptr, b.col, b.val,
                                     b.w_scale, b.row_sum, b.bias, b.out_features, b.chunk,
-                                    a.in_mul, b.in_mul)
+                                    a.in_mul, b.in_mul, kernels.isa_index())
         else:
             y = ext.sparse_ffn(x2, a.seg_ptr, a.col, a.val, a.bias, a.out_features, a.group, a.chunk,
                                act, b.seg_ptr, b.col, b.val, b.bias, b.out_features, b.group,
-                               b.chunk, FFN_TILE)
+                               b.chunk, FFN_TILE, kernels.isa_index())
         return y.reshape(*shape[:-1], self.out_features)
 
 

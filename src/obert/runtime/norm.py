@@ -29,7 +29,7 @@ class AddNorm(nn.Module):
             return norm(h + input_tensor)
         n = h.shape[-1]
         return ext.add_layer_norm(h.reshape(-1, n), input_tensor.reshape(-1, n), norm.weight,
-                                  norm.bias, norm.eps).reshape(h.shape)
+                                  norm.bias, norm.eps, kernels.isa_index()).reshape(h.shape)
 
 
 def is_output_block(module: nn.Module) -> bool:

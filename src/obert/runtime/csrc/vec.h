@@ -1,17 +1,56 @@
-// Vector helpers shared by the kernels: 16-float vectors (GCC vector extension), exp, GELU.
-#pragma once
-#include <cstdint>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+// Vector helpers shared by the kernels: 16-float vectors (GCC vector extension), exp, GELU,
+// register transposes, horizontal reductions, work sharing and scratch buffers. Included by
+// isa.cpp inside the namespace of one instruction set, after the system headers: each
+// instruction set gets its own copy, compiled with its own target flags.
 
-// 16 floats: one AVX-512 register or two AVX2 ones (GCC vector extension: the same source
-// compiles to what -march=native offers; explicit vectors also stop GCC from vectorising the
-// loop over non-zeros with gathers instead of the loop over tokens).
+// 16 floats: one AVX-512 register, two AVX2 ones, four SSE/NEON ones (GCC vector extension:
+// the same source compiles to what the target flags offer; explicit vectors also stop GCC from
+// vectorising the loop over non-zeros with gathers instead of the loop over tokens).
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// Own min/max rather than std::min/max: a library template instantiated here would be merged by
+// the linker with the copy compiled for another instruction set.
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline float fmin1(float a, float b) { return b < a ? b : a; }
+inline float fmax1(float a, float b) { return b > a ? b : a; }
+
+// Round to nearest, ties to even (the current rounding mode), as float and as int32 lanes.
+inline float round_even(float x) { return __builtin_nearbyintf(x); }
+inline vi16 round16(v16 v) {
+#if defined(__AVX512F__)
+  const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));
+  return reinterpret_cast<const vi16&>(r);
+#elif defined(__AVX2__)
+  const __m256* h = reinterpret_cast<const __m256*>(&v);
+  vi16 out;
+  __m256i* o = reinterpret_cast<__m256i*>(&out);
+  o[0] = _mm256_cvtps_epi32(h[0]), o[1] = _mm256_cvtps_epi32(h[1]);
+  return out;
+#else
+  vi16 out;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<int32_t>(round_even(v[i]));
+  return out;
+#endif
+}
+
+// q[0..16) = the 16 lanes of v, each already in [0, 255], as bytes.
+inline void store_u8_16(uint8_t* q, vi16 v) {
+#if defined(__AVX512F__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(reinterpret_cast<const __m512i&>(v)));
+#elif defined(__AVX2__)
+  const __m256i* h = reinterpret_cast<const __m256i*>(&v);
+  // packus works within 128-bit lanes: [a0-3 b0-3 | a4-7 b4-7] -> reorder the 64-bit quarters
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+#else
+  for (int i = 0; i < 16; ++i) q[i] = static_cast<uint8_t>(v[i]);
+#endif
+}
 
 // exp(y) for y <= 0: 2^n * p(r), n = round(y / ln 2), r = y - n ln 2 (two-part ln 2), p the
 // degree-6 Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2).
@@ -82,10 +121,66 @@ inline v16 gelu16(v16 x) {
   return 0.5f * x * (1.f + reinterpret_cast<const v16&>(ebits));
 }
 
+inline float hmax(v16 v) {
 #if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<const __m512&>(v));
+#elif defined(__AVX2__)
+  const __m256* h = reinterpret_cast<const __m256*>(&v);
+  __m256 m = _mm256_max_ps(h[0], h[1]);
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+#else
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = fmax1(m, v[i]);
+  return m;
+#endif
+}
+
+inline float hmin(v16 v) { return -hmax(-v); }
+
+inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+#elif defined(__AVX2__)
+  const __m256* h = reinterpret_cast<const __m256*>(&v);
+  __m256 m = _mm256_add_ps(h[0], h[1]);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+#else
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+#endif
+}
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// out[i][r] = in[r][i] for an 8 x 8 block (rows of 8 floats at the given strides).
+inline void transpose8(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+  __m256 r[8], t[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(in + k * in_stride);
+  for (int k = 0; k < 8; k += 2) {
+    t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+    t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  }
+  for (int k = 0; k < 8; k += 4) {
+    r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+    r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+    r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    _mm256_storeu_ps(out + k * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    _mm256_storeu_ps(out + (k + 4) * out_stride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+}
+#endif
+
 // out[i][r] = in[r][i] for a 16 x 16 block: in rows are 16 floats at in + r * in_stride,
 // out rows at out + i * out_stride.
 inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t out_stride) {
+#if defined(__AVX512F__)
   __m512 r[16], t[16];
   for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(in + k * in_stride);
   for (int k = 0; k < 16; k += 2) {
@@ -109,5 +204,35 @@ inline void transpose16(const float* in, int64_t in_stride, float* out, int64_t 
     r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xDD);
   }
   for (int k = 0; k < 16; ++k) _mm512_storeu_ps(out + k * out_stride, r[k]);
-}
+#elif defined(__AVX2__)
+  for (int a = 0; a < 16; a += 8)
+    for (int b = 0; b < 16; b += 8) transpose8(in + a * in_stride + b, in_stride, out + b * out_stride + a, out_stride);
+#else
+  for (int r = 0; r < 16; ++r)
+    for (int i = 0; i < 16; ++i) out[i * out_stride + r] = in[r * in_stride + i];
 #endif
+}
+
+// Scratch memory for one thread: 64-byte aligned, freed on scope exit.
+class Buffer {
+ public:
+  explicit Buffer(int64_t bytes) : raw_(static_cast<uint8_t*>(std::malloc(bytes + 64))) {
+    if (!raw_) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(raw_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  uint8_t* get() const {
+    return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw_) + 63) & ~uintptr_t(63));
+  }
+
+ private:
+  uint8_t* raw_;
+};
+
+// f(begin, end) over [0, n) through the glue's thread pool.
+template <class F>
+void parallel_for(const Parallel& par, int64_t n, int64_t grain, const F& f) {
+  par.run(n, grain, const_cast<void*>(static_cast<const void*>(&f)),
+          [](void* ctx, int64_t begin, int64_t end) { (*static_cast<const F*>(ctx))(begin, end); });
+}
