@@ -89,7 +89,7 @@ void attention_head(const float* q, int64_t qs, const float* k, int64_t ks, cons
           v16 m = load16(mrow[r0 + r]);
           for (int s = 0; s < SKV; ++s) {
             store16(sc + (r0 + r) * Skp + j0 + 16 * s, a[r][s]);
-            m = a[r][s] > m ? a[r][s] : m;
+            m = vmax(a[r][s], m);
           }
           store16(mrow[r0 + r], m);
         }

@@ -61,17 +61,15 @@ inline TokenQuant quantize_row(const float* xr, int64_t K, uint8_t* q, const flo
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     const v16 v = value16(k);
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
+    mn = vmin(v, mn);
+    mx = vmax(v, mx);
   }
   float lo = hmin(mn), hi = hmax(mx);
   for (; k < K; ++k) lo = fmin1(lo, value(k)), hi = fmax1(hi, value(k));
   const TokenQuant tq = token_quant(lo, hi);
   k = 0;
   for (; k + 16 <= K; k += 16) {  // rounds to nearest even, as round_even does
-    vi16 v = round16(value16(k) * tq.inv) + tq.zero;
-    v = v < 0 ? vi16{} : v;
-    v = v > 255 ? vi16{} + 255 : v;
+    const vi16 v = vmin(vmax(round16(value16(k) * tq.inv) + tq.zero, vi16{}), vi16{} + 255);
     store_u8_16(q + k, v);
   }
   for (; k < K; ++k) q[k] = quantize_value(value(k), tq);
@@ -187,9 +185,8 @@ int64_t row_block_int8(const uint8_t* xq, const float* st, const int32_t* zt, co
     const int32_t rs = L.row_sum[n];
     const float w = L.w_scale[n], bn = L.bias ? L.bias[n] : 0.f;
     for (int64_t i = 0; i < TILE; i += 16) {
-      const vi16 z = *reinterpret_cast<const vi16*>(zt + i) - (kShifted ? 128 : 0);
-      const vi16 a = *reinterpret_cast<const vi16*>(&acc[r][i]) - z * rs;
-      store16(&out[r][i], __builtin_convertvector(a, v16) * (load16(st + i) * w) + bn);
+      const vi16 z = load16i(zt + i) - (kShifted ? 128 : 0);
+      store16(&out[r][i], to_float16(load16i(&acc[r][i]) - z * rs) * (load16(st + i) * w) + bn);
     }
     activate(out[r], TILE, L.act);
   }
@@ -207,26 +204,24 @@ void quantize_hidden(const float* h, int64_t K, uint8_t* xq, float* scale, int32
     v16 mn{}, mx{};
     for (int64_t k = 0; k < K; ++k) {
       const v16 v = value(k, i);
-      mn = v < mn ? v : mn;
-      mx = v > mx ? v : mx;
+      mn = vmin(v, mn);
+      mx = vmax(v, mx);
     }
     for (int64_t j = 0; j < 16; ++j) {
-      const TokenQuant tq = token_quant(mn[j], mx[j]);
+      const TokenQuant tq = token_quant(lane(mn, j), lane(mx, j));
       scale[i + j] = tq.scale, zero[i + j] = tq.zero, inv[i + j] = tq.inv;
     }
   }
   const int32_t flip = kShifted ? static_cast<int32_t>(0x80808080u) : 0;
   for (int64_t g = 0; g < K / 4; ++g)
     for (int64_t i = 0; i < TILE; i += 16) {
-      const vi16 z = *reinterpret_cast<const vi16*>(zero + i);
-      vi16 lane{};
+      const vi16 z = load16i(zero + i);
+      vi16 bytes{};
       for (int j = 0; j < 4; ++j) {
-        vi16 q = round16(value(4 * g + j, i) * load16(inv + i)) + z;
-        q = q < 0 ? vi16{} : q;
-        q = q > 255 ? vi16{} + 255 : q;
-        lane |= q << (8 * j);
+        const vi16 q = vmin(vmax(round16(value(4 * g + j, i) * load16(inv + i)) + z, vi16{}), vi16{} + 255);
+        bytes = bytes | (q << (8 * j));
       }
-      *reinterpret_cast<vi16*>(xq + (g * TILE + i) * 4) = lane ^ flip;
+      store16i(reinterpret_cast<int32_t*>(xq + (g * TILE + i) * 4), bytes ^ flip);
     }
 }
 

@@ -3,13 +3,144 @@
 // isa.cpp inside the namespace of one instruction set, after the system headers: each
 // instruction set gets its own copy, compiled with its own target flags.
 
-// 16 floats: one AVX-512 register, two AVX2 ones, four SSE/NEON ones (GCC vector extension:
-// the same source compiles to what the target flags offer; explicit vectors also stop GCC from
-// vectorising the loop over non-zeros with gathers instead of the loop over tokens).
+// 16 floats (v16) and 16 int32 (vi16): one AVX-512 register; on AVX2 a pair of native 8-lane
+// vectors, elsewhere two pairs of 4-lane ones (GCC vector extension). A 64-byte GCC vector
+// without AVX-512 is lowered through the stack on every operation (measured: the AVX2 sparse
+// kernel ran at a tenth of the AVX-512 one, its accumulators in memory), so narrower targets get
+// a struct of native halves that stays in registers. Explicit vectors also stop GCC from
+// vectorising the loop over non-zeros with gathers instead of the loop over tokens.
+template <class H>
+struct Pair {
+  H lo, hi;
+};
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // a half's aligned(4): see load16
+#define OBERT_PAIR_OP(op)                                                                     \
+  template <class H>                                                                          \
+  inline Pair<H> operator op(Pair<H> a, Pair<H> b) { return {a.lo op b.lo, a.hi op b.hi}; }   \
+  template <class H, class S>                                                                 \
+  inline Pair<H> operator op(Pair<H> a, S b) { return {a.lo op b, a.hi op b}; }               \
+  template <class H, class S>                                                                 \
+  inline Pair<H> operator op(S a, Pair<H> b) { return {a op b.lo, a op b.hi}; }               \
+  template <class H, class S>                                                                 \
+  inline Pair<H>& operator op##=(Pair<H>& a, S b) { return a = a op b; }
+OBERT_PAIR_OP(+)
+OBERT_PAIR_OP(-)
+OBERT_PAIR_OP(*)
+OBERT_PAIR_OP(/)
+OBERT_PAIR_OP(&)
+OBERT_PAIR_OP(|)
+OBERT_PAIR_OP(^)
+#undef OBERT_PAIR_OP
+template <class H>
+inline Pair<H> operator-(Pair<H> a) { return {-a.lo, -a.hi}; }
+template <class H>
+inline Pair<H> operator<<(Pair<H> a, int n) { return {a.lo << n, a.hi << n}; }
+
+#if defined(__AVX512F__)
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+#elif defined(__AVX2__)
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t vi8 __attribute__((vector_size(32), aligned(4)));
+typedef Pair<v8> v16;
+typedef Pair<vi8> vi16;
+#else
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t vi4 __attribute__((vector_size(16), aligned(4)));
+typedef Pair<Pair<v4>> v16;
+typedef Pair<Pair<vi4>> vi16;
+#endif
+
+// Lane-wise min, max, "value where x >= limit, else 0", conversions and bit casts, for native
+// vectors and (recursively) pairs of them.
+template <class V>
+inline V vmin(V a, V b) { return a < b ? a : b; }
+template <class V>
+inline V vmax(V a, V b) { return a > b ? a : b; }
+template <class V, class S>
+inline V zero_below(V x, S limit, V value) { return x < limit ? V{} : value; }
+template <class H>
+inline Pair<H> vmin(Pair<H> a, Pair<H> b) { return {vmin(a.lo, b.lo), vmin(a.hi, b.hi)}; }
+template <class H>
+inline Pair<H> vmax(Pair<H> a, Pair<H> b) { return {vmax(a.lo, b.lo), vmax(a.hi, b.hi)}; }
+template <class H, class S>
+inline Pair<H> zero_below(Pair<H> x, S limit, Pair<H> v) {
+  return {zero_below(x.lo, limit, v.lo), zero_below(x.hi, limit, v.hi)};
+}
+
+// float lanes to int32 truncating (as a cast does), int32 to float, and bit casts.
+template <class I, class F>
+inline I to_int(F v) { return __builtin_convertvector(v, I); }
+template <class F, class I>
+inline F to_float(I v) { return __builtin_convertvector(v, F); }
+template <class I, class F>
+inline I as_int(F v) { return reinterpret_cast<const I&>(v); }
+template <class F, class I>
+inline F as_float(I v) { return reinterpret_cast<const F&>(v); }
+#if !defined(__AVX512F__)
+template <class I, class H>
+inline I to_int(Pair<H> v) {
+  I out;
+  out.lo = to_int<decltype(out.lo)>(v.lo), out.hi = to_int<decltype(out.hi)>(v.hi);
+  return out;
+}
+template <class F, class H>
+inline F to_float(Pair<H> v) {
+  F out;
+  out.lo = to_float<decltype(out.lo)>(v.lo), out.hi = to_float<decltype(out.hi)>(v.hi);
+  return out;
+}
+#endif
+inline vi16 to_int16(v16 v) { return to_int<vi16>(v); }
+inline v16 to_float16(vi16 v) { return to_float<v16>(v); }
+inline vi16 bits16(v16 v) { return as_int<vi16>(v); }
+inline v16 from_bits16(vi16 v) { return as_float<v16>(v); }
+
+// Loads and stores at any alignment: through the aligned(4) typedefs of the native vectors (a
+// pair's halves lose that attribute as template arguments, so a cast to the pair would assume
+// 32-byte alignment, and a memcpy goes through the stack).
+#if defined(__AVX512F__)
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
+inline vi16 load16i(const int32_t* p) { return *reinterpret_cast<const vi16*>(p); }
+inline void store16i(int32_t* p, vi16 v) { *reinterpret_cast<vi16*>(p) = v; }
+#elif defined(__AVX2__)
+inline v16 load16(const float* p) {
+  return {*reinterpret_cast<const v8*>(p), *reinterpret_cast<const v8*>(p + 8)};
+}
+inline void store16(float* p, v16 v) {
+  *reinterpret_cast<v8*>(p) = v.lo, *reinterpret_cast<v8*>(p + 8) = v.hi;
+}
+inline vi16 load16i(const int32_t* p) {
+  return {*reinterpret_cast<const vi8*>(p), *reinterpret_cast<const vi8*>(p + 8)};
+}
+inline void store16i(int32_t* p, vi16 v) {
+  *reinterpret_cast<vi8*>(p) = v.lo, *reinterpret_cast<vi8*>(p + 8) = v.hi;
+}
+#else
+inline v16 load16(const float* p) {
+  auto q = [p](int i) { return *reinterpret_cast<const v4*>(p + 4 * i); };
+  return {{q(0), q(1)}, {q(2), q(3)}};
+}
+inline void store16(float* p, v16 v) {
+  auto q = [p](int i) -> v4& { return *reinterpret_cast<v4*>(p + 4 * i); };
+  q(0) = v.lo.lo, q(1) = v.lo.hi, q(2) = v.hi.lo, q(3) = v.hi.hi;
+}
+inline vi16 load16i(const int32_t* p) {
+  auto q = [p](int i) { return *reinterpret_cast<const vi4*>(p + 4 * i); };
+  return {{q(0), q(1)}, {q(2), q(3)}};
+}
+inline void store16i(int32_t* p, vi16 v) {
+  auto q = [p](int i) -> vi4& { return *reinterpret_cast<vi4*>(p + 4 * i); };
+  q(0) = v.lo.lo, q(1) = v.lo.hi, q(2) = v.hi.lo, q(3) = v.hi.hi;
+}
+#endif
+// Lane i of a vector (through memory: for the few scalar reads, not inner loops).
+inline float lane(v16 v, int i) {
+  float f[16];
+  std::memcpy(f, &v, 64);
+  return f[i];
+}
 
 // Own min/max rather than std::min/max: a library template instantiated here would be merged by
 // the linker with the copy compiled for another instruction set.
@@ -25,14 +156,14 @@ inline vi16 round16(v16 v) {
   const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));
   return reinterpret_cast<const vi16&>(r);
 #elif defined(__AVX2__)
-  const __m256* h = reinterpret_cast<const __m256*>(&v);
-  vi16 out;
-  __m256i* o = reinterpret_cast<__m256i*>(&out);
-  o[0] = _mm256_cvtps_epi32(h[0]), o[1] = _mm256_cvtps_epi32(h[1]);
-  return out;
+  return {(vi8)_mm256_cvtps_epi32((__m256)v.lo), (vi8)_mm256_cvtps_epi32((__m256)v.hi)};
 #else
+  float f[16];
+  int32_t q[16];
+  std::memcpy(f, &v, 64);
+  for (int i = 0; i < 16; ++i) q[i] = static_cast<int32_t>(round_even(f[i]));
   vi16 out;
-  for (int i = 0; i < 16; ++i) out[i] = static_cast<int32_t>(round_even(v[i]));
+  std::memcpy(&out, q, 64);
   return out;
 #endif
 }
@@ -42,20 +173,21 @@ inline void store_u8_16(uint8_t* q, vi16 v) {
 #if defined(__AVX512F__)
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(reinterpret_cast<const __m512i&>(v)));
 #elif defined(__AVX2__)
-  const __m256i* h = reinterpret_cast<const __m256i*>(&v);
   // packus works within 128-bit lanes: [a0-3 b0-3 | a4-7 b4-7] -> reorder the 64-bit quarters
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8);
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32((__m256i)v.lo, (__m256i)v.hi), 0xD8);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
                    _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
 #else
-  for (int i = 0; i < 16; ++i) q[i] = static_cast<uint8_t>(v[i]);
+  int32_t w[16];
+  std::memcpy(w, &v, 64);
+  for (int i = 0; i < 16; ++i) q[i] = static_cast<uint8_t>(w[i]);
 #endif
 }
 
 // exp(y) for y <= 0: 2^n * p(r), n = round(y / ln 2), r = y - n ln 2 (two-part ln 2), p the
 // degree-6 Taylor polynomial (relative error < 2e-7 for |r| <= ln 2 / 2).
 inline v16 exp_nonpositive(v16 y) {
-  y = y < -87.f ? v16{} - 87.f : y;
+  y = vmax(y, v16{} - 87.f);
   const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const v16 n = (y * 1.44269504f + magic) - magic;
   const v16 r = (y - n * 0.693145752f) - n * 1.42860677e-6f;
@@ -66,8 +198,7 @@ inline v16 exp_nonpositive(v16 y) {
   p = p * r + 0.5f;
   p = p * r + 1.f;
   p = p * r + 1.f;
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return p * reinterpret_cast<const v16&>(bits);
+  return p * from_bits16((to_int16(n) + 127) << 23);
 }
 
 // 2^x for x <= 0, exactly 0 below -126 (-inf included): 2^n * p(r), n = round(x), r = x - n in
@@ -81,7 +212,7 @@ inline v16 exp2_nonpositive(v16 x) {
   const __m512 rv = _mm512_sub_ps(y, n);
   const v16 r = reinterpret_cast<const v16&>(rv);
 #else
-  const v16 y = x < -126.f ? v16{} - 126.f : x;
+  const v16 y = vmax(x, v16{} - 126.f);
   const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const v16 n = (y + magic) - magic;
   const v16 r = y - n;
@@ -98,8 +229,7 @@ inline v16 exp2_nonpositive(v16 x) {
   const __m512 e = _mm512_maskz_scalef_ps(normal, reinterpret_cast<const __m512&>(p), n);
   return reinterpret_cast<const v16&>(e);
 #else
-  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-  return x < -126.f ? v16{} : p * reinterpret_cast<const v16&>(bits);
+  return zero_below(x, -126.f, p * from_bits16((to_int16(n) + 127) << 23));
 #endif
 }
 
@@ -107,9 +237,9 @@ inline v16 exp2_nonpositive(v16 x) {
 // the same function as torch's exact (erf) GELU to float precision.
 inline v16 gelu16(v16 x) {
   const v16 z = x * 0.707106781f;
-  const vi16 zbits = reinterpret_cast<const vi16&>(z);
-  const vi16 abits = zbits & 0x7fffffff, sign = zbits & static_cast<int32_t>(0x80000000);
-  const v16 az = reinterpret_cast<const v16&>(abits);
+  const vi16 zbits = bits16(z);
+  const vi16 sign = zbits & static_cast<int32_t>(0x80000000);
+  const v16 az = from_bits16(zbits & 0x7fffffff);
   const v16 t = 1.f / (1.f + 0.3275911f * az);
   v16 poly = 1.061405429f * t - 1.453152027f;
   poly = poly * t + 1.421413741f;
@@ -117,22 +247,20 @@ inline v16 gelu16(v16 x) {
   poly = poly * t + 0.254829592f;
   poly = poly * t;
   const v16 erf_abs = 1.f - poly * exp_nonpositive(-az * az);
-  const vi16 ebits = reinterpret_cast<const vi16&>(erf_abs) | sign;
-  return 0.5f * x * (1.f + reinterpret_cast<const v16&>(ebits));
+  return 0.5f * x * (1.f + from_bits16(bits16(erf_abs) | sign));
 }
 
 inline float hmax(v16 v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps(reinterpret_cast<const __m512&>(v));
 #elif defined(__AVX2__)
-  const __m256* h = reinterpret_cast<const __m256*>(&v);
-  __m256 m = _mm256_max_ps(h[0], h[1]);
+  __m256 m = _mm256_max_ps((__m256)v.lo, (__m256)v.hi);
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 #else
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = fmax1(m, v[i]);
+  float m = lane(v, 0);
+  for (int i = 1; i < 16; ++i) m = fmax1(m, lane(v, i));
   return m;
 #endif
 }
@@ -143,14 +271,13 @@ inline float hsum(v16 v) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
 #elif defined(__AVX2__)
-  const __m256* h = reinterpret_cast<const __m256*>(&v);
-  __m256 m = _mm256_add_ps(h[0], h[1]);
+  __m256 m = _mm256_add_ps((__m256)v.lo, (__m256)v.hi);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 #else
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < 16; ++i) s += lane(v, i);
   return s;
 #endif
 }
