@@ -114,3 +114,13 @@ def isa(request, monkeypatch):
     """Runs the test once per kernel path this machine has, forced through ``OBERT_ISA``."""
     monkeypatch.setenv("OBERT_ISA", request.param)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def speed_cache(tmp_path_factory, monkeypatch):
+    """compile's per-CPU timing cache goes to a temporary directory, not the user's."""
+    from obert.runtime import choose
+
+    path = tmp_path_factory.mktemp("speed") / "cache.json"
+    monkeypatch.setattr(choose, "cache_path", lambda: path)
+    return path

@@ -219,7 +219,8 @@ def test_compile_command_int8_with_calibration_saves_a_loadable_model(tmp_path, 
     pruned, model = _block4_pruned_dir(tmp_path, tiny_model_dir)
     out = tmp_path / "compiled"
     assert run_cli("compile", pruned, "--out", out, "--dtype", "int8", "--calibration-file",
-                   data_files[0], "--calibration-rows", 40, "--max-length", 24) == 0
+                   data_files[0], "--calibration-rows", 40, "--max-length", 24,
+                   "--choose", "sparsity") == 0
     printed = capsys.readouterr().out
     assert "12 of 12 Linear layers run sparse" in printed and "OBS rounding" in printed
     loaded = load_compiled(out)

@@ -136,8 +136,8 @@ def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
     hs = {n: st.hessian for n, st in input_stats(copy.deepcopy(model), calib, list(targets),
                                                  progress=False).items()}
     nearest, obs = copy.deepcopy(model), copy.deepcopy(model)
-    assert compile(nearest, dtype="int8", fuse=False).int8_rounding == "nearest"
-    assert compile(obs, dtype="int8", calibration=calib, fuse=False, smooth=0).int8_rounding == "obs"
+    assert compile(nearest, dtype="int8", fuse=False, choose="sparsity").int8_rounding == "nearest"
+    assert compile(obs, dtype="int8", calibration=calib, fuse=False, smooth=0, choose="sparsity").int8_rounding == "obs"
     layers, plain = sparse_modules(obs), sparse_modules(nearest)
     assert set(layers) == set(targets) and all(m.quantized for m in layers.values())
     moved = 0
@@ -151,7 +151,7 @@ def test_calibrated_int8_compile_rounds_every_layer_by_obs_on_its_inputs():
     from obert.errors import ObertError
 
     with pytest.raises(ObertError, match="dtype='int8'"):
-        compile(copy.deepcopy(model), calibration=calib)
+        compile(copy.deepcopy(model), calibration=calib, choose="sparsity")
     ids = torch.randint(5, 30, (4, 16))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -167,8 +167,8 @@ def test_calibrated_int8_compile_of_a_model_on_cuda():
     reference, on_cpu = copy.deepcopy(model), copy.deepcopy(model)
     calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(2)]
     model.cuda()
-    assert compile(model, dtype="int8", calibration=calib).int8_rounding == "obs"
-    compile(on_cpu, dtype="int8", calibration=calib)
+    assert compile(model, dtype="int8", calibration=calib, choose="sparsity").int8_rounding == "obs"
+    compile(on_cpu, dtype="int8", calibration=calib, choose="sparsity")
     # The same levels as calibrating on the CPU (float64 Hessians: a different summation order
     # may move a level at an exact tie, never more than a few).
     for (name, a), b in zip(sparse_modules(model).items(), sparse_modules(on_cpu).values()):
@@ -196,7 +196,7 @@ def test_calibrated_compile_smooths_every_int8_layer_and_saves_them(tmp_path):
     reference = copy.deepcopy(model)
     torch.manual_seed(8)
     calib = [{"input_ids": torch.randint(5, 30, (8, 16))} for _ in range(3)]
-    report = compile(model, dtype="int8", calibration=calib)
+    report = compile(model, dtype="int8", calibration=calib, choose="sparsity")
     assert len(report.smoothed) == 12
     assert all(m.in_mul is not None for m in sparse_modules(model).values())
     # Smoothing leaves the layer's function: the effective weights stay near the float ones.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import shutil
 import subprocess
@@ -157,7 +158,7 @@ def test_compile_matches_the_model_and_reports_what_runs_sparse():
     ids = torch.randint(5, 30, (3, 11))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
-    report = compile(model)
+    report = compile(model, choose="sparsity")
     assert len(report.sparse_layers) == 11 and report.dense_layers == ["bert.encoder.layer.1.output.dense"]
     n_layers = len(model.bert.encoder.layer)
     assert report.fused_activations == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(n_layers)]
@@ -177,7 +178,7 @@ def test_compiled_model_save_load_round_trip(tmp_path):
     model = _pruned_tiny_model(0.9)
     dense_dir = tmp_path / "dense"
     model.save_pretrained(dense_dir)
-    compile(model)
+    compile(model, choose="sparsity")
     save_compiled(model, tmp_path / "compiled")
     loaded = load_compiled(tmp_path / "compiled")
     ids = torch.randint(5, 30, (2, 9))
@@ -250,7 +251,7 @@ def test_compile_fuses_ffn_blocks_and_saves_them(tmp_path):
     model.bert.encoder.layer[1].output.dense.weight.data.mul_(
         torch.rand_like(model.bert.encoder.layer[1].output.dense.weight) > 0.9)
     reference = copy.deepcopy(model)
-    report = compile(model)
+    report = compile(model, choose="sparsity")
     assert report.fused_ffn == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     layer = model.bert.encoder.layer[0]
     assert isinstance(layer.intermediate.dense, SparseFFN) and isinstance(layer.output.dense, torch.nn.Identity)
@@ -265,7 +266,7 @@ def test_compile_fuses_ffn_blocks_and_saves_them(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     unfused = copy.deepcopy(reference)
-    assert compile(unfused, fuse=False).fused_ffn == []
+    assert compile(unfused, fuse=False, choose="sparsity").fused_ffn == []
 
 
 def _quantised_reference(x, lin, in_mul=None):
@@ -328,7 +329,7 @@ def test_int8_needs_block4_and_compile_int8(tmp_path):
     ids = torch.randint(5, 30, (4, 12))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    report = compile(model, dtype="int8")
+    report = compile(model, dtype="int8", choose="sparsity")
     assert report.float32_layers == [] and all(m.quantized for m in __import__("obert.runtime", fromlist=["x"]).sparse_modules(model).values())
     with torch.no_grad():
         got = model(input_ids=ids).logits
@@ -355,10 +356,11 @@ def test_bench_command_on_a_tiny_pruned_model(tmp_path, capsys):
     model = _pruned_tiny_model(0.9)
     model.save_pretrained(tmp_path / "m")
     assert main(["bench", str(tmp_path / "m"), "--batch-size", "2", "--seq-len", "16",
-                 "--rounds", "2", "--iters", "1", "--threads", "1", "--no-onnx",
+                 "--rounds", "2", "--iters", "1", "--threads", "1", "--no-onnx", "--choose", "sparsity",
                  "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "| obert fp32 sparse |" in out and "| torch fp32 dense |" in out and "11 of 12" in out
+    assert f"kernels: {kernels.isa()} (this CPU runs" in out or "PyTorch fallback" in out
     import json
 
     result = json.loads((tmp_path / "b.json").read_text())
@@ -382,10 +384,10 @@ def test_compile_default_thresholds_per_kernel():
             w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= 0.6).repeat_interleave(4, 1))
         return model
 
-    assert compile(pruned_model()).sparse_layers == []
-    int8 = compile(pruned_model(), dtype="int8")
+    assert compile(pruned_model(), choose="sparsity").sparse_layers == []
+    int8 = compile(pruned_model(), dtype="int8", choose="sparsity")
     assert len(int8.sparse_layers) == 12 and int8.float32_layers == []
-    assert len(compile(pruned_model(), min_sparsity=0.5).sparse_layers) == 12
+    assert len(compile(pruned_model(), min_sparsity=0.5, choose="sparsity").sparse_layers) == 12
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -490,7 +492,7 @@ def test_compiled_model_runs_attention_on_the_kernel_and_keeps_it_after_load(tmp
         if ".encoder." in name and p.dim() == 2:  # every encoder Linear weight, 80% pruned
             p.data.mul_(torch.rand_like(p) > 0.8)
     reference = copy.deepcopy(model)
-    report = compile(model)
+    report = compile(model, choose="sparsity")
     assert report.fast_attention and model.config._attn_implementation == attention.NAME
     calls, ext = [], kernels.load()
 
@@ -518,7 +520,7 @@ def test_compiled_model_runs_attention_on_the_kernel_and_keeps_it_after_load(tmp
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
                                    model(input_ids=ids, attention_mask=mask).logits)
-    assert not compile(copy.deepcopy(reference), attention=False).fast_attention
+    assert not compile(copy.deepcopy(reference), attention=False, choose="sparsity").fast_attention
 
 
 def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply():
@@ -588,7 +590,7 @@ def test_compile_fuses_residual_add_and_layer_norm():
 
     model = _pruned_tiny_model(0.9)
     reference = copy.deepcopy(model)
-    report = compile(model)
+    report = compile(model, choose="sparsity")
     assert report.fused_norms == [f"bert.encoder.layer.{i}.{part}" for i in range(2)
                                   for part in ("attention.output", "output")]
     block = model.bert.encoder.layer[0].attention.output
@@ -616,7 +618,7 @@ def test_compiled_model_runs_on_cuda(dtype):
         if ".encoder." in name and p.dim() == 2:
             p.data.mul_((torch.rand(p.shape[0], p.shape[1] // 4) > 0.8).repeat_interleave(4, 1))
     reference = copy.deepcopy(model)
-    report = compile(model, dtype=dtype)
+    report = compile(model, dtype=dtype, choose="sparsity")
     assert report.fused_ffn and report.fused_norms and report.fast_attention
     ids = torch.randint(5, 40, (3, 21))
     mask = torch.ones_like(ids)
@@ -642,7 +644,7 @@ def test_compiled_model_without_native_kernels_uses_the_pytorch_fallbacks(dtype,
     for name, p in model.named_parameters():
         if ".encoder." in name and p.dim() == 2:
             p.data.mul_((torch.rand(p.shape[0], p.shape[1] // 4) > 0.8).repeat_interleave(4, 1))
-    report = compile(model, dtype=dtype)
+    report = compile(model, dtype=dtype, choose="sparsity")
     assert report.fused_ffn and report.fused_norms and report.fast_attention
     ids = torch.randint(5, 40, (3, 60))  # 180 tokens: enough tiles for the fused FFN kernel
     mask = torch.ones_like(ids)
@@ -750,3 +752,100 @@ def test_dispatch_picks_the_best_path_this_cpu_has_and_obert_isa_forces_a_lower_
     with pytest.raises(RuntimeError, match="no kernel set"):
         kernels.load().add_layer_norm(torch.ones(1, 16), torch.ones(1, 16), torch.ones(16),
                                       torch.ones(16), 1e-5, len(expected))
+
+
+def _fake_timer(slow: str, calls: list):
+    """A timer for compile's choice: layers whose shape/name matches ``slow`` lose to dense."""
+    from obert.runtime.choose import Timing
+
+    def timer(linear, sparse, tokens):
+        calls.append((sparse.out_features, sparse.in_features, round(sparse.density, 2), tokens))
+        loses = getattr(linear, "_tag", "") == slow
+        return Timing(1.0, 2.0 if loses else 0.25, 0.5 if loses else 4.0)
+    return timer
+
+
+def test_compile_keeps_a_layer_dense_where_dense_torch_is_faster(tmp_path):
+    import copy
+
+    from obert.runtime import compile, load_compiled, save_compiled
+    from obert.runtime.choose import Chooser
+
+    model = _pruned_tiny_model(0.9)
+    for name, m in model.named_modules():  # the FFN's first layers (a shape of their own: the
+        if name.endswith("intermediate.dense"):  # timing of a shape and density is shared)
+            m._tag = "slow"
+    reference = copy.deepcopy(model)
+    calls: list = []
+    report = compile(model, chooser=Chooser(cache=False, timer=_fake_timer("slow", calls)))
+    queries = [n for n in report.sparsity if n.endswith("intermediate.dense")]
+    assert sorted(report.slower_layers) == sorted(queries) and len(queries) == 2
+    assert set(report.sparse_layers).isdisjoint(queries) and len(report.sparse_layers) == 9
+    for name in queries:  # still the model's own dense Linear
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+    assert report.speedups[queries[0]] == 0.5
+    assert "sparse kernel runs at 0.50x dense torch here" in report.why(queries[0])
+    assert "below the sparsity threshold" in report.why("bert.encoder.layer.1.output.dense")
+    table = report.layer_table()
+    assert len(table.splitlines()) == 12 and "sparse (float32, 4.00x dense torch here)" in table
+    assert "2 sparse enough but kept dense" in report.summary()
+    assert f"on the {kernels.isa()} kernels" in report.summary() or not kernels.native_available()
+    ids = torch.randint(5, 30, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    save_compiled(model, tmp_path / "c")
+    assert type(load_compiled(tmp_path / "c").get_submodule(queries[0])) is torch.nn.Linear
+
+
+def test_compile_where_nothing_wins_stays_dense_says_so_and_still_saves(tmp_path):
+    from obert.runtime import compile, load_compiled, save_compiled
+    from obert.runtime.choose import Chooser
+
+    model = _pruned_tiny_model(0.9)
+    for m in model.modules():
+        m._tag = "slow"
+    report = compile(model, chooser=Chooser(cache=False, timer=_fake_timer("slow", [])))
+    assert report.sparse_layers == [] and len(report.slower_layers) == 11
+    assert "0 of 12 Linear layers run sparse" in report.summary()
+    assert "model runs as fast as dense, not faster" in report.summary()
+    save_compiled(model, tmp_path / "c")  # the fused norms and attention still apply
+    assert load_compiled(tmp_path / "c") is not None
+
+
+def test_compile_times_each_distinct_layer_once_and_caches_it_per_cpu(speed_cache):
+    from obert.runtime import compile
+    from obert.runtime.choose import Chooser
+
+    calls: list = []
+    timer = _fake_timer("slow", calls)
+    compile(_pruned_tiny_model(0.9), chooser=Chooser(timer=timer))
+    # Q, K, V, attention output share a shape; the densities of the random masks differ a little
+    first = len(calls)
+    assert 0 < first <= 11 and len(set(calls)) == first and all(c[3] == 256 for c in calls)
+    assert speed_cache.is_file() and len(json.loads(speed_cache.read_text())) == first
+    compile(_pruned_tiny_model(0.9), chooser=Chooser(timer=timer))
+    assert len(calls) == first  # read back from this CPU's cache
+    compile(_pruned_tiny_model(0.9), chooser=Chooser(tokens=64, timer=timer))
+    assert len(calls) == 2 * first and calls[-1][3] == 64  # another token count: timed again
+    speed_cache.write_text("{not json")  # a damaged cache is ignored and rewritten
+    compile(_pruned_tiny_model(0.9), chooser=Chooser(timer=timer))
+    assert len(calls) == 3 * first and len(json.loads(speed_cache.read_text())) == first
+
+
+def test_speed_measurement_times_both_ways_on_this_cpu():
+    from obert.runtime.choose import measure
+
+    lin = pruned_linear(64, 128, 0.9, 1)
+    timing = measure(lin, SparseLinear.from_linear(lin), tokens=32, rounds=2, iters=1)
+    assert timing.dense_ms > 0 and timing.sparse_ms > 0 and timing.speedup > 0
+
+
+def test_compile_without_native_kernels_says_the_fallback_is_slow(monkeypatch):
+    from obert.runtime import compile
+
+    monkeypatch.setattr(kernels, "load", lambda: None)
+    report = compile(_pruned_tiny_model(0.9), choose="sparsity")
+    assert report.kernels == "pytorch-fallback" and "PyTorch fallback (no native kernels here: slow)" in report.summary()
+    with pytest.raises(Exception, match="choose must be one of speed, sparsity"):
+        compile(_pruned_tiny_model(0.9), choose="fastest")

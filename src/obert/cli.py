@@ -227,18 +227,22 @@ def compile_model(
     calibration_rows: int = typer.Option(512, parser=COUNT, help="Rows of calibration text (a random subset)"),
     max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per calibration row (default 128, or the model's limit when shorter)"),
     seed: int = typer.Option(0, parser=SEED),
+    choose: str = typer.Option("speed", help="speed: time each layer here and keep it dense where dense torch is faster; sparsity: sparse wherever the threshold is reached"),
+    choose_tokens: int = typer.Option(256, parser=COUNT, help="Tokens per call the speed choice is timed at"),
     tokenizer: Optional[str] = TOKENIZER,
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
     from .io import check_output, claim_output
     from .loading import ENCODER, check_length, load_tokenizer, model_kind
-    from .runtime import compile as compile_runtime, save_compiled, sparse_modules
+    from .runtime import compile as compile_runtime, save_compiled
     from .runtime.bench import load_model
     from .runtime.calibrate import text_batches
 
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
+    if choose not in ("speed", "sparsity"):
+        raise ObertError(f"--choose must be speed or sparsity, got '{choose}'")
     calibrate = calibration_file is not None or task is not None
     if calibration_file is not None and task is not None:
         raise ObertError("give --calibration-file or --task, not both")
@@ -266,15 +270,17 @@ def compile_model(
             rows = _data(calibration_file, task, "train", option="--calibration-file").subset(
                 calibration_rows, seed)
             batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
-        report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches)
-        if not report.sparse_layers:
+        report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches,
+                                 choose=choose, tokens=choose_tokens)
+        if not report.sparse_layers and not report.slower_layers:
             raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
-        if dtype == "int8" and not any(m.quantized for m in sparse_modules(net).values()):
+        if dtype == "int8" and "int8" not in report.kinds.values():
             raise ObertError(f"--dtype int8 quantises block4 layers, and {model} has none (prune with "
                              "--structure block4): compile it as float32")
         save_compiled(net, out, tok, overwrite=overwrite)
         rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
-            if dtype == "int8" else ""
+            if report.int8_layers else ""
+        typer.echo(report.layer_table())
         typer.echo(f"{report.summary()}{rounding}; saved {out}")
 
 
@@ -288,6 +294,7 @@ def bench(
     iters: int = typer.Option(3, parser=COUNT, help="Timed calls per variant and round"),
     int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="Measure the int8 block4 path (default: when block4)"),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also measure dense ONNX Runtime fp32 and int8"),
+    choose: str = typer.Option("speed", help="How compile picks sparse layers: speed (timed here) or sparsity"),
     plot: Optional[Path] = typer.Option(None, help="Write a chart (PNG)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --plot / --json files"),
@@ -309,8 +316,10 @@ def bench(
                              f"{', '.join('.' + f for f in sorted(formats))})")
     if threads is not None and threads > (os.cpu_count() or 1):
         raise ObertError(f"--threads {threads} is more than this machine's {os.cpu_count()} CPUs")
+    if choose not in ("speed", "sparsity"):
+        raise ObertError(f"--choose must be speed or sparsity, got '{choose}'")
     result = run_bench(model, batch=batch_size, seq_len=seq_len, threads=threads, rounds=rounds,
-                       iters=iters, onnx=onnx, int8=int8)
+                       iters=iters, onnx=onnx, int8=int8, choose=choose)
     typer.echo(format_table(result))
     if plot is not None:
         with atomic_file(plot) as tmp:

@@ -21,12 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from ..errors import ObertError
+from .choose import median_time as _time
 
 
 def cpu_info() -> dict:
@@ -82,17 +82,6 @@ def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _time(fn, iters: int) -> float:
-    """Median seconds of ``iters`` calls (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _output(model, inputs):
     out = model(**inputs)
     return out.logits if hasattr(out, "logits") else out[0]
@@ -100,22 +89,24 @@ def _output(model, inputs):
 
 @torch.no_grad()
 def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
-                int8: bool | None = None, min_sparsity: float | None = None) -> dict:
+                int8: bool | None = None, min_sparsity: float | None = None,
+                choose: str = "speed") -> dict:
     """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
     from . import compile, kernels
 
     inputs = _inputs(model, batch, seq_len)
     variants = {"torch fp32 dense": model}
     sparse = copy.deepcopy(model)
-    report = compile(sparse, min_sparsity=min_sparsity)
+    report = compile(sparse, min_sparsity=min_sparsity, choose=choose)
     variants["obert fp32 sparse"] = sparse
     reports = {"obert fp32 sparse": report.as_dict()}
     ref = _output(model, inputs)
     errors = {"obert fp32 sparse": float((_output(sparse, inputs) - ref).abs().max())}
-    block4 = report.sparse_layers and all(m.group == 4 for m in _sparse_layers(sparse))
+    block4 = _has_block4_layers(model)
     if int8 or (int8 is None and block4):
         q = copy.deepcopy(model)
-        reports["obert int8 sparse"] = compile(q, min_sparsity=min_sparsity, dtype="int8").as_dict()
+        reports["obert int8 sparse"] = compile(q, min_sparsity=min_sparsity, dtype="int8",
+                                               choose=choose).as_dict()
         variants["obert int8 sparse"] = q
         out = _output(q, inputs)
         errors["obert int8 sparse"] = float((out - ref).abs().max())
@@ -132,13 +123,17 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
                       "sequences_per_s": batch / statistics.median(ts),
                       "speedup": statistics.median(b / t for b, t in zip(base, ts))}
     return {"rows": rows, "compile": reports, "max_abs_diff": errors,
-            "native_kernels": kernels.native_available()}
+            "native_kernels": kernels.native_available(), "kernels": kernels.isa(),
+            "kernel_paths": kernels.available_isas()}
 
 
-def _sparse_layers(model):
-    from .linear import SparseLinear
+def _has_block4_layers(model) -> bool:
+    """Whether some prunable Linear of ``model`` is block4-pruned (int8 kernels apply)."""
+    from ..targets import find_targets
+    from .linear import is_block4
 
-    return [m for m in model.modules() if isinstance(m, SparseLinear)]
+    return any(t.module.weight.shape[1] % 4 == 0 and bool((t.module.weight == 0).any())
+               and is_block4(t.module.weight) for t in find_targets(model))
 
 
 def bench_onnxruntime(model_dir: str, *, batch: int, seq_len: int, threads: int, iters: int,
@@ -193,7 +188,8 @@ def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: in
 
 def run_bench(model_dir: str, *, batch: int = 16, seq_len: int | None = None,
               threads: int | None = None, rounds: int = 5, iters: int = 3, onnx: bool = True,
-              int8: bool | None = None, min_sparsity: float | None = None) -> dict:
+              int8: bool | None = None, min_sparsity: float | None = None,
+              choose: str = "speed") -> dict:
     """Everything ``obert bench`` prints, as a dict. ``seq_len``: tokens per sequence (None:
     128, or the model's limit when shorter; longer than the limit is an error)."""
     from ..loading import check_length
@@ -206,7 +202,7 @@ def run_bench(model_dir: str, *, batch: int = 16, seq_len: int | None = None,
     result = {"model": model_dir, "batch": batch, "seq_len": seq_len, "threads": threads,
               "torch": torch.__version__, **cpu_info()}
     result.update(bench_torch(model, batch=batch, seq_len=seq_len, rounds=rounds, iters=iters,
-                              int8=int8, min_sparsity=min_sparsity))
+                              int8=int8, min_sparsity=min_sparsity, choose=choose))
     if onnx:
         ort_rows = bench_onnxruntime(model_dir, batch=batch, seq_len=seq_len, threads=threads,
                                      iters=iters, rounds=rounds)
@@ -224,11 +220,15 @@ def format_table(result: dict) -> str:
     lines = [f"model {result['model']}  batch {result['batch']} x {result['seq_len']} tokens  "
              f"threads {result['threads']}",
              f"cpu {result['cpu']} ({result['machine']}; {' '.join(result['isa']) or 'no SIMD flags read'}); "
-             f"torch {result['torch']}; native kernels: {'yes' if result['native_kernels'] else 'no (fallback)'}"]
+             f"torch {result['torch']}; kernels: "
+             + (f"{result['kernels']} (this CPU runs {', '.join(result['kernel_paths'])}; "
+                "OBERT_ISA picks another)" if result["native_kernels"]
+                else "none native here, PyTorch fallback (slow: layers stay dense where it loses)")]
     for name, rep in result["compile"].items():
+        slower = f", {len(rep['slower_layers'])} kept dense (faster here)" if rep["slower_layers"] else ""
         lines.append(f"{name}: {len(rep['sparse_layers'])} of "
                      f"{len(rep['sparse_layers']) + len(rep['dense_layers'])} Linear layers sparse "
-                     f"({100 * rep['sparse_fraction']:.1f}% of Linear work), "
+                     f"({100 * rep['sparse_fraction']:.1f}% of Linear work{slower}), "
                      f"max |diff| vs dense {result['max_abs_diff'][name]:.2e}; fused: "
                      f"{len(rep['fused_ffn'])} FFN blocks, {len(rep['fused_norms'])} add+LayerNorm, "
                      f"attention {'obert' if rep['fast_attention'] else 'torch SDPA'}")

@@ -1,10 +1,12 @@
 """Compile a pruned Hugging Face model for sparse CPU inference, and save/load the compiled form.
 
 ``compile(model)`` swaps every prunable Linear (``obert.targets``) whose sparsity reaches
-``min_sparsity`` for a ``SparseLinear``; denser layers stay dense. By default the threshold is
-where the kernels start to beat dense torch (docs/benchmarks.md): 70% for float32 (1.2x there,
-slower below ~65%), 50% for int8 block4 (3.7x already at 70%). The report says how much of the
-Linear work now runs sparsely, so a fall-back to dense is never silent.
+``min_sparsity`` for a ``SparseLinear``, if the sparse kernel beats dense torch on this CPU
+(``choose.py``: timed per layer, cached per CPU); denser or slower layers stay dense. By
+default the threshold is where the kernels can start to win (docs/benchmarks.md): 70% for
+float32, 50% for int8 block4. The report says which kernel path runs, which layers run sparse
+and why the others do not, and how much of the Linear work now runs sparsely, so a fall-back to
+dense is never silent.
 
 Saved form (``save_compiled``): ``config.json`` (+ tokenizer files when given), ``sparse_model.safetensors``
 holding the dense parameters of everything else and, per compiled layer, only its non-zeros and
@@ -28,7 +30,9 @@ from ..errors import ObertError
 from ..io import atomic_dir
 from ..quantize import smoothing_factors
 from ..targets import find_targets
+from . import kernels
 from .calibrate import InputStats, input_stats
+from .choose import CHOICES, DEFAULT_TOKENS, Chooser
 from .attention import NAME as ATTENTION, use_fast_attention
 from .linear import SparseFFN, SparseLinear, is_block4
 from .norm import AddNorm, is_output_block
@@ -47,6 +51,7 @@ class CompileReport:
     sparse_layers: list[str] = field(default_factory=list)
     dense_layers: list[str] = field(default_factory=list)
     float32_layers: list[str] = field(default_factory=list)  # asked for int8, not block4
+    kinds: dict[str, str] = field(default_factory=dict)  # "int8" / "float32" kernel of each candidate
     linear_macs: int = 0  # multiply-adds per token of all target Linear layers, dense
     sparse_macs: int = 0  # of those, the ones left after pruning in compiled layers
     compiled_dense_macs: int = 0  # dense multiply-adds per token of the compiled layers
@@ -56,6 +61,11 @@ class CompileReport:
     fused_norms: list[str] = field(default_factory=list)  # output blocks: add + LayerNorm in one pass
     int8_rounding: str = "nearest"  # int8 weights: rounded to nearest, or "obs" (calibrated)
     smoothed: list[str] = field(default_factory=list)  # int8 layers with smoothed inputs
+    kernels: str = ""  # instruction-set path of the native kernels, or "pytorch-fallback"
+    choice: str = "speed"  # how layers were chosen: "speed" (measured) or "sparsity"
+    sparsity: dict[str, float] = field(default_factory=dict)  # every target layer's
+    speedups: dict[str, float] = field(default_factory=dict)  # measured sparse / dense speed
+    slower_layers: list[str] = field(default_factory=list)  # sparse enough, dense torch faster
 
     @property
     def sparse_fraction(self) -> float:
@@ -63,12 +73,42 @@ class CompileReport:
         return self.compiled_dense_macs / max(self.linear_macs, 1)
 
     def summary(self) -> str:
-        return (f"{len(self.sparse_layers)} of {len(self.sparse_layers) + len(self.dense_layers)} "
-                f"Linear layers run sparse ({100 * self.sparse_fraction:.1f}% of their dense work; "
+        total = len(self.sparse_layers) + len(self.dense_layers)
+        where = "on the PyTorch fallback (no native kernels here: slow)" \
+            if self.kernels == "pytorch-fallback" else f"on the {self.kernels} kernels"
+        text = (f"{len(self.sparse_layers)} of {total} Linear layers run sparse {where} "
+                f"({100 * self.sparse_fraction:.1f}% of their dense work; "
                 f"{self.sparse_macs / max(self.compiled_dense_macs, 1):.3f} density where compiled)")
+        if self.slower_layers:
+            text += (f"; {len(self.slower_layers)} sparse enough but kept dense, where dense torch "
+                     "is faster on this CPU")
+        if self.slower_layers and not self.sparse_layers:
+            text += " (every one: the model runs as fast as dense, not faster)"
+        return text
+
+    @property
+    def int8_layers(self) -> list[str]:
+        return [n for n in self.sparse_layers if self.kinds.get(n) == "int8"]
+
+    def why(self, name: str) -> str:
+        """Why layer ``name`` runs sparse or dense."""
+        speed = self.speedups.get(name)
+        timed = f", {speed:.2f}x dense torch here" if speed is not None else ""
+        if name in self.sparse_layers:
+            return f"sparse ({self.kinds[name]}{timed})"
+        if name in self.slower_layers:
+            return f"dense (the {self.kinds[name]} sparse kernel runs at{timed.lstrip(',')})"
+        return "dense (below the sparsity threshold)"
+
+    def layer_table(self) -> str:
+        """One line per target layer: sparsity, the decision and why."""
+        names = list(self.sparsity)
+        width = max((len(n) for n in names), default=0)
+        return "\n".join(f"  {n:<{width}}  {100 * self.sparsity[n]:5.1f}% sparse  {self.why(n)}"
+                         for n in names)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "sparse_fraction": self.sparse_fraction}
+        return {**asdict(self), "sparse_fraction": self.sparse_fraction, "int8_layers": self.int8_layers}
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -81,7 +121,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str = "float32",
             include: list[str] | None = None, exclude: list[str] | None = None,
             group: int | None = None, fuse: bool = True, attention: bool = True,
-            calibration: Iterable[dict] | None = None, smooth: float = 0.5) -> CompileReport:
+            calibration: Iterable[dict] | None = None, smooth: float = 0.5, choose: str = "speed",
+            tokens: int = DEFAULT_TOKENS, chooser: Chooser | None = None) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
@@ -98,17 +139,27 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     rounding to nearest, and the per-channel input maxima for smoothing its input with strength
     ``smooth`` (``quantize.smoothing_factors``' alpha; 0 turns smoothing off). A few hundred
     sequences of the task's text are plenty.
+
+    ``choose="speed"`` times every layer that reaches the threshold both ways on this CPU
+    (``tokens`` random inputs; ``choose.Chooser``, cached per CPU) and keeps it dense where
+    dense torch is at least as fast; ``choose="sparsity"`` compiles every such layer untimed.
     """
     if calibration is not None and dtype != "int8":
         raise ObertError("calibration rounds int8 weights: use it with dtype='int8'")
+    if choose not in CHOICES:
+        raise ObertError(f"choose must be one of {', '.join(CHOICES)}, got '{choose}'")
     model.eval()
-    report = CompileReport()
+    report = CompileReport(kernels=kernels.isa() if kernels.native_available() else "pytorch-fallback",
+                           choice=choose)
+    if choose == "speed" and chooser is None:
+        chooser = Chooser(tokens)
     plan = []  # (target, nnz, int8) of the layers to compile
     for t in find_targets(model, include, exclude):
         w = t.module.weight
         macs = w.numel()
         report.linear_macs += macs
         nnz = int((w != 0).sum())
+        report.sparsity[t.name] = 1.0 - nnz / macs
         int8 = dtype == "int8" and group in (None, 4) and w.shape[1] % 4 == 0 and is_block4(w)
         threshold = min_sparsity if min_sparsity is not None else \
             (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
@@ -118,12 +169,12 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             report.dense_layers.append(t.name)
     stats: dict[str, InputStats] = {}
     smoothing: dict[str, torch.Tensor] = {}
-    int8_layers = [t for t, _, q in plan if q]
-    if calibration is not None and int8_layers:
-        stats = input_stats(model, calibration, [t.name for t in int8_layers])
+    to_quantize = [t for t, _, q in plan if q]
+    if calibration is not None and to_quantize:
+        stats = input_stats(model, calibration, [t.name for t in to_quantize])
         report.int8_rounding = "obs"
         if smooth > 0:
-            smoothing = _smoothing(int8_layers, stats, smooth)
+            smoothing = _smoothing(to_quantize, stats, smooth)
             report.smoothed = list(smoothing)
     for t, nnz, int8 in plan:
         macs = t.module.weight.numel()
@@ -133,12 +184,21 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
                                              hessian=None if st is None else st.hessian)
         else:
             layer = SparseLinear.from_linear(t.module, group=group)
-            if dtype == "int8":
-                report.float32_layers.append(t.name)
+        report.kinds[t.name] = "int8" if int8 else "float32"
+        if choose == "speed":
+            report.speedups[t.name] = chooser.timing(t.module, layer).speedup
+            if report.speedups[t.name] <= 1.0:
+                report.dense_layers.append(t.name)
+                report.slower_layers.append(t.name)
+                continue
+        if dtype == "int8" and not int8:
+            report.float32_layers.append(t.name)
         _set_module(model, t.name, layer)
         report.sparse_layers.append(t.name)
         report.sparse_macs += nnz
         report.compiled_dense_macs += macs
+    if chooser is not None:
+        chooser.save()
     if fuse:
         _fuse_activations(model, report)
         report.fused_ffn = _fuse_ffn(model)
@@ -224,8 +284,10 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrit
     """Write the compiled model atomically (see the module docstring for the files); an earlier
     obert output at ``out`` is replaced only with ``overwrite``."""
     layers = sparse_modules(model)
-    if not layers:
-        raise ObertError("the model has no compiled sparse layers (run obert.runtime.compile first)")
+    compiled = layers or any(isinstance(m, AddNorm) for m in model.modules()) or \
+        getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION
+    if not compiled:
+        raise ObertError("the model is not compiled (run obert.runtime.compile first)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ffn = [n.removesuffix("intermediate.dense").rstrip(".") for n, m in model.named_modules()
            if isinstance(m, SparseFFN)]
