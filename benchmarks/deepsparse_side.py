@@ -82,10 +82,15 @@ def main() -> None:
     inputs = _inputs(dense, args.batch_size, args.seq_len)
     with tempfile.TemporaryDirectory(prefix="obert-ds-") as tmp:
         onnx_path = export_legacy(dense, Path(tmp) / "model.onnx", inputs)
-        child = subprocess.Popen([args.deepsparse_python, "-c", CHILD, str(onnx_path),
+        # Isolated (-I) and away from the checkout: run from the repository root, the child
+        # failed to see the model file through DeepSparse's path resolution.
+        child = subprocess.Popen([args.deepsparse_python, "-I", "-c", CHILD, str(onnx_path),
                                   str(args.batch_size), str(args.seq_len), str(args.threads)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if child.stdout.readline().strip() != "ready":
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp)
+        for line in child.stdout:  # DeepSparse prints its own notes (e.g. NM_ARCH) to stdout
+            if line.strip() == "ready":
+                break
+        else:
             sys.exit("DeepSparse could not compile the model (see its messages above)")
         ratios: dict[str, list[float]] = {k: [] for k in [*variants, "deepsparse 1.8"]}
         times: dict[str, list[float]] = {k: [] for k in ratios}
@@ -100,7 +105,12 @@ def main() -> None:
                     ratios[name].append(times["torch fp32 dense"][-1] / times[name][-1])
         child.stdin.close()
         child.wait()
-    print(f"model {args.model}  batch {args.batch_size} x {args.seq_len}  threads {args.threads}\n")
+    import os
+
+    from obert.runtime import kernels
+
+    print(f"model {args.model}  batch {args.batch_size} x {args.seq_len}  threads {args.threads}  "
+          f"obert kernels {kernels.isa()}  DeepSparse NM_ARCH={os.environ.get('NM_ARCH', '(its own choice)')}\n")
     print("| variant | ms / batch | sequences / s | speed-up vs torch fp32 dense |\n|---|---|---|---|")
     rows = {}
     for name in ratios:
@@ -108,7 +118,8 @@ def main() -> None:
         rows[name] = {"ms_per_batch": 1e3 * t, "sequences_per_s": args.batch_size / t,
                       "speedup": statistics.median(ratios[name])}
         print(f"| {name} | {1e3 * t:.1f} | {args.batch_size / t:.1f} | {rows[name]['speedup']:.2f}x |")
-    print(json.dumps({"model": args.model, "threads": args.threads, "rows": rows,
+    print(json.dumps({"model": args.model, "threads": args.threads, "rows": rows, "kernels": kernels.isa(),
+                      "nm_arch": os.environ.get("NM_ARCH"),
                       "time": time.strftime("%Y-%m-%d %H:%M")}))
 
 

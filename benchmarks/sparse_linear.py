@@ -105,7 +105,7 @@ def main() -> None:
     if not kernels.native_available():
         sys.exit("the native kernels are not built here (run make setup)")
     info = cpu_info()
-    log(f"{info['cpu']} ({', '.join(info['isa'])}), torch {torch.__version__}")
+    log(f"{info['cpu']} ({', '.join(info['isa'])}), kernels {kernels.isa()}, torch {torch.__version__}")
     results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -121,7 +121,7 @@ def main() -> None:
     if args.no_docs:
         return
     write_json(ROOT / "docs" / "sparse_linear_results.json",
-               {"cpu": info, "torch": torch.__version__, "command": " ".join(sys.argv), "results": results})
+               {"cpu": info, "kernels": kernels.isa(), "torch": torch.__version__, "command": " ".join(sys.argv), "results": results})
     replace_doc_block(BEGIN, END, text)
 
 
