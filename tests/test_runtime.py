@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -39,7 +40,12 @@ def pruned_linear(n_out, n_in, sparsity, group, seed=0, bias=True):
     return lin
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+needs_native = pytest.mark.skipif(not kernels.native_available(),
+                                  reason="no native kernels here: the PyTorch fallback runs")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None
+                    or bool(os.environ.get("OBERT_NO_NATIVE")),
                     reason="no C++ compiler: the PyTorch fallback runs")
 def test_native_kernels_build_here():
     assert kernels.native_available()
@@ -482,6 +488,7 @@ def _attention_model(seed=0):
     return AutoModelForSequenceClassification.from_config(config).eval()
 
 
+@needs_native
 def test_compiled_model_runs_attention_on_the_kernel_and_keeps_it_after_load(tmp_path, monkeypatch):
     import copy
 
@@ -542,6 +549,7 @@ def test_attention_falls_back_to_sdpa_where_the_kernel_does_not_apply():
     torch.testing.assert_close(got, sdpa_attention_forward(module, q, k, v, ~per_head)[0])
 
 
+@needs_native
 @pytest.mark.parametrize("kind", ["padding", "per-query", "float padding"])
 def test_attention_forward_takes_sdpa_style_masks(kind, monkeypatch):
     """Transformers hands over [B, 1, Sq, Sk] masks: a padding one (rows alike) reaches the kernel as

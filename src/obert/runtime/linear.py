@@ -103,6 +103,11 @@ class SparseLinear(nn.Module):
         self.register_buffer("in_mul", None if in_mul is None else in_mul.detach().float().contiguous())
         self._csr: Tensor | None = None  # the fallback's torch CSR weight, built on first use
 
+    def __getstate__(self) -> dict:
+        # The fallback's CSR cache is rebuilt on first use: torch cannot copy or pickle a CSR
+        # tensor's storage (deepcopy of a model that ran on the fallback failed).
+        return {**super().__getstate__(), "_csr": None}
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str = "float32", group: int | None = None,
                     hessian: Tensor | None = None, smooth: Tensor | None = None) -> "SparseLinear":
