@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from obert.quantize import damped_hessian, obs_quantize, round_to_grid, row_scales
 
