@@ -944,3 +944,16 @@ def test_bench_child_does_not_import_planted_modules(env, tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert not marker.exists(), "the bench child imported code from the working directory"
     assert "onnxruntime fp32" in printed
+
+
+@pytest.mark.parametrize("command", ["compile", "bench"])
+def test_unknown_kernel_path_in_obert_isa_is_refused(command, env, tmp_path, monkeypatch, capsys):
+    from obert.runtime import kernels
+
+    if not kernels.native_available():
+        pytest.skip("no native kernels: OBERT_ISA is not read")
+    monkeypatch.setenv("OBERT_ISA", "avx1024")
+    args = ["compile", env.pruned, "--out", tmp_path / "c"] if command == "compile" \
+        else ["bench", env.model, *BENCH]
+    refused(capsys, args, ["OBERT_ISA=avx1024", "this CPU and build run generic"], roots=[tmp_path])
+    assert not (tmp_path / "c").exists()
