@@ -6,7 +6,8 @@
 default the threshold is where the kernels can start to win (docs/benchmarks.md): 70% for
 float32, 50% for int8 block4. The report says which kernel path runs, which layers run sparse
 and why the others do not, and how much of the Linear work now runs sparsely, so a fall-back to
-dense is never silent.
+dense is never silent. The choice is the compiling CPU's: a compiled model keeps it when loaded
+elsewhere (compile again on the machine that serves it to choose for that one).
 
 Saved form (``save_compiled``): ``config.json`` (+ tokenizer files when given), ``sparse_model.safetensors``
 holding the dense parameters of everything else and, per compiled layer, only its non-zeros and
