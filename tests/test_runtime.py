@@ -40,6 +40,13 @@ def pruned_linear(n_out, n_in, sparsity, group, seed=0, bias=True):
     return lin
 
 
+def native(isa: str):
+    """The extension, for tests that call a kernel directly (skipped without one)."""
+    if isa == "none":
+        pytest.skip("no native kernels here")
+    return kernels.load()
+
+
 needs_native = pytest.mark.skipif(not kernels.native_available(),
                                   reason="no native kernels here: the PyTorch fallback runs")
 
@@ -113,6 +120,18 @@ def test_fused_gelu_matches_exact_gelu(dtype, group, isa):
     assert "activation=gelu" in repr(sl)
     with pytest.raises(Exception, match="unsupported fused activation"):
         SparseLinear(64, 48, sl.seg_ptr, sl.col, sl.val, None, sl.group, sl.chunk, activation="relu")
+
+
+def test_input_of_the_wrong_width_is_refused():
+    from obert.errors import ObertError
+    from obert.runtime.linear import SparseFFN
+
+    lin = pruned_linear(24, 32, 0.8, 4)
+    fc1, fc2 = SparseLinear.from_linear(lin), SparseLinear.from_linear(pruned_linear(8, 24, 0.8, 1))
+    for layer in (fc1, SparseLinear.from_linear(lin, dtype="int8"), SparseFFN(fc1, fc2)):
+        for x in (torch.randn(5, 16), torch.randn(5, 40), torch.tensor(1.0)):
+            with pytest.raises(ObertError, match="the layer takes 32 features"):
+                layer(x)
 
 
 def test_sparse_linear_batched_input_no_bias_and_storage():
@@ -287,7 +306,7 @@ def _quantised_reference(x, lin, in_mul=None):
     qw = (w / ws[:, None]).round().clamp(-127, 127)
     lo = x.amin(1, keepdim=True).clamp(max=0)
     hi = x.amax(1, keepdim=True).clamp(min=0)
-    xs = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    xs = torch.where(hi - lo >= 255 * torch.finfo(torch.float32).tiny, (hi - lo) / 255, torch.ones_like(hi))
     zero = torch.round(-lo * (1 / xs))
     qx = (torch.round(x * (1 / xs)) + zero).clamp(0, 255) - zero
     return (qx.double() @ qw.t()) * xs.double() * ws + lin.bias.double()
@@ -302,7 +321,10 @@ def test_int8_block4_is_exact_quantised_arithmetic(shape, sparsity, threads, isa
     sl = SparseLinear.from_linear(lin, dtype="int8")
     x = torch.randn(tokens, n_in)
     x[0] = 0  # an all-zero token
+    if tokens > 1:  # a range too small for a normal scale (1 / s would overflow): quantised to 0
+        x[-1] = torch.randn(n_in) * 1e-38
     expected = _quantised_reference(x, lin)
+    assert torch.isfinite(expected).all()
     with num_threads(threads):
         got = sl(x)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
@@ -434,7 +456,7 @@ def test_attention_kernel_matches_float64_sdpa(shape, mask, threads, isa):
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=sdpa_mask,
                                               scale=0.3).transpose(1, 2)
     with num_threads(threads):
-        got = kernels.load().attention(q, k, v, additive, 0.3, kernels.isa_index())
+        got = native(isa).attention(q, k, v, additive, 0.3, kernels.isa_index())
     assert got.shape == (batch, q_len, heads, dim) and got.is_contiguous()
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -446,12 +468,12 @@ def test_attention_kernel_masked_keys_weigh_exactly_zero_and_fully_masked_rows_a
     additive[:, :, 30:] = float("-inf")  # padding keys: must weigh 0, not 2^-126
     additive[:, :, 5] = -1e4  # Hugging Face style "large negative" mask values
     additive[1, 7] = float("-inf")  # every key masked for this query
-    got = kernels.load().attention(q, k, v, additive, 0.2, kernels.isa_index())
+    got = native(isa).attention(q, k, v, additive, 0.2, kernels.isa_index())
     assert torch.equal(got[1, 7], torch.zeros(3, 32))
     # Masked keys' values must not leak in: 3e38 there would show even at weight 2^-126 (~1e-38).
     v_poisoned = v.clone()
     v_poisoned[:, :, 30:] = 3e38
-    torch.testing.assert_close(kernels.load().attention(q, k, v_poisoned, additive, 0.2, kernels.isa_index()), got)
+    torch.testing.assert_close(native(isa).attention(q, k, v_poisoned, additive, 0.2, kernels.isa_index()), got)
     keep = additive[:, None].double()
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keep,
                                               scale=0.2).transpose(1, 2)
@@ -468,13 +490,13 @@ def test_attention_kernel_skips_keys_padded_on_either_side_for_every_query(isa):
     keep[0, 60:] = False
     keep[1, 33:] = False  # right padding: one key in the second block
     additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
-    got = kernels.load().attention(q, k, v, additive, 0.25, kernels.isa_index())
+    got = native(isa).attention(q, k, v, additive, 0.25, kernels.isa_index())
     expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
                                               attn_mask=keep[:, None, None, :], scale=0.25).transpose(1, 2)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     keep[2] = False  # no key at all: zero output
     additive = torch.zeros(3, 1, 70).masked_fill(~keep[:, None], float("-inf"))
-    got = kernels.load().attention(q, k, v, additive, 0.25, kernels.isa_index())
+    got = native(isa).attention(q, k, v, additive, 0.25, kernels.isa_index())
     assert torch.equal(got[2], torch.zeros(70, 2, 16))
     torch.testing.assert_close(got[:2].double(), expected[:2], rtol=1e-5, atol=1e-5)
 
@@ -586,7 +608,7 @@ def test_add_layer_norm_kernel_matches_float64(shape, isa):
     x, r = torch.randn(shape) * 3 + 1, torch.randn(shape)
     w, b = torch.randn(shape[1]), torch.randn(shape[1])
     expected = F.layer_norm((x + r).double(), (shape[1],), w.double(), b.double(), 1e-12)
-    torch.testing.assert_close(kernels.load().add_layer_norm(x, r, w, b, 1e-12, kernels.isa_index()).double(), expected,
+    torch.testing.assert_close(native(isa).add_layer_norm(x, r, w, b, 1e-12, kernels.isa_index()).double(), expected,
                                rtol=1e-5, atol=1e-5)
 
 

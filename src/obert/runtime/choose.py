@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,27 +88,42 @@ def cache_path() -> Path:
     return base / "speed" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
+_FIELDS = ("dense_ms", "sparse_ms", "speedup")
+
+
 def _read(path: Path) -> dict[str, dict]:
-    """The cache's entries; an unreadable or malformed file counts as empty."""
+    """The cache's entries; an unreadable or malformed file counts as empty, and an entry
+    without three positive finite numbers is left out."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, dict)
-            and all(isinstance(v.get(f), (int, float)) for f in ("dense_ms", "sparse_ms", "speedup"))}
+
+    def valid(v) -> bool:
+        return isinstance(v, dict) and all(
+            isinstance(v.get(f), (int, float)) and not isinstance(v.get(f), bool)
+            and math.isfinite(v[f]) and v[f] > 0 for f in _FIELDS)
+
+    return {k: {f: float(v[f]) for f in _FIELDS} for k, v in data.items() if valid(v)}
 
 
 def _write(path: Path, entries: dict[str, dict]) -> None:
     """Write atomically (temp file, rename); a cache that cannot be written is skipped."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(entries, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 class Chooser:
@@ -124,7 +141,7 @@ class Chooser:
         if key not in self.entries:
             self.entries[key] = self.timer(linear, sparse, self.tokens).as_dict()
             self.new = True
-        return Timing(**self.entries[key])
+        return Timing(*(self.entries[key][f] for f in _FIELDS))
 
     def save(self) -> None:
         if self.path and self.new:

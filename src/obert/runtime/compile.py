@@ -67,6 +67,7 @@ class CompileReport:
     sparsity: dict[str, float] = field(default_factory=dict)  # every target layer's
     speedups: dict[str, float] = field(default_factory=dict)  # measured sparse / dense speed
     slower_layers: list[str] = field(default_factory=list)  # sparse enough, dense torch faster
+    not_float32: list[str] = field(default_factory=list)  # weights in another dtype: left as they are
 
     @property
     def sparse_fraction(self) -> float:
@@ -99,6 +100,8 @@ class CompileReport:
             return f"sparse ({self.kinds[name]}{timed})"
         if name in self.slower_layers:
             return f"dense (the {self.kinds[name]} sparse kernel runs at{timed.lstrip(',')})"
+        if name in self.not_float32:
+            return "dense (weights not float32: compile a float32 model)"
         return "dense (below the sparsity threshold)"
 
     def layer_table(self) -> str:
@@ -168,6 +171,15 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             plan.append((t, nnz, int8))
         else:
             report.dense_layers.append(t.name)
+            if w.dtype != torch.float32:
+                report.not_float32.append(t.name)
+    for t, _, int8 in plan:
+        report.kinds[t.name] = "int8" if int8 else "float32"
+    timed: dict[str, SparseLinear] = {}  # layers built to be timed, kept when nothing changes them
+    if choose == "speed":  # before calibration: its statistics are only needed for the winners
+        for t, _, int8 in plan:
+            timed[t.name] = _build(t, int8, group)
+        plan = [p for p in plan if _faster_sparse(p[0], timed[p[0].name], chooser, report)]
     stats: dict[str, InputStats] = {}
     smoothing: dict[str, torch.Tensor] = {}
     to_quantize = [t for t, _, q in plan if q]
@@ -179,19 +191,11 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             report.smoothed = list(smoothing)
     for t, nnz, int8 in plan:
         macs = t.module.weight.numel()
-        if int8:
-            st = stats.get(t.name)
-            layer = SparseLinear.from_linear(t.module, dtype="int8", smooth=smoothing.get(t.name),
-                                             hessian=None if st is None else st.hessian)
+        st = stats.get(t.name)
+        if t.name in timed and st is None and t.name not in smoothing:
+            layer = timed[t.name]
         else:
-            layer = SparseLinear.from_linear(t.module, group=group)
-        report.kinds[t.name] = "int8" if int8 else "float32"
-        if choose == "speed":
-            report.speedups[t.name] = chooser.timing(t.module, layer).speedup
-            if report.speedups[t.name] <= 1.0:
-                report.dense_layers.append(t.name)
-                report.slower_layers.append(t.name)
-                continue
+            layer = _build(t, int8, group, None if st is None else st.hessian, smoothing.get(t.name))
         if dtype == "int8" and not int8:
             report.float32_layers.append(t.name)
         _set_module(model, t.name, layer)
@@ -207,6 +211,25 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     if attention:
         report.fast_attention = use_fast_attention(model)
     return report
+
+
+def _build(target, int8: bool, group: int | None, hessian: torch.Tensor | None = None,
+           smooth: torch.Tensor | None = None) -> SparseLinear:
+    """The sparse form of a target layer (int8: rounded to nearest unless given its Hessian)."""
+    if int8:
+        return SparseLinear.from_linear(target.module, dtype="int8", smooth=smooth, hessian=hessian)
+    return SparseLinear.from_linear(target.module, group=group)
+
+
+def _faster_sparse(target, layer: SparseLinear, chooser: Chooser, report: CompileReport) -> bool:
+    """Whether ``layer`` (the target's sparse form; calibration changes its values, not its
+    speed) beats dense torch here; a loser is reported as kept dense."""
+    report.speedups[target.name] = chooser.timing(target.module, layer).speedup
+    if report.speedups[target.name] > 1.0:
+        return True
+    report.dense_layers.append(target.name)
+    report.slower_layers.append(target.name)
+    return False
 
 
 def _smoothing(targets: list, stats: dict[str, InputStats], alpha: float) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,10 +33,12 @@ from ..errors import ObertError
 
 CSRC = Path(__file__).with_name("csrc")
 ISA_ENV = "OBERT_ISA"
-_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mpopcnt"]
-_AVX512 = _AVX2 + ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
 # Target flags of each instruction set's kernel object, lowest first (x86-64; elsewhere only
-# "generic" is built, with the platform's baseline flags).
+# "generic" is built, with the platform's baseline flags). Exactly the features the extension
+# checks before it runs a path (binding.cpp: cpu_runs): no BMI, F16C, ... that some CPUs and VMs
+# with AVX2 lack.
+_AVX2 = ["-mavx2", "-mfma"]
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"]
 ISA_FLAGS: dict[str, list[str]] = {
     "generic": [],
     "avx2": _AVX2,
@@ -80,7 +83,8 @@ def _build_dir() -> Path:
     h = hashlib.sha256()
     for path in sorted(CSRC.iterdir()):  # sources and headers
         h.update(path.name.encode() + path.read_bytes())
-    h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}-{_COMMON}".encode())
+    h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}-{_COMMON}-"
+             f"{sorted(ISA_FLAGS.items())}".encode())
     try:
         h.update(subprocess.run([_compiler(), "--version"], capture_output=True, timeout=60).stdout)
     except (OSError, subprocess.SubprocessError):
@@ -90,19 +94,27 @@ def _build_dir() -> Path:
 
 
 def _compile_isa(name: str, build: Path) -> Path | None:
-    """``isa_<name>.o`` in ``build`` (written under a temporary name, then renamed), or None
-    when the compiler cannot target the set."""
-    obj = build / f"isa_{name}.o"
+    """``isa_<name>.o`` in ``build`` (written under a temporary name, then renamed), or None when
+    the compiler cannot build that path (said once, and remembered in ``isa_<name>.failed`` so
+    later processes do not try again)."""
+    obj, failed = build / f"isa_{name}.o", build / f"isa_{name}.failed"
     if obj.is_file():
         return obj
-    tmp = build / f".isa_{name}.{os.getpid()}.o"
+    if failed.is_file() and name != "generic":
+        return None
+    fd, tmp = tempfile.mkstemp(prefix=f".isa_{name}.", suffix=".o", dir=build)
+    os.close(fd)
     cmd = [_compiler(), *_COMMON, f"-DOBERT_ISA={name}", *ISA_FLAGS[name], "-c",
-           str(CSRC / "isa.cpp"), "-o", str(tmp)]
+           str(CSRC / "isa.cpp"), "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
+        error = (done.stderr.strip().splitlines() or ["failed"])[-1][:300]
         if name == "generic":
-            raise RuntimeError(f"compiling the kernels failed: {done.stderr.strip()[-400:]}")
+            raise RuntimeError(f"compiling the kernels failed: {error}")
+        failed.write_text(done.stderr)
+        print(f"[obert] the {name} kernel path is not built ({error}); the others are",
+              file=sys.stderr)
         return None
     os.replace(tmp, obj)
     return obj

@@ -194,6 +194,7 @@ class SparseLinear(nn.Module):
         return F.gelu(y) if self.activation == "gelu" else y
 
     def forward(self, x: Tensor) -> Tensor:
+        check_width(x, self.in_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != torch.float32 or x2.device.type != "cpu":
@@ -243,6 +244,7 @@ class SparseFFN(nn.Module):
         self.in_features, self.out_features = fc1.in_features, fc2.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        check_width(x, self.in_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         ext = kernels.load() if x2.dtype == torch.float32 and x2.device.type == "cpu" else None
@@ -263,14 +265,24 @@ class SparseFFN(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def check_width(x: Tensor, in_features: int) -> None:
+    """The kernels index the input by the stored column numbers: a narrower one would be read
+    past its end."""
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ObertError(f"input of shape {tuple(x.shape)}: the layer takes {in_features} features")
+
+
 def quantize_tokens(x: Tensor) -> Tensor:
     """``x [T, K]`` after the int8 kernels' per-token input quantisation, as float32:
     ``(clamp(round(x / s_t) + z_t, 0, 255) - z_t) s_t`` with ``s_t = (hi_t - lo_t) / 255`` and
-    ``z_t = round(-lo_t / s_t)``, ``lo_t = min(0, min x[t])``, ``hi_t = max(0, max x[t])`` (the
-    same float32 operations and round-half-even as the kernels, so the values are identical)."""
+    ``z_t = round(-lo_t / s_t)``, ``lo_t = min(0, min x[t])``, ``hi_t = max(0, max x[t])``, and
+    ``s_t = 1`` when ``hi_t - lo_t`` is below 255 times the smallest normal float32 (the same
+    float32 operations and round-half-even as the kernels, so the values are identical)."""
     lo = x.amin(1, keepdim=True).clamp(max=0)
     hi = x.amax(1, keepdim=True).clamp(min=0)
-    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    # 1 where the range is too small for a normal scale (its inverse would overflow)
+    scale = torch.where(hi - lo >= 255 * torch.finfo(torch.float32).tiny, (hi - lo) / 255,
+                        torch.ones_like(hi))
     inv = 1 / scale
     zero = torch.round(-lo * inv)
     return ((torch.round(x * inv) + zero).clamp(0, 255) - zero) * scale

@@ -136,7 +136,7 @@ void attention(const Parallel& par, const Attention& a) {
   const int64_t B = a.B, H = a.H, Sq = a.Sq, Sk = a.Sk, D = a.D;
   const int64_t Skp = (Sk + 31) / 32 * 32;
   parallel_for(par, B * H, 1, [&](int64_t begin, int64_t end) {
-    Buffer buf((D * Skp + 2 * QB * Skp + 16) * 4);
+    Buffer buf((D * Skp + 2 * QB * Skp) * 4);
     float* kt = reinterpret_cast<float*>(buf.get());
     float* scores = kt + D * Skp;
     float* bias = scores + QB * Skp;

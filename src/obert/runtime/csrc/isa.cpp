@@ -33,8 +33,11 @@ namespace {
 
 const Table* OBERT_CAT(table_, OBERT_ISA)() {
   namespace k = OBERT_CAT(isa_, OBERT_ISA);
-  static const Table table{OBERT_STR(OBERT_ISA), k::sparse_linear, k::sparse_ffn, k::sparse_linear_int8,
-                           k::sparse_ffn_int8, k::attention, k::add_layer_norm};
+  // constexpr: taking the table runs no code of this instruction set (the glue takes every table
+  // before it knows which ones the CPU runs).
+  static constexpr Table table{OBERT_STR(OBERT_ISA), k::sparse_linear, k::sparse_ffn,
+                               k::sparse_linear_int8, k::sparse_ffn_int8, k::attention,
+                               k::add_layer_norm};
   return &table;
 }
 

@@ -24,24 +24,19 @@ constexpr bool kShifted = false;  // packed inputs are u8
 #else
 constexpr bool kShifted = true;   // packed inputs are u8 - 128 (s8)
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512F__)
-constexpr bool kVnni = true;
-#elif defined(__AVXVNNI__)
-constexpr bool kVnni = true;
-#else
-constexpr bool kVnni = false;
-#endif
 constexpr int64_t TILE = INT8_TILE;
 
 // A token's scale s_t and zero point z_t from its smallest and largest value (0 included), and
-// 1 / s_t: the one place they are computed, so every packing path rounds alike.
+// 1 / s_t: the one place they are computed, so every packing path rounds alike. A range too small
+// for a normal scale (below 255 x FLT_MIN: 1 / s would overflow) gets s = 1, so its values
+// quantise to the zero point.
 struct TokenQuant {
   float scale, inv;
   int32_t zero;
 };
 inline TokenQuant token_quant(float lo, float hi) {
   lo = fmin1(lo, 0.f), hi = fmax1(hi, 0.f);
-  const float s = hi > lo ? (hi - lo) / 255.f : 1.f, inv = 1.f / s;
+  const float s = hi - lo >= 255.f * __FLT_MIN__ ? (hi - lo) / 255.f : 1.f, inv = 1.f / s;
   return {s, inv, static_cast<int32_t>(round_even(-lo * inv))};
 }
 
@@ -231,9 +226,8 @@ void sparse_linear_int8(const Parallel& par, const float* x, int64_t T, int64_t 
   Buffer scales(tiles * TILE * 4), zeros(tiles * TILE * 4);
   float* sx = reinterpret_cast<float*>(scales.get());
   int32_t* zx = reinterpret_cast<int32_t*>(zeros.get());
-  auto pack = [&](int64_t tile, uint8_t* dst) {
-    Buffer q(16 * K);
-    pack_int8_tile(x, T, K, tile, dst, sx + tile * TILE, zx + tile * TILE, L.in_mul, q.get());
+  auto pack = [&](int64_t tile, uint8_t* dst) {  // the tile's 16 quantised rows after it
+    pack_int8_tile(x, T, K, tile, dst, sx + tile * TILE, zx + tile * TILE, L.in_mul, dst + K * TILE);
   };
   auto compute = [&](int64_t tile, int64_t rb, const uint8_t* xtile) {
     alignas(64) float out[ROWS][TILE];
@@ -241,7 +235,7 @@ void sparse_linear_int8(const Parallel& par, const float* x, int64_t T, int64_t 
     const int64_t rows = row_block_int8(xtile, sx + t0, zx + t0, L, rb, out);
     write_block(&out[0][0], TILE, tn, rows, y + t0 * N + rb * ROWS, N);
   };
-  for_tiles(par, tiles, (N + ROWS - 1) / ROWS, K * TILE, pack, compute);
+  for_tiles(par, tiles, (N + ROWS - 1) / ROWS, K * TILE + 16 * K, pack, compute);
 }
 
 // The int8 feed-forward block, y = W2 act1(W1 x + b1) + b2, one 64-token tile per thread at a
@@ -252,12 +246,14 @@ void sparse_ffn_int8(const Parallel& par, const float* x, int64_t T, int64_t K, 
   const int64_t H = L1.N, N = L2.N;
   const int64_t tiles = (T + TILE - 1) / TILE, rb1 = (H + ROWS - 1) / ROWS, rb2 = (N + ROWS - 1) / ROWS;
   parallel_for(par, tiles, 1, [&](int64_t begin, int64_t end) {
+    // xq (K x TILE bytes), h (row blocks x ROWS x TILE floats), hq (H x TILE bytes), 16 rows of
+    // K quantised bytes: every part starts 64-byte aligned (TILE is 64)
     const int64_t hrows = rb1 * ROWS;
-    Buffer buf(K * TILE + 64 + hrows * TILE * 4 + 64 + H * TILE + 64 + 16 * K);
+    Buffer buf(K * TILE + hrows * TILE * 4 + H * TILE + 16 * K);
     uint8_t* xq = buf.get();
-    float* h = reinterpret_cast<float*>(xq + (K * TILE + 63) / 64 * 64);
+    float* h = reinterpret_cast<float*>(xq + K * TILE);
     uint8_t* hq = reinterpret_cast<uint8_t*>(h + hrows * TILE);
-    uint8_t* q = hq + (H * TILE + 63) / 64 * 64;
+    uint8_t* q = hq + H * TILE;
     alignas(64) float sx[TILE], sh[TILE], out[ROWS][TILE];
     alignas(64) int32_t zx[TILE], zh[TILE];
     for (int64_t tile = begin; tile < end; ++tile) {

@@ -74,9 +74,9 @@ inline I to_int(F v) { return __builtin_convertvector(v, I); }
 template <class F, class I>
 inline F to_float(I v) { return __builtin_convertvector(v, F); }
 template <class I, class F>
-inline I as_int(F v) { return reinterpret_cast<const I&>(v); }
+inline I as_int(F v) { return __builtin_bit_cast(I, v); }
 template <class F, class I>
-inline F as_float(I v) { return reinterpret_cast<const F&>(v); }
+inline F as_float(I v) { return __builtin_bit_cast(F, v); }
 #if !defined(__AVX512F__)
 template <class I, class H>
 inline I to_int(Pair<H> v) {
@@ -153,8 +153,8 @@ inline float fmax1(float a, float b) { return b > a ? b : a; }
 inline float round_even(float x) { return __builtin_nearbyintf(x); }
 inline vi16 round16(v16 v) {
 #if defined(__AVX512F__)
-  const __m512i r = _mm512_cvtps_epi32(reinterpret_cast<const __m512&>(v));
-  return reinterpret_cast<const vi16&>(r);
+  const __m512i r = _mm512_cvtps_epi32((__m512)v);
+  return (vi16)r;
 #elif defined(__AVX2__)
   return {(vi8)_mm256_cvtps_epi32((__m256)v.lo), (vi8)_mm256_cvtps_epi32((__m256)v.hi)};
 #else
@@ -207,10 +207,10 @@ inline v16 exp_nonpositive(v16 y) {
 // rounding and 2^n.
 inline v16 exp2_nonpositive(v16 x) {
 #if defined(__AVX512F__)
-  const __m512 xv = reinterpret_cast<const __m512&>(x), y = _mm512_max_ps(xv, _mm512_set1_ps(-126.f));
+  const __m512 xv = (__m512)x, y = _mm512_max_ps(xv, _mm512_set1_ps(-126.f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 rv = _mm512_sub_ps(y, n);
-  const v16 r = reinterpret_cast<const v16&>(rv);
+  const v16 r = (v16)rv;
 #else
   const v16 y = vmax(x, v16{} - 126.f);
   const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -226,8 +226,8 @@ inline v16 exp2_nonpositive(v16 x) {
   p = p * r + 1.f;
 #if defined(__AVX512F__)
   const __mmask16 normal = _mm512_cmp_ps_mask(xv, y, _CMP_GE_OQ);  // x >= -126
-  const __m512 e = _mm512_maskz_scalef_ps(normal, reinterpret_cast<const __m512&>(p), n);
-  return reinterpret_cast<const v16&>(e);
+  const __m512 e = _mm512_maskz_scalef_ps(normal, (__m512)p, n);
+  return (v16)e;
 #else
   return zero_below(x, -126.f, p * from_bits16((to_int16(n) + 127) << 23));
 #endif
@@ -252,7 +252,7 @@ inline v16 gelu16(v16 x) {
 
 inline float hmax(v16 v) {
 #if defined(__AVX512F__)
-  return _mm512_reduce_max_ps(reinterpret_cast<const __m512&>(v));
+  return _mm512_reduce_max_ps((__m512)v);
 #elif defined(__AVX2__)
   __m256 m = _mm256_max_ps((__m256)v.lo, (__m256)v.hi);
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
@@ -269,7 +269,7 @@ inline float hmin(v16 v) { return -hmax(-v); }
 
 inline float hsum(v16 v) {
 #if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+  return _mm512_reduce_add_ps((__m512)v);
 #elif defined(__AVX2__)
   __m256 m = _mm256_add_ps((__m256)v.lo, (__m256)v.hi);
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
