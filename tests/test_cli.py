@@ -15,6 +15,21 @@ def run_cli(*args):
     return main([str(a) for a in args])
 
 
+def _accuracy(model_dir, eval_file, max_length: int) -> float:
+    """Accuracy of the saved classifier on a JSONL file, recomputed here (one row at a time)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in open(eval_file)]
+    right = 0
+    with torch.no_grad():
+        for row in rows:
+            enc = tok(row["text"], truncation=True, max_length=max_length, return_tensors="pt")
+            right += int(model(**enc).logits.argmax(-1)) == model.config.label2id[row["label"]]
+    return right / len(rows)
+
+
 def test_finetune_then_prune_end_to_end(tmp_path, data_files, tiny_model_dir, capsys):
     train, evalf = data_files
     ft = tmp_path / "ft"
@@ -22,7 +37,7 @@ def test_finetune_then_prune_end_to_end(tmp_path, data_files, tiny_model_dir, ca
                    "--out", ft, "--epochs", 1, "--batch-size", 16, "--max-length", 16,
                    "--lr", 1e-3) == 0
     metrics = json.loads((ft / "metrics.json").read_text())
-    assert 0 <= metrics["accuracy"] <= 1
+    assert metrics["accuracy"] == pytest.approx(_accuracy(ft, evalf, 16), abs=1.5 / 48)
     cfg = json.loads((ft / "config.json").read_text())
     assert cfg["label2id"] == {"math": 0, "net": 1, "sound": 2}  # sorted label order
 
@@ -141,8 +156,9 @@ def test_console_script_exit_code(tmp_path):
 
 def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "obert.cli", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "finetune" in proc.stdout and "prune" in proc.stdout
-    assert torch.__version__
+    assert proc.returncode == 0
+    for command in ("finetune", "prune", "train", "compile", "bench"):
+        assert command in proc.stdout
 
 
 def _recipe_file(tmp_path, data_files, model_dir, **changes):

@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_model
-from test_gradual import tiny_recipe, train_with_pruning_callback
-from test_obs import reference_inverse
-from test_pruning import _batches
-from test_qa import tiny_qa_recipe
+from conftest import (encoded_rows, reference_inverse, tiny_model, tiny_qa_recipe, tiny_recipe,
+                      train_with_pruning_callback)
 
 from obert import MaskSet, PruneConfig, find_targets, prune_model
 from obert.fisher import available_memory, collect_fisher
@@ -99,7 +96,7 @@ def test_indefinite_blocks_fall_back_to_float64_on_cuda():
 # -- Fisher collection -------------------------------------------------------------------------
 def test_collect_fisher_on_cuda_matches_cpu_also_when_spilled(tmp_path):
     model = tiny_model("bert").double()
-    ds = _batches(tmp_path, model)
+    ds = encoded_rows(tmp_path, model)
     loaders = gradient_batches(ds, 8)
     kw = dict(num_grads=6, block_size=48, damp=1e-4, progress=False, **QUIET)
     targets = find_targets(model)[:3]
@@ -156,7 +153,7 @@ def test_oneshot_obert_on_cuda_matches_cpu(tmp_path, structure):
     g = 4 if structure == "block4" else 1
     # float64: the GPU run is the CPU run (same masks, same weights up to rounding).
     base = tiny_model("bert").double()
-    ds = _batches(tmp_path, base)
+    ds = encoded_rows(tmp_path, base)
     cpu_t, cpu_masks, _ = _prune(copy.deepcopy(base), ds, **cfg)
     gpu_t, gpu_masks, report = _prune(copy.deepcopy(base).to(CUDA), ds, **cfg)
     total = sum(t.numel for t in gpu_t)
@@ -185,7 +182,7 @@ def test_oneshot_obert_on_cuda_matches_cpu(tmp_path, structure):
 
 def test_magnitude_and_sweep_on_cuda(tmp_path):
     base = tiny_model("bert")
-    ds = _batches(tmp_path, base)
+    ds = encoded_rows(tmp_path, base)
     model = copy.deepcopy(base).to(CUDA)
     targets, masks, _ = _prune(model, ds, sparsity=0.5, method="magnitude", structure="block4",
                                scope="uniform")

@@ -68,3 +68,30 @@ def test_glue_task_maps_columns_and_eval_split(monkeypatch):
     sst2 = load_data(None, "sst2", "train")
     assert calls[-1] == ("glue", "sst2", "train")
     assert sst2.texts == ["good", "bad"] and sst2.pairs is None
+
+
+def test_loading_leaves_the_callers_logging_as_it_was(tiny_model_dir, data_files):
+    """Library calls quiet Transformers and datasets while they load, then restore the caller's
+    verbosity and progress bars (they used to switch them off for the whole process)."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from obert.data import load_file
+    from obert.loading import load_config, load_tokenizer, load_weights
+
+    hf_logging.set_verbosity_info()
+    datasets.logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    try:
+        load_config(tiny_model_dir)
+        load_tokenizer(tiny_model_dir)
+        load_weights(AutoModelForSequenceClassification, tiny_model_dir)
+        assert len(load_file(data_files[0]).texts) == 96
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert datasets.logging.get_verbosity() == datasets.logging.INFO
+        assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity_warning()
+        datasets.logging.set_verbosity_warning()

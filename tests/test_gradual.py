@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tokenizer
+from conftest import tiny_recipe, train_with_pruning_callback
 from obert.errors import ObertError
 from obert.schedule import PruningSchedule, cubic_sparsity, lr_factor
 
@@ -72,25 +72,6 @@ def test_kd_loss_against_hand_computation():
 
 
 # -- recipes -----------------------------------------------------------------------------------
-def tiny_recipe(tmp_path, data_files, model_dir, **over) -> dict:
-    doc = {
-        "model": {"path": model_dir},
-        "data": {"train_file": data_files[0], "eval_file": data_files[1]},
-        "training": {"epochs": 4, "lr": 1e-3, "batch_size": 16, "max_length": 16, "seed": 0,
-                     "weight_decay": 0.01, "logging_steps": 2},
-        "pruning": {"method": "obert", "init_sparsity": 0.5, "final_sparsity": 0.8,
-                    "start_epoch": 1, "end_epoch": 3, "frequency": 1, "num_grads": 8,
-                    "grad_batch_size": 8, "fisher_block_size": 16},
-        "distillation": {"teacher": model_dir, "hardness": 0.5, "temperature": 2.0},
-        "output_dir": str(tmp_path / "out"),
-    }
-    for key, value in over.items():
-        section, _, field = key.partition("__")
-        if field:
-            doc[section][field] = value
-        else:
-            doc[section] = value
-    return doc
 
 
 @pytest.mark.parametrize("change, message", [
@@ -215,38 +196,6 @@ def test_resume_reaches_the_same_masks_and_metrics(tmp_path, data_files, model_d
     ma = json.loads((Path(full.output_dir) / "metrics.json").read_text())
     mb = json.loads((Path(cut.output_dir) / "metrics.json").read_text())
     assert ma["accuracy"] == mb["accuracy"] and ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
-
-
-def train_with_pruning_callback(tmp_path, data_files, model_dir, prune_config, step_check,
-                                **training_args):
-    """A user's own ``transformers.Trainer`` (AdamW, weight decay, 3 epochs) with
-    ``OBertPruningCallback`` (0.3 -> 0.6 at epochs 0/1/2); ``step_check(pruning, optimizer)`` runs
-    after every optimizer step. Returns the callback and the sparsity after every step."""
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)
-
-    from obert.callback import OBertPruningCallback
-    from obert.data import Encoded, label_map_from_config, load_file
-
-    tok = make_tokenizer(tmp_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    train = Encoded(load_file(data_files[0]), tok, label_map_from_config(model.config), 16)
-    collator = DataCollatorWithPadding(tok)
-    pruning = OBertPruningCallback(PruningSchedule(0.3, 0.6, 0, 2, 1), prune_config, train, collator,
-                                   log=lambda s: None)
-    checked = []
-
-    class Check(TrainerCallback):
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            step_check(pruning, optimizer)
-            checked.append(pruning.sparsity)
-
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), num_train_epochs=3,
-                             learning_rate=1e-2, weight_decay=0.5, per_device_train_batch_size=16,
-                             save_strategy="no", report_to="none", disable_tqdm=True, **training_args)
-    Trainer(model=model, args=args, train_dataset=train, data_collator=collator,
-            callbacks=[pruning, Check()]).train()
-    return pruning, checked
 
 
 def test_callback_in_a_plain_trainer_keeps_pruned_weights_zero(tmp_path, data_files, model_dir):

@@ -4,21 +4,12 @@ import itertools
 
 import pytest
 import torch
+from conftest import reference_inverse
 
 from obert.obs import (StreamingFisher, fisher_inverse_blocks, gram_blocks, prune_update,
                        quadratic_cost, saliency, woodbury_fisher_inverse)
 
 CASES = [(8, 20, 5), (64, 60, 10), (3, 40, 8), (100, 48, 16), (17, 100, 50)]  # (m, d, B)
-
-
-def reference_inverse(grads, block_size, damp):
-    """Explicit per-block inverse of damp*I + G_b^T G_b / m, float64."""
-    m, d = grads.shape
-    out = []
-    for b in range(d // block_size):
-        gb = grads[:, b * block_size:(b + 1) * block_size].double()
-        out.append(torch.inverse(damp * torch.eye(block_size, dtype=torch.float64) + gb.T @ gb / m))
-    return torch.stack(out)
 
 
 def fisher_blocks(grads, block_size, damp):
@@ -45,7 +36,9 @@ def test_fisher_inverse_float32_close_to_float64():
 
 
 def test_fisher_inverse_rejects_bad_block_size():
-    with pytest.raises(ValueError):
+    from obert.errors import ObertError
+
+    with pytest.raises(ObertError, match="not divisible by the Fisher block size"):
         fisher_inverse_blocks(torch.randn(4, 10), 3, 1e-3)
 
 

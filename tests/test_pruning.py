@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_rows, make_tokenizer, tiny_model
+from conftest import encoded_rows, tiny_model
 
 from obert import MaskSet, ObertError, PruneConfig, find_targets, prune_model
-from obert.data import Encoded, TextData
 from obert.fisher import collect_fisher, plan_memory
 from obert.obs import fisher_inverse_blocks
 from obert.oneshot import gradient_batches
@@ -47,13 +46,6 @@ def test_include_exclude_patterns():
         find_targets(torch.nn.Sequential(torch.nn.ReLU()))
 
 
-def _batches(tmp_path, model, n=64, max_length=16):
-    tok = make_tokenizer(tmp_path)
-    rows = make_rows(n, 3)
-    data = TextData([r["text"] for r in rows], None, [r["label"] for r in rows])
-    return Encoded(data, tok, model.config.label2id, max_length)
-
-
 def test_collected_fisher_matches_explicit_per_batch_gradients(tmp_path):
     """collect_fisher == fisher_inverse_blocks of gradients computed by hand, with masking/padding."""
     torch.manual_seed(0)
@@ -61,7 +53,7 @@ def test_collected_fisher_matches_explicit_per_batch_gradients(tmp_path):
     targets = find_targets(model)[:3]
     masks = MaskSet(targets)
     masks.set(targets[0].name, torch.rand_like(targets[0].module.weight) > 0.3)
-    ds = _batches(tmp_path, model)
+    ds = encoded_rows(tmp_path, model)
     loaders = gradient_batches(ds, 8)
     B, m, damp = 48, 6, 1e-4  # 32*32 = 1024 is not a multiple of 48: exercises the padding
     got = collect_fisher(model, targets, masks, loaders, num_grads=m, block_size=B, damp=damp,
@@ -121,7 +113,7 @@ def test_select_groups_exact_global_and_uniform():
 def test_prune_model_reaches_exact_sparsity(tmp_path, method, structure, scope, update):
     model = tiny_model("bert")
     targets = find_targets(model)
-    ds = _batches(tmp_path, model)
+    ds = encoded_rows(tmp_path, model)
     cfg = PruneConfig(sparsity=0.6, method=method, structure=structure, scope=scope, update=update,
                       num_grads=8, grad_batch_size=8, fisher_block_size=32 if structure == "block4" else 50,
                       damp=1e-5, num_recomputations=2)
@@ -146,7 +138,7 @@ def test_prune_model_reaches_exact_sparsity(tmp_path, method, structure, scope, 
 def test_prune_other_families(tmp_path, family):
     model = tiny_model(family)
     targets = find_targets(model)
-    ds = _batches(tmp_path, model)
+    ds = encoded_rows(tmp_path, model)
     cfg = PruneConfig(sparsity=0.5, structure="block4", num_grads=4, grad_batch_size=8, damp=1e-5)
     prune_model(model, targets, cfg, gradient_batches(ds, 8), log=lambda s: None)
     zeros = sum(int((t.module.weight == 0).sum()) for t in targets)
@@ -155,7 +147,7 @@ def test_prune_other_families(tmp_path, family):
 
 def test_obert_update_changes_kept_weights_and_magnitude_does_not(tmp_path):
     base = tiny_model("bert")
-    ds = _batches(tmp_path, base)
+    ds = encoded_rows(tmp_path, base)
     after = {}
     for method in ("obert", "magnitude"):
         model = copy.deepcopy(base)
@@ -179,7 +171,7 @@ def _magnitude_pruned(tmp_path, sparsity):
     targets = find_targets(model)
     masks, _ = prune_model(model, targets, PruneConfig(sparsity=sparsity, method="magnitude"),
                            log=lambda s: None)
-    return model, targets, _batches(tmp_path, model), masks
+    return model, targets, encoded_rows(tmp_path, model), masks
 
 
 def test_masks_survive_training_steps(tmp_path):

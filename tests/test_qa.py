@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
-from conftest import WORDS, make_tokenizer
+from conftest import make_tokenizer, tiny_qa_recipe
 from obert.qa import (QAData, best_answers, eval_features, f1_score, normalize_answer,
                       squad_metrics, train_features)
 
@@ -70,41 +69,6 @@ def test_squad_metrics_by_hand():
     # a: best gold "the city of Paris" -> tokens city/of/paris vs city/of/paris/today: P=3/4, R=1
     assert m["f1"] == pytest.approx(100 * (2 * 0.75 / 1.75 + 1) / 2)
     assert m["exact_match"] == pytest.approx(50.0)
-
-
-def _qa_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = [rng.choice(WORDS[:20]) for _ in range(rng.randint(8, 20))]
-        pos = rng.randrange(len(words))
-        words[pos] = rng.choice(["red", "green", "blue"])  # the answer is the colour word
-        context = " ".join(words)
-        start = len(" ".join(words[:pos])) + (1 if pos else 0)
-        rows.append({"id": f"{seed}-{i}", "question": "which colour", "context": context,
-                     "answers": {"text": [words[pos]], "answer_start": [start]}})
-    return rows
-
-
-def tiny_qa_recipe(tmp_path) -> dict:
-    """A recipe for gradual pruning of a tiny random BERT QA model on colour-word questions."""
-    from transformers import AutoModelForQuestionAnswering, BertConfig
-
-    model_dir = tmp_path / "qa-model"
-    cfg = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    AutoModelForQuestionAnswering.from_config(cfg).save_pretrained(model_dir)
-    make_tokenizer(tmp_path).save_pretrained(model_dir)
-    for name, n, seed in (("train.jsonl", 64, 0), ("dev.jsonl", 24, 1)):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(n, seed)))
-    return {"model": {"path": str(model_dir), "task_type": "question-answering"},
-            "data": {"train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "dev.jsonl")},
-            "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 32, "doc_stride": 8,
-                         "seed": 0},
-            "pruning": {"init_sparsity": 0.4, "final_sparsity": 0.6, "start_epoch": 0, "end_epoch": 1,
-                        "frequency": 1, "num_grads": 8, "grad_batch_size": 8, "fisher_block_size": 16},
-            "distillation": {"teacher": str(model_dir), "hardness": 0.5, "temperature": 2.0},
-            "output_dir": str(tmp_path / "out")}
 
 
 def test_gradual_qa_run(tmp_path):

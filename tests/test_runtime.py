@@ -383,9 +383,11 @@ def test_bench_command_on_a_tiny_pruned_model(tmp_path, capsys):
 
     model = _pruned_tiny_model(0.9)
     model.save_pretrained(tmp_path / "m")
+    threads = torch.get_num_threads()
     assert main(["bench", str(tmp_path / "m"), "--batch-size", "2", "--seq-len", "16",
                  "--rounds", "2", "--iters", "1", "--threads", "1", "--no-onnx", "--choose", "sparsity",
                  "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 0
+    assert torch.get_num_threads() == threads  # run_bench restores the caller's setting
     out = capsys.readouterr().out
     assert "| obert fp32 sparse |" in out and "| torch fp32 dense |" in out and "11 of 12" in out
     assert f"kernels: {kernels.isa()} (this CPU runs" in out or "PyTorch fallback" in out

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from .distributed import broadcast, rank
+from .errors import ObertError
 from .io import write_json
 from .masks import MaskSet
 from .methods import PruneConfig
@@ -80,7 +81,7 @@ class OBertPruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         targets = find_targets(model, self.include, self.exclude)
         if self.schedule.end_epoch > float(args.num_train_epochs) + 1e-9:
-            raise ValueError(f"pruning ends at epoch {self.schedule.end_epoch} but training "
+            raise ObertError(f"pruning ends at epoch {self.schedule.end_epoch} but training "
                              f"has only {args.num_train_epochs} epochs")
         self.plan = self.schedule.steps(steps_per_epoch(state.max_steps, args.num_train_epochs))
         if self._resume_masks is not None:

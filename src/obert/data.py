@@ -143,10 +143,11 @@ def load_file(path: str | Path) -> TextData:
         raise ObertError(f"{path}: no rows")
     import datasets
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # we report failures ourselves
+    from .loading import quiet_libraries
+
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with quiet_libraries(datasets=True):  # failures are reported here, as one line
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for malformed files
         raise ObertError(f"cannot read {path}: {first_line(exc)}") from exc
     return _from_columns(ds, "text", "text_pair" if "text_pair" in ds.column_names else None, str(path))

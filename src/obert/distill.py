@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ObertError
+
 DISTILL_KEYS = ("logits", "start_logits", "end_logits")
 
 
@@ -27,10 +29,10 @@ def distillation_loss(task_loss: Tensor | None, student_out, teacher_out, hardne
     keys = [k for k in DISTILL_KEYS if getattr(student_out, k, None) is not None
             and getattr(teacher_out, k, None) is not None]
     if not keys:
-        raise ValueError("student and teacher outputs share no logits to distill")
+        raise ObertError("student and teacher outputs share no logits to distill")
     kd = torch.stack([kd_loss(student_out[k], teacher_out[k], temperature) for k in keys]).mean()
     if hardness >= 1.0:
         return kd
     if task_loss is None:
-        raise ValueError("hardness < 1 mixes in the task loss: the batch needs labels")
+        raise ObertError("hardness < 1 mixes in the task loss: the batch needs labels")
     return (1.0 - hardness) * task_loss + hardness * kd

@@ -31,7 +31,7 @@ from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick
 from .distributed import barrier, rank, world_size
 from .errors import ObertError
 from .io import MARKER, check_output, claim_output, save_model_dir, write_json
-from .loading import check_finite, check_length, load_weights, quiet_transformers
+from .loading import check_finite, check_length, load_weights, quiet_libraries
 from .masks import MaskSet
 from .recipe import Recipe, dump_recipe
 from .schedule import steps_per_epoch
@@ -202,9 +202,9 @@ def checkpoint_dir(recipe: Recipe) -> Path:
 
 
 def build_task(recipe: Recipe, progress: bool = True) -> Task:
-    quiet_transformers()
     make = qa_task if recipe.model.task_type == "question-answering" else classification_task
-    return make(recipe, progress)
+    with quiet_libraries():
+        return make(recipe, progress)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,
@@ -375,12 +375,10 @@ def _check_same_recipe(folder: Path, recipe: Recipe, force: bool) -> None:
 
 def plot_history(history: dict, metric: str, path: Path) -> None:
     """Sparsity (step function over pruning steps) and the eval metric against epochs."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     evals = history["eval"]
     xs = [e["epoch"] for e in evals]
     ax.plot(xs, [e["sparsity"] for e in evals], "o-", color="tab:blue", label="sparsity")
@@ -395,4 +393,3 @@ def plot_history(history: dict, metric: str, path: Path) -> None:
     ax.set_title("gradual pruning: sparsity and eval " + metric)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -15,7 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ObertError, first_line
@@ -31,18 +34,39 @@ _PADDED_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
-def quiet_transformers() -> None:
-    """Silence Transformers' loading chatter; obert reports problems itself as one line."""
+@contextlib.contextmanager
+def quiet_libraries(datasets: bool = False) -> Iterator[None]:
+    """Transformers' and the hub client's loading chatter (and with ``datasets``, the datasets
+    library's) off while the block runs: obert reports problems itself, as one line. Their
+    verbosity and progress-bar settings are restored afterwards (a library call must not change
+    the caller's logging)."""
     from transformers.utils import logging as hf_logging
 
+    restore = [functools.partial(hf_logging.set_verbosity, hf_logging.get_verbosity())]
+    if hf_logging.is_progress_bar_enabled():
+        restore.append(hf_logging.enable_progress_bar)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:  # the hub client logs every retry of an unreachable hub: the error line says it once
         from huggingface_hub.utils import logging as hub_logging
 
+        restore.append(functools.partial(hub_logging.set_verbosity, hub_logging.get_verbosity()))
         hub_logging.set_verbosity_error()
     except ImportError:
         pass
+    if datasets:
+        import datasets as ds
+
+        restore.append(functools.partial(ds.logging.set_verbosity, ds.logging.get_verbosity()))
+        if ds.is_progress_bar_enabled():
+            restore.append(ds.enable_progress_bars)
+        ds.logging.set_verbosity(ds.logging.CRITICAL)
+        ds.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
 
 
 def resolve(path: str, what: str = "model") -> str:
@@ -63,10 +87,10 @@ def load_config(path: str, what: str = "model"):
     """The model's config (hub id or directory), or a one-line error."""
     from transformers import AutoConfig
 
-    quiet_transformers()
     path = resolve(path, what)
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with quiet_libraries():
+            return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except KeyError as exc:  # Transformers' config registry has no such model type
         raise ObertError(f"cannot load {what} '{path}': unknown model type {exc} in its "
                          "config.json (not one this Transformers version knows)") from exc
@@ -136,7 +160,6 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None, config=None):
     """The tokenizer of ``model_path`` (or the one named by ``tokenizer``), checked for a vocabulary."""
     from transformers import AutoTokenizer
 
-    quiet_transformers()
     source = resolve(tokenizer, "tokenizer") if tokenizer else resolve(model_path)
     local = Path(source)
     if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
@@ -144,7 +167,8 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None, config=None):
                          "name one with --tokenizer (recipes: model.tokenizer), a hub id or a "
                          "directory")
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        with quiet_libraries():
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ObertError(f"cannot load tokenizer '{source}': {_not_local(source)}"
                          f"{first_line(exc)}") from exc
@@ -159,7 +183,6 @@ def load_tokenizer(model_path: str, tokenizer: str | None = None, config=None):
 
 def load_weights(cls, path: str, what: str = "model", **kwargs):
     """``cls.from_pretrained`` from safetensors only, without remote code; one-line errors."""
-    quiet_transformers()
     path = resolve(path, what)
     local = Path(path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
@@ -169,7 +192,8 @@ def load_weights(cls, path: str, what: str = "model", **kwargs):
         raise ObertError(f"{what} '{path}' has no safetensors weights{found}; obert loads "
                          "safetensors only")
     try:
-        model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
+        with quiet_libraries():
+            model = cls.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     except MemoryError:
         raise
     except Exception as exc:  # a truncated or mismatched checkpoint raises many types

@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ObertError
+
 
 def _check_blocks(d: int, block_size: int) -> int:
     if block_size <= 0 or d % block_size:
-        raise ValueError(f"weight size {d} is not divisible by the Fisher block size {block_size}")
+        raise ObertError(f"weight size {d} is not divisible by the Fisher block size {block_size}")
     return d // block_size
 
 
@@ -38,7 +40,7 @@ def invert_fisher(gram: Tensor, num_grads: int, damp: float) -> Tensor:
     tensors obert allocates.
     """
     if damp <= 0:
-        raise ValueError("damp must be positive: the empirical Fisher of m < B gradients is singular")
+        raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
     fisher = gram.div_(num_grads)
     fisher.diagonal(dim1=-2, dim2=-1).add_(damp)
     chol, info = torch.linalg.cholesky_ex(fisher)
@@ -91,7 +93,7 @@ class StreamingFisher:
     def inverse(self) -> Tensor:
         """The damped inverse blocks; consumes the accumulator (its storage is reused)."""
         if self.num_grads == 0:
-            raise ValueError("no gradients were accumulated")
+            raise ObertError("no gradients were accumulated")
         return invert_fisher(self.gram, self.num_grads, self.damp)
 
 
@@ -115,7 +117,7 @@ def _group_diag_blocks(finv: Tensor, group_size: int) -> Tensor:
     """The ``g x g`` diagonal sub-blocks ``(F^-1)_QQ`` of each Fisher block: ``[nb, B//g, g, g]``."""
     nb, bsz, _ = finv.shape
     if group_size <= 0 or bsz % group_size:
-        raise ValueError(f"group size {group_size} does not divide the Fisher block size {bsz}")
+        raise ObertError(f"group size {group_size} does not divide the Fisher block size {bsz}")
     ng = bsz // group_size
     idx = torch.arange(ng, device=finv.device)
     blocks = finv.reshape(nb, ng, group_size, ng, group_size)

@@ -8,7 +8,7 @@ on the model pruned so far.
 
 from __future__ import annotations
 
-import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +46,14 @@ def select_groups(scores: dict[str, Tensor], sparsity: float, scope: str) -> dic
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (GiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    """Peak resident memory of this process so far (GiB); 0 where the platform does not say
+    (``resource`` is POSIX only, and reports KiB on Linux but bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2
 
 
 @dataclass
@@ -71,7 +77,7 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     a ``FisherResult`` of the current model to use for the first step instead of new gradients.
     """
     if config.method == "obert" and loader_factory is None:
-        raise ValueError("oBERT needs training batches for its gradients")
+        raise ObertError("oBERT needs training batches for its gradients")
     g = config.group_size
     for t in targets:
         if t.module.weight.shape[-1] % g:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ObertError
+
 INT8_MAX = 127
 
 
@@ -70,7 +72,7 @@ def obs_quantize(weight: Tensor, hessian: Tensor, keep: Tensor | None = None, *,
     """
     n, k = weight.shape
     if hessian.shape != (k, k):
-        raise ValueError(f"hessian must be [{k}, {k}] for a weight with {k} inputs, got {tuple(hessian.shape)}")
+        raise ObertError(f"hessian must be [{k}, {k}] for a weight with {k} inputs, got {tuple(hessian.shape)}")
     scale = (row_scales(weight) if scale is None else scale).double().to(weight.device)
     dev = weight.device
     keep = torch.ones(n, k, dtype=torch.bool, device=dev) if keep is None else keep.bool().to(dev)

@@ -199,11 +199,15 @@ def run_bench(model_dir: str, *, batch: int = 16, seq_len: int | None = None,
     model = load_model(model_dir)
     seq_len = check_length(seq_len, model.config, "--seq-len")
     check_memory(model.config, batch, seq_len)
-    torch.set_num_threads(threads)
     result = {"model": model_dir, "batch": batch, "seq_len": seq_len, "threads": threads,
               "torch": torch.__version__, **cpu_info()}
-    result.update(bench_torch(model, batch=batch, seq_len=seq_len, rounds=rounds, iters=iters,
-                              int8=int8, min_sparsity=min_sparsity, choose=choose))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result.update(bench_torch(model, batch=batch, seq_len=seq_len, rounds=rounds, iters=iters,
+                                  int8=int8, min_sparsity=min_sparsity, choose=choose))
+    finally:  # the caller's thread count, as it was
+        torch.set_num_threads(before)
     if onnx:
         ort_rows = bench_onnxruntime(model_dir, batch=batch, seq_len=seq_len, threads=threads,
                                      iters=iters, rounds=rounds)
@@ -244,13 +248,12 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Throughput of every variant as a bar chart."""
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure registry
 
     names = list(result["rows"])
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.5))
+    fig = Figure(figsize=(8, 0.6 * len(names) + 1.5))
+    ax = fig.subplots()
     ax.barh(names, [result["rows"][n]["sequences_per_s"] for n in names], color="tab:blue")
     ax.invert_yaxis()
     ax.set_xlabel("sequences / s")
@@ -258,7 +261,6 @@ def plot(result: dict, path: str | Path) -> None:
                  f"{result['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":  # the ONNX Runtime child of bench_onnxruntime
