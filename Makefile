@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-floor bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,20 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# The suite again on the oldest Transformers pyproject.toml declares: a venv that sees .venv's
+# packages (a .pth file) with that release, and what it needs, installed over them.
+FLOOR := transformers==5.6.0
+FLOOR_VENV := .venv-floor
+test-floor: setup
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0]); print('$(CURDIR)/src')" > \
+		"$$($(FLOOR_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz-obert-base.pth"
+	$(FLOOR_VENV)/bin/python -m pip install -q -c constraints.txt "$(FLOOR)"
+	$(FLOOR_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(FLOOR)'.split('==')[1]"
+	$(FLOOR_VENV)/bin/python -m pytest
+
 bench: setup
 	$(BIN)/python benchmarks/one_shot.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOOR_VENV) runs .pytest_cache
