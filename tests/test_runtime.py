@@ -56,6 +56,7 @@ needs_native = pytest.mark.skipif(not kernels.native_available(),
                     reason="no C++ compiler: the PyTorch fallback runs")
 def test_native_kernels_build_here():
     assert kernels.native_available()
+    assert kernels.load().ROWS == kernels.ROWS  # the layout constant reaches the C++ build
 
 
 @pytest.mark.parametrize("threads", [1, 2])

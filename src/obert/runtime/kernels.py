@@ -33,6 +33,9 @@ from ..errors import ObertError
 
 CSRC = Path(__file__).with_name("csrc")
 ISA_ENV = "OBERT_ISA"
+# Output rows per block of the sparse segment layout: part of the saved compiled format
+# (``linear.pack_weight``), and given to the C++ build (-DOBERT_ROWS), which has no copy of its own.
+ROWS = 16
 # Target flags of each instruction set's kernel object, lowest first (x86-64; elsewhere only
 # "generic" is built, with the platform's baseline flags). Exactly the features the extension
 # checks before it runs a path (binding.cpp: cpu_runs): no BMI, F16C, ... that some CPUs and VMs
@@ -46,8 +49,9 @@ ISA_FLAGS: dict[str, list[str]] = {
     "avx512": _AVX512,
     "avx512_vnni": _AVX512 + ["-mavx512vnni"],
 }
+_LAYOUT = [f"-DOBERT_ROWS={ROWS}"]
 _COMMON = ["-O3", "-fPIC", "-std=gnu++17", "-fno-math-errno", "-ffp-contract=fast",
-           "-fvisibility=hidden"]
+           "-fvisibility=hidden", *_LAYOUT]
 
 
 def cpu_identity() -> tuple[str, frozenset[str]]:
@@ -136,7 +140,8 @@ def load(verbose: bool = False):
         built = [n for n, o in objects.items() if o is not None]
         return cpp_extension.load(
             name="obert_sparse", sources=[str(CSRC / "binding.cpp")],
-            extra_cflags=["-O3", "-fopenmp", *[f"-DOBERT_HAVE_{n}" for n in built if n != "generic"]],
+            extra_cflags=["-O3", "-fopenmp", *_LAYOUT,
+                          *[f"-DOBERT_HAVE_{n}" for n in built if n != "generic"]],
             extra_ldflags=["-fopenmp", *[str(objects[n]) for n in built]],
             build_directory=str(build), verbose=verbose)
     except Exception as exc:  # no compiler, no ninja, unsupported platform: use the fallback

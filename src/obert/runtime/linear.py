@@ -13,7 +13,7 @@ from ..quantize import obs_quantize, round_to_grid, row_scales
 from . import kernels
 
 
-ROWS = 16  # output rows per block of the native layout (the kernel's ROWS)
+ROWS = kernels.ROWS  # output rows per block of the segment layout
 INT8_CHUNK = 4096  # int8: whole rows up to this input size (long segments beat an L1-sized chunk)
 WHOLE_ROWS = 1024  # float32: inputs up to this size run whole rows (one segment per row)
 FP32_CHUNK = 384  # float32, larger inputs: chunks of 384 columns
@@ -224,7 +224,7 @@ class SparseLinear(nn.Module):
                 + (f", activation={self.activation}" if self.activation else ""))
 
 
-FFN_TILE = 64  # tokens per tile of the fused feed-forward kernels (float32 and int8)
+FFN_TILE = 64  # tokens per tile of the fused float32 feed-forward kernel (int8: ext.INT8_TILE)
 
 
 class SparseFFN(nn.Module):
@@ -248,8 +248,10 @@ class SparseFFN(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         ext = kernels.load() if x2.dtype == torch.float32 and x2.device.type == "cpu" else None
-        tiles = -(-x2.shape[0] // FFN_TILE)
-        if ext is None or tiles < torch.get_num_threads():
+        if ext is None:
+            return self.fc2(self.fc1(x))
+        tile = ext.INT8_TILE if self.fc1.quantized else FFN_TILE
+        if -(-x2.shape[0] // tile) < torch.get_num_threads():
             return self.fc2(self.fc1(x))
         a, b = self.fc1, self.fc2
         act = ACTIVATIONS[a.activation]

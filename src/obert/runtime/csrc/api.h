@@ -61,8 +61,13 @@ struct Table {
                          const float* b, int64_t T, int64_t N, float eps, float* out);
 };
 
-constexpr int64_t ROWS = 16;       // output rows per work item of the sparse kernels
-constexpr int64_t INT8_TILE = 64;  // tokens per tile of the int8 kernels
+#ifndef OBERT_ROWS
+#error "build with -DOBERT_ROWS (runtime/kernels.py: ROWS, the saved layout's rows per block)"
+#endif
+constexpr int64_t ROWS = OBERT_ROWS;  // output rows per work item of the sparse kernels
+static_assert(ROWS == 16, "the register transposes of the output are 16 x 16");
+constexpr int64_t INT8_TILE = 64;  // tokens per tile of the int8 kernels (four 512-bit or eight
+                                   // 256-bit accumulators per segment)
 
 // One per instruction set compiled in (isa.cpp with OBERT_ISA_NAME and OBERT_TABLE set).
 const Table* table_generic();
