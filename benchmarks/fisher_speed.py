@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from obert.obs import StreamingFisher, woodbury_fisher_inverse
+from obert.core.obs import StreamingFisher, woodbury_fisher_inverse
 
 
 def main() -> None:

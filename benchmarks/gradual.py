@@ -45,11 +45,11 @@ def main() -> None:
 
 
 def run(args, work: Path, results: dict, path: Path) -> None:
-    from obert.data import Encoded, label_map_from_config, load_file
-    from obert.gradual import checkpoint_dir, run_recipe, sealed_checkpoints
+    from obert.tasks.data import Encoded, label_map_from_config, load_file
+    from obert.training.gradual import checkpoint_dir, run_recipe, sealed_checkpoints
     from obert.io import write_json
-    from obert.recipe import load_recipe
-    from obert.train import evaluate, load_classifier
+    from obert.training.recipe import load_recipe
+    from obert.tasks.classification import evaluate, load_classifier
 
     dense_dir = dense_minilm(work / "bench" / "dense", log)
     tok, dense = load_classifier(str(dense_dir))

@@ -69,11 +69,11 @@ def main() -> None:
 
 
 def run(args, work: Path, results: dict, results_path: Path) -> None:
-    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.tasks.data import Encoded, label_map_from_config, load_file
     from obert.io import write_json
-    from obert.methods import PruneConfig
-    from obert.oneshot import gradient_batches, prune_sweep
-    from obert.train import evaluate, load_classifier
+    from obert.pruning.methods import PruneConfig
+    from obert.training.oneshot import gradient_batches, prune_sweep
+    from obert.tasks.classification import evaluate, load_classifier
 
     t_start = time.time()
     train_rows = load_file(DATA / "train.jsonl")

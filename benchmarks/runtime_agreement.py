@@ -36,7 +36,7 @@ def logits_of(model, batches) -> torch.Tensor:
 def evaluate(path: str, max_length: int, batch_size: int, calibration_rows: int) -> dict:
     from transformers import AutoTokenizer
 
-    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.tasks.data import Encoded, label_map_from_config, load_file
     from obert.runtime import compile
     from obert.runtime.bench import load_model
 

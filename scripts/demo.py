@@ -31,11 +31,13 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from obert.data import Encoded, label_list, label_map_from_config, load_file
+    from obert.tasks.data import Encoded, label_list, label_map_from_config, load_file
     from obert.io import save_model_dir, write_json
-    from obert.methods import PruneConfig
-    from obert.oneshot import gradient_batches, prune_sweep
-    from obert.train import evaluate, finetune, load_classifier, pick_device
+    from obert.pruning.methods import PruneConfig
+    from obert.training.oneshot import gradient_batches, prune_sweep
+    from obert.device import pick_device
+    from obert.tasks.classification import evaluate, load_classifier
+    from obert.training.finetune import finetune
 
     console = Console()
     torch.manual_seed(0)

@@ -166,7 +166,7 @@ def tiny_qa_recipe(tmp_path) -> dict:
 
 def encoded_rows(tmp_path, model, n=64, max_length=16):
     """Tokenised training rows of the tiny classification data for ``model``."""
-    from obert.data import Encoded, TextData
+    from obert.tasks.data import Encoded, TextData
 
     tok = make_tokenizer(tmp_path)
     rows = make_rows(n, 3)
@@ -213,9 +213,9 @@ def train_with_pruning_callback(tmp_path, data_files, model_dir, prune_config, s
     from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from obert.callback import OBertPruningCallback
-    from obert.data import Encoded, label_map_from_config, load_file
-    from obert.schedule import PruningSchedule
+    from obert.training.callback import OBertPruningCallback
+    from obert.tasks.data import Encoded, label_map_from_config, load_file
+    from obert.training.schedule import PruningSchedule
 
     tok = make_tokenizer(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)

@@ -20,11 +20,11 @@ def main(work: str, global_batch: int) -> None:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
     from obert import PruneConfig
-    from obert.callback import OBertPruningCallback
-    from obert.data import Encoded, label_map_from_config, load_file
+    from obert.training.callback import OBertPruningCallback
+    from obert.tasks.data import Encoded, label_map_from_config, load_file
     from obert.distributed import rank, world_size
-    from obert.schedule import PruningSchedule
-    from obert.trainer import ObertTrainer
+    from obert.training.schedule import PruningSchedule
+    from obert.training.trainer import ObertTrainer
 
     work = Path(work)
     world = int(os.environ.get("WORLD_SIZE", "1"))

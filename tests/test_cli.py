@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import block4_pruned_dir, write_jsonl
 
-from obert.cli import main
+from obert.cli.main import main
 
 
 def run_cli(*args):

@@ -24,7 +24,7 @@ import yaml
 from conftest import (block4_pruned_dir, make_rows, make_tokenizer, tiny_config, tiny_model,
                       write_jsonl)
 
-from obert.cli import app, main
+from obert.cli.main import app, main
 
 # ---------------------------------------------------------------------------------------------
 # The harness
@@ -263,7 +263,7 @@ def test_a_signal_ignored_by_the_caller_stays_ignored(env, tmp_path, monkeypatch
         seen["term"] = signal.getsignal(signal.SIGTERM)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr("obert.oneshot.prune_model", record)
+    monkeypatch.setattr("obert.training.oneshot.prune_model", record)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
     try:
         assert run(*DIR_COMMANDS["prune"](env, tmp_path / "o")) == 1
@@ -389,7 +389,7 @@ def paused(self, *a, **k):
     open(sys.argv[1], "w").close()
     time.sleep(120)
 transformers.PreTrainedModel.save_pretrained = paused
-from obert.cli import main
+from obert.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -425,13 +425,13 @@ def test_interrupt_while_the_command_starts_is_one_line(monkeypatch, capsys):
     """Ctrl-C before ``main`` runs (Python still importing the CLI) is 130 and one line too."""
     import types
 
-    from obert import console
+    from obert.cli import console
 
     class Interrupted(types.ModuleType):
         def __getattr__(self, name):
             raise KeyboardInterrupt
 
-    monkeypatch.setitem(sys.modules, "obert.cli", Interrupted("obert.cli"))
+    monkeypatch.setitem(sys.modules, "obert.cli.main", Interrupted("obert.cli.main"))
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as stop:
@@ -447,7 +447,7 @@ def test_console_script_is_the_guarded_entry_point():
     from importlib.metadata import entry_points
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "obert"]
-    assert script.value == "obert.console:run"
+    assert script.value == "obert.cli.console:run"
 
 
 def test_kill_9_leftovers_are_cleaned_by_the_next_run(env, tmp_path):
@@ -485,7 +485,7 @@ def test_unexpected_errors_are_one_line_exit_1(env, tmp_path, monkeypatch, capsy
     def explode(*a, **k):
         raise RuntimeError("first line\nsecond line\nthird")
 
-    monkeypatch.setattr("obert.oneshot.prune_model", explode)
+    monkeypatch.setattr("obert.training.oneshot.prune_model", explode)
     refused(capsys, DIR_COMMANDS["prune"](env, tmp_path / "o"), "RuntimeError: first line",
             code=1, roots=[tmp_path])
 
@@ -537,7 +537,7 @@ def test_numeric_option_refuses_bad_values(command, option, env, tmp_path, capsy
 
 
 def _recipe_numeric_fields() -> list[str]:
-    from obert.recipe import Recipe
+    from obert.training.recipe import Recipe
 
     fields = []
     for section, info in Recipe.model_fields.items():
@@ -715,7 +715,7 @@ def test_label_sets_must_match_an_existing_head(env, tmp_path, capsys):
 
 
 def test_head_kept_for_the_same_labels_and_replaced_on_request(env):
-    from obert.train import load_classifier
+    from obert.tasks.classification import load_classifier
 
     _, original = load_classifier(str(env.model))
     _, same = load_classifier(str(env.model), ["sound", "math", "net"], log=lambda s: None)
@@ -731,7 +731,7 @@ def test_head_kept_for_the_same_labels_and_replaced_on_request(env):
 def test_teacher_classes_lined_up_by_name(env, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
-    from obert.train import reorder_classes
+    from obert.tasks.classification import reorder_classes
 
     teacher = AutoModelForSequenceClassification.from_pretrained(env.model).eval()
     ids = torch.randint(5, 30, (4, 8))
@@ -799,16 +799,16 @@ def test_bad_recipes_named_precisely(case, env, tmp_path, capsys):
 
 
 def test_valid_but_unusual_files_are_accepted(env, tmp_path):
-    from obert.checkpoints import recipe_changes
-    from obert.data import load_file
-    from obert.recipe import load_recipe
+    from obert.training.checkpoints import recipe_changes
+    from obert.tasks.data import load_file
+    from obert.training.recipe import load_recipe
 
     long_text = " ".join(["alpha"] * 40000)  # over the csv module's default 128 KiB field limit
     csv_file = tmp_path / "long.csv"
     csv_file.write_text(f'text,label\n"{long_text}",math\n"beta, gamma",net\n')
     rows = load_file(csv_file)
     assert rows.texts == [long_text, "beta, gamma"] and rows.labels == ["math", "net"]
-    from obert.recipe import UniqueKeyLoader
+    from obert.training.recipe import UniqueKeyLoader
 
     merged = yaml.load("base: &b {a: 1}\nx:\n  <<: *b\n  c: 2\n", Loader=UniqueKeyLoader)
     assert merged == {"base": {"a": 1}, "x": {"a": 1, "c": 2}}

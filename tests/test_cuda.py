@@ -17,10 +17,11 @@ from conftest import (encoded_rows, reference_inverse, tiny_model, tiny_qa_recip
                       train_with_pruning_callback)
 
 from obert import MaskSet, PruneConfig, find_targets, prune_model
-from obert.fisher import available_memory, collect_fisher
-from obert.obs import (StreamingFisher, fisher_inverse_blocks, invert_fisher, prune_update,
+from obert.device import available_memory
+from obert.pruning.fisher import collect_fisher
+from obert.core.obs import (StreamingFisher, fisher_inverse_blocks, invert_fisher, prune_update,
                        saliency, woodbury_fisher_inverse)
-from obert.oneshot import gradient_batches, prune_sweep
+from obert.training.oneshot import gradient_batches, prune_sweep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")
@@ -210,8 +211,8 @@ def _zeros(model):
 def test_gradual_recipe_on_cuda_with_fp16_and_distillation(tmp_path, data_files, tiny_model_dir):
     from transformers import TrainerCallback
 
-    from obert.gradual import run_recipe
-    from obert.recipe import load_recipe
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
 
     seen = {"steps": 0, "zeros": None}
 
@@ -272,8 +273,8 @@ def test_callback_in_a_plain_fp16_trainer_on_cuda(tmp_path, data_files, tiny_mod
 
 
 def test_gradual_qa_recipe_on_cuda_block4_fp16(tmp_path):
-    from obert.gradual import run_recipe
-    from obert.recipe import load_recipe
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
 
     doc = tiny_qa_recipe(tmp_path)
     doc["training"].update(device="cuda", fp16=True)
@@ -291,7 +292,7 @@ def test_gradual_qa_recipe_on_cuda_block4_fp16(tmp_path):
 
 # -- the CLI's --device ------------------------------------------------------------------------
 def test_cli_finetune_and_prune_on_cuda_match_cpu(tmp_path, data_files, tiny_model_dir, capsys):
-    from obert.cli import main
+    from obert.cli.main import main
 
     train, evalf = data_files
     ft = tmp_path / "ft"
@@ -330,8 +331,9 @@ def test_finetune_keeps_a_cpu_model_on_the_cpu(tmp_path, data_files, tiny_model_
     """``--device cpu`` on a CUDA machine trains on the CPU (the Trainer would move it)."""
     from transformers import TrainerCallback
 
-    from obert.data import Encoded, load_file
-    from obert.train import finetune, load_classifier
+    from obert.tasks.data import Encoded, load_file
+    from obert.tasks.classification import load_classifier
+    from obert.training.finetune import finetune
 
     tok, model = load_classifier(tiny_model_dir)
     data = Encoded(load_file(data_files[0]), tok, model.config.label2id, 16)

@@ -4,7 +4,7 @@ import pytest
 from conftest import make_tokenizer
 
 from obert import ObertError
-from obert.data import Encoded, encode_labels, label_list, load_data, load_file
+from obert.tasks.data import Encoded, encode_labels, label_list, load_data, load_file
 
 
 def test_csv_with_pairs_and_integer_labels(tmp_path):
@@ -77,8 +77,8 @@ def test_loading_leaves_the_callers_logging_as_it_was(tiny_model_dir, data_files
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from obert.data import load_file
-    from obert.loading import load_config, load_tokenizer, load_weights
+    from obert.tasks.data import load_file
+    from obert.model.loading import load_config, load_tokenizer, load_weights
 
     hf_logging.set_verbosity_info()
     datasets.logging.set_verbosity_info()

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import tiny_recipe, train_with_pruning_callback
 from obert.errors import ObertError
-from obert.schedule import PruningSchedule, cubic_sparsity, lr_factor
+from obert.training.schedule import PruningSchedule, cubic_sparsity, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_lr_rewinds_at_each_pruning_step():
 def test_kd_loss_against_hand_computation():
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    from obert.distill import distillation_loss, kd_loss
+    from obert.training.distill import distillation_loss, kd_loss
 
     torch.manual_seed(0)
     s, t, T = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), 2.5
@@ -84,7 +84,7 @@ def test_kd_loss_against_hand_computation():
     ({"data": {"train_file": "x.jsonl"}}, "data.task"),
 ])
 def test_recipe_errors_name_the_field(tmp_path, data_files, change, message):
-    from obert.recipe import load_recipe
+    from obert.training.recipe import load_recipe
 
     doc = tiny_recipe(tmp_path, data_files, "m", **change)
     with pytest.raises(ObertError, match=message.replace(".", r"\.")):
@@ -92,7 +92,7 @@ def test_recipe_errors_name_the_field(tmp_path, data_files, change, message):
 
 
 def test_recipe_set_overrides(tmp_path, data_files):
-    from obert.recipe import load_recipe
+    from obert.training.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, data_files, "m")))
@@ -105,7 +105,7 @@ def test_recipe_set_overrides(tmp_path, data_files):
 
 
 def test_shipped_recipes_validate():
-    from obert.recipe import load_recipe
+    from obert.training.recipe import load_recipe
 
     files = sorted((ROOT / "recipes").glob("*.yaml"))
     assert len(files) >= 14
@@ -131,8 +131,8 @@ def _masks_of(out: Path) -> dict:
 def test_gradual_run_end_to_end(tmp_path, data_files, model_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from obert.gradual import run_recipe
-    from obert.recipe import load_recipe
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
 
     r = load_recipe(doc=tiny_recipe(tmp_path, data_files, model_dir))
     metrics = run_recipe(r, progress=False)
@@ -176,8 +176,8 @@ def _crash_at(step: int):
 
 
 def test_resume_reaches_the_same_masks_and_metrics(tmp_path, data_files, model_dir):
-    from obert.gradual import checkpoint_dir, run_recipe
-    from obert.recipe import load_recipe
+    from obert.training.gradual import checkpoint_dir, run_recipe
+    from obert.training.recipe import load_recipe
 
     full = load_recipe(doc=tiny_recipe(tmp_path, data_files, model_dir,
                                        output_dir=str(tmp_path / "full")))

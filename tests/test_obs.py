@@ -1,4 +1,4 @@
-"""obert.obs against float64 references built from explicit inverses and brute force."""
+"""obert.core.obs against float64 references built from explicit inverses and brute force."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import reference_inverse
 
-from obert.obs import (StreamingFisher, fisher_inverse_blocks, gram_blocks, prune_update,
+from obert.core.obs import (StreamingFisher, fisher_inverse_blocks, gram_blocks, prune_update,
                        quadratic_cost, saliency, woodbury_fisher_inverse)
 
 CASES = [(8, 20, 5), (64, 60, 10), (3, 40, 8), (100, 48, 16), (17, 100, 50)]  # (m, d, B)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from obert.cli import main
+from obert.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = {

@@ -7,10 +7,10 @@ import torch
 from conftest import encoded_rows, tiny_model
 
 from obert import MaskSet, ObertError, PruneConfig, find_targets, prune_model
-from obert.fisher import collect_fisher, plan_memory
-from obert.obs import fisher_inverse_blocks
-from obert.oneshot import gradient_batches
-from obert.prune import select_groups
+from obert.pruning.fisher import collect_fisher, plan_memory
+from obert.core.obs import fisher_inverse_blocks
+from obert.training.oneshot import gradient_batches
+from obert.pruning.driver import select_groups
 
 EXPECTED = {
     "bert": ["attention.self.query", "attention.self.key", "attention.self.value",
@@ -60,7 +60,7 @@ def test_collected_fisher_matches_explicit_per_batch_gradients(tmp_path):
                          progress=False, log=lambda s: None)
     model.eval()
     rows = {t.name: [] for t in targets}
-    from obert.fisher import batch_stream
+    from obert.pruning.fisher import batch_stream
 
     for batch in batch_stream(loaders, m, 0):
         model.zero_grad()

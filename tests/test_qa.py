@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import make_tokenizer, tiny_qa_recipe
-from obert.qa import (QAData, best_answers, eval_features, f1_score, normalize_answer,
+from obert.tasks.qa import (QAData, best_answers, eval_features, f1_score, normalize_answer,
                       squad_metrics, train_features)
 
 CONTEXT = "alpha beta gamma delta red green blue cyan magenta yellow black white omega psi chi"
@@ -72,8 +72,8 @@ def test_squad_metrics_by_hand():
 
 
 def test_gradual_qa_run(tmp_path):
-    from obert.gradual import run_recipe
-    from obert.recipe import load_recipe
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
 
     doc = tiny_qa_recipe(tmp_path)
     metrics = run_recipe(load_recipe(doc=doc), progress=False)
@@ -84,7 +84,7 @@ def test_gradual_qa_run(tmp_path):
 
 def test_load_qa_formats(tmp_path, monkeypatch):
     from obert.errors import ObertError
-    from obert.qa import load_qa
+    from obert.tasks.qa import load_qa
 
     official = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": CONTEXT, "qas": [{"id": "x1", "question": "what", "answers": [

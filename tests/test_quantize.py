@@ -1,4 +1,4 @@
-"""obert.quantize (OBS rounding to int8) against a float64 brute force with explicit inverses,
+"""obert.core.quantize (OBS rounding to int8) against a float64 brute force with explicit inverses,
 and the calibrated int8 compilation built on it."""
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from obert.errors import ObertError
-from obert.quantize import damped_hessian, obs_quantize, round_to_grid, row_scales
+from obert.core.quantize import damped_hessian, obs_quantize, round_to_grid, row_scales
 
 
 def brute_force_obs(w, h, keep, scale, order):
@@ -178,7 +178,7 @@ def test_calibrated_int8_compile_of_a_model_on_cuda():
 
 
 def test_smoothing_factors_formula_and_dead_channels():
-    from obert.quantize import smoothing_factors
+    from obert.core.quantize import smoothing_factors
 
     x = torch.tensor([4.0, 1.0, 0.0, 9.0])
     w = torch.tensor([1.0, 0.25, 2.0, 0.0])

@@ -380,7 +380,7 @@ def test_onnx_export_of_a_pruned_model_matches_pytorch(tmp_path):
 
 
 def test_bench_command_on_a_tiny_pruned_model(tmp_path, capsys):
-    from obert.cli import main
+    from obert.cli.main import main
 
     model = _pruned_tiny_model(0.9)
     model.save_pretrained(tmp_path / "m")
@@ -713,7 +713,7 @@ def test_int8_smoothed_input_is_exact_quantised_arithmetic(shape, threads, isa):
 def test_smoothing_an_outlier_channel_cuts_int8_error():
     """One input channel 40x larger than the rest sets every token's range: smoothing with the
     channel maxima (alpha 0.5) must bring the error well down (measured 3-4x lower)."""
-    from obert.quantize import smoothing_factors
+    from obert.core.quantize import smoothing_factors
 
     lin = pruned_linear(64, 128, 0.5, 4, seed=9)
     g = torch.Generator().manual_seed(9)

@@ -10,24 +10,25 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
-    from .errors import ObertError
-    from .masks import MaskSet
-    from .methods import PruneConfig
-    from .obs import fisher_inverse_blocks, prune_update, saliency
-    from .prune import prune_model
-    from .targets import find_targets
+    from obert.core.obs import fisher_inverse_blocks, prune_update, saliency
+    from obert.errors import ObertError
+    from obert.model.masks import MaskSet
+    from obert.model.targets import find_targets
+    from obert.pruning.driver import prune_model
+    from obert.pruning.methods import PruneConfig
 
 __version__ = "0.1.0"
-_EXPORTS = {"MaskSet": ".masks", "ObertError": ".errors", "PruneConfig": ".methods",
-            "fisher_inverse_blocks": ".obs", "prune_update": ".obs", "saliency": ".obs",
-            "prune_model": ".prune", "find_targets": ".targets"}
+_EXPORTS = {"MaskSet": "obert.model.masks", "ObertError": "obert.errors",
+            "PruneConfig": "obert.pruning.methods", "fisher_inverse_blocks": "obert.core.obs",
+            "prune_update": "obert.core.obs", "saliency": "obert.core.obs",
+            "prune_model": "obert.pruning.driver", "find_targets": "obert.model.targets"}
 __all__ = ["MaskSet", "ObertError", "PruneConfig", "find_targets", "fisher_inverse_blocks",
            "prune_model", "prune_update", "saliency", "__version__"]
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'obert' has no attribute '{name}'")
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 MARKER = ".obert_output"
 _TMP, _OLD = "obert-tmp", "obert-old"

@@ -7,8 +7,8 @@ residual add + LayerNorm; ``attention``: the attention kernel); ``save_compiled`
 ``load_compiled`` store only the non-zeros.
 """
 
-from .compile import CompileReport, compile, load_compiled, save_compiled, sparse_modules
-from .linear import SparseFFN, SparseLinear, pack_weight, unpack_weight
+from obert.runtime.compile import CompileReport, compile, load_compiled, save_compiled, sparse_modules
+from obert.runtime.linear import SparseFFN, SparseLinear, pack_weight, unpack_weight
 
 __all__ = ["CompileReport", "SparseFFN", "SparseLinear", "compile", "load_compiled", "pack_weight",
            "save_compiled", "sparse_modules", "unpack_weight"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from obert.runtime import kernels
 
 NAME = "obert_cpu"
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ObertError
-from .choose import median_time as _time
+from obert.errors import ObertError
+from obert.runtime.choose import median_time as _time
 
 
 def cpu_info() -> dict:
     """CPU model and the vector ISA extensions the kernels can use."""
-    from .kernels import cpu_identity
+    from obert.runtime.kernels import cpu_identity
 
     model, flags = cpu_identity()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
@@ -44,9 +44,9 @@ def load_model(path: str):
     """A sequence classifier, or a bare encoder (pre-training heads are left out), in eval mode."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from ..loading import CLASSIFIER, ENCODER, load_config, load_weights, require_kind
+    from obert.model.loading import CLASSIFIER, ENCODER, load_config, load_weights, require_kind
 
-    from .compile import RUNTIME_FILE
+    from obert.runtime.compile import RUNTIME_FILE
 
     if (Path(path) / RUNTIME_FILE).is_file():
         raise ObertError(f"'{path}' is a compiled obert model (load it with obert.runtime."
@@ -93,7 +93,7 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
                 int8: bool | None = None, min_sparsity: float | None = None,
                 choose: str = "speed") -> dict:
     """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
-    from . import compile, kernels
+    from obert.runtime import compile, kernels
 
     inputs = _inputs(model, batch, seq_len)
     variants = {"torch fp32 dense": model}
@@ -130,8 +130,8 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
 
 def _has_block4_layers(model) -> bool:
     """Whether some prunable Linear of ``model`` is block4-pruned (int8 kernels apply)."""
-    from ..targets import find_targets
-    from .linear import is_block4
+    from obert.model.targets import find_targets
+    from obert.runtime.linear import is_block4
 
     return any(t.module.weight.shape[1] % 4 == 0 and bool((t.module.weight == 0).any())
                and is_block4(t.module.weight) for t in find_targets(model))
@@ -152,9 +152,7 @@ def isolated_python(module: str, *args: str) -> list[str]:
     """Command running ``python -m module args`` isolated (``-I``): nothing from the working
     directory, ``PYTHONPATH`` or user site-packages is imported; only obert's own location is put
     on the path (it may be a source checkout rather than an installed package)."""
-    import obert
-
-    root = str(Path(obert.__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the obert package
     boot = f"import runpy, sys; sys.path.insert(0, {root!r}); " \
            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
     return [sys.executable, "-I", "-c", boot, *args]
@@ -164,7 +162,7 @@ def _ort_child(model_dir: str, batch: int, seq_len: int, threads: int, iters: in
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .onnx_export import export_onnx
+    from obert.runtime.onnx_export import export_onnx
 
     torch.set_num_threads(threads)
     model = load_model(model_dir)
@@ -193,7 +191,7 @@ def run_bench(model_dir: str, *, batch: int = 16, seq_len: int | None = None,
               choose: str = "speed") -> dict:
     """Everything ``obert bench`` prints, as a dict. ``seq_len``: tokens per sequence (None:
     128, or the model's limit when shorter; longer than the limit is an error)."""
-    from ..loading import check_length
+    from obert.model.loading import check_length
 
     threads = threads or torch.get_num_threads()
     model = load_model(model_dir)

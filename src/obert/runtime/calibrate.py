@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import ObertError
-from ..fisher import GiB, available_memory
+from obert.errors import ObertError
+from obert.device import GiB, available_memory
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

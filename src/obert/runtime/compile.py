@@ -1,6 +1,6 @@
 """Compile a pruned Hugging Face model for sparse CPU inference, and save/load the compiled form.
 
-``compile(model)`` swaps every prunable Linear (``obert.targets``) whose sparsity reaches
+``compile(model)`` swaps every prunable Linear (``obert.model.targets``) whose sparsity reaches
 ``min_sparsity`` for a ``SparseLinear``, if the sparse kernel beats dense torch on this CPU
 (``choose.py``: timed per layer, cached per CPU); denser or slower layers stay dense. By
 default the threshold is where the kernels can start to win (docs/benchmarks.md): 70% for
@@ -27,16 +27,16 @@ from safetensors.torch import load_file, save_file
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ObertError
-from ..io import atomic_dir
-from ..quantize import smoothing_factors
-from ..targets import find_targets
-from . import kernels
-from .calibrate import InputStats, input_stats
-from .choose import CHOICES, DEFAULT_TOKENS, Chooser
-from .attention import NAME as ATTENTION, use_fast_attention
-from .linear import SparseFFN, SparseLinear, is_block4
-from .norm import AddNorm, is_output_block
+from obert.errors import ObertError
+from obert.io import atomic_dir
+from obert.core.quantize import smoothing_factors
+from obert.model.targets import find_targets
+from obert.runtime import kernels
+from obert.runtime.calibrate import InputStats, input_stats
+from obert.runtime.choose import CHOICES, DEFAULT_TOKENS, Chooser
+from obert.runtime.attention import NAME as ATTENTION, use_fast_attention
+from obert.runtime.linear import SparseFFN, SparseLinear, is_block4
+from obert.runtime.norm import AddNorm, is_output_block
 
 FP32_MIN_SPARSITY = 0.7
 INT8_MIN_SPARSITY = 0.5

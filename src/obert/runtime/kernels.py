@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ObertError
+from obert.errors import ObertError
 
 CSRC = Path(__file__).with_name("csrc")
 ISA_ENV = "OBERT_ISA"

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ObertError
-from ..quantize import obs_quantize, round_to_grid, row_scales
-from . import kernels
+from obert.errors import ObertError
+from obert.core.quantize import obs_quantize, round_to_grid, row_scales
+from obert.runtime import kernels
 
 
 ROWS = kernels.ROWS  # output rows per block of the segment layout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from obert.runtime import kernels
 
 
 class AddNorm(nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ObertError, first_line
+from obert.errors import ObertError, first_line
 
 
 class _Logits(nn.Module):

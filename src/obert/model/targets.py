@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 
 @dataclass(frozen=True)

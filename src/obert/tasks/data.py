@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .errors import ObertError, first_line
+from obert.errors import ObertError, first_line
 
 # GLUE tasks: (text field, pair field or None, evaluation split)
 GLUE_TASKS: dict[str, tuple[str, str | None, str]] = {
@@ -143,7 +143,7 @@ def load_file(path: str | Path) -> TextData:
         raise ObertError(f"{path}: no rows")
     import datasets
 
-    from .loading import quiet_libraries
+    from obert.model.loading import quiet_libraries
 
     try:
         with quiet_libraries(datasets=True):  # failures are reported here, as one line

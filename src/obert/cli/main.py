@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ObertError, first_line
+from obert.errors import ObertError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Second-order (oBERT) pruning of Hugging Face encoder models.")
@@ -62,7 +62,7 @@ LENGTH = number(int, ge=8)
 def _data(file: Optional[str], task: Optional[str], split: str, required: bool = True,
           option: str | None = None):
     """Rows from ``file`` or a GLUE ``task``; ``option`` names the file's option in errors."""
-    from .data import load_data
+    from obert.tasks.data import load_data
 
     option = option or f"--{'train' if split == 'train' else 'eval'}-file"
     if file is not None and task is not None and split == "train":
@@ -75,7 +75,7 @@ def _data(file: Optional[str], task: Optional[str], split: str, required: bool =
 
 
 def _encode(rows, tokenizer, model, max_length: int):
-    from .data import Encoded, label_map_from_config
+    from obert.tasks.data import Encoded, label_map_from_config
 
     return None if rows is None else Encoded(rows, tokenizer, label_map_from_config(model.config),
                                              max_length)
@@ -105,10 +105,12 @@ def finetune(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Dense fine-tuning of a sequence classifier (the task model you then prune)."""
-    from .data import training_labels
-    from .io import check_output, claim_output, save_model_dir
-    from .loading import check_finite, check_length
-    from .train import evaluate, finetune as run_finetune, load_classifier, pick_device
+    from obert.tasks.data import training_labels
+    from obert.io import check_output, claim_output, save_model_dir
+    from obert.model.loading import check_finite, check_length
+    from obert.device import pick_device
+    from obert.tasks.classification import evaluate, load_classifier
+    from obert.training.finetune import finetune as run_finetune
 
     if lr_scheduler not in LR_SCHEDULERS:
         raise ObertError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got '{lr_scheduler}'")
@@ -165,11 +167,11 @@ def prune(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """One-shot pruning to a target sparsity; writes a HF model dir with sparsity.json."""
-    from .io import check_output, claim_output
-    from .methods import PruneConfig
-    from .oneshot import run_prune
-    from .targets import compile_patterns
-    from .train import pick_device
+    from obert.io import check_output, claim_output
+    from obert.pruning.methods import PruneConfig
+    from obert.training.oneshot import run_prune
+    from obert.model.targets import compile_patterns
+    from obert.device import pick_device
 
     config = PruneConfig(sparsity=sparsity, method=method, structure=structure, scope=scope,
                          num_grads=num_grads, grad_batch_size=grad_batch_size,
@@ -204,8 +206,8 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars"),
 ) -> None:
     """Gradual pruning while fine-tuning (cubic schedule, oBERT or magnitude, distillation)."""
-    from .gradual import run_recipe
-    from .recipe import load_recipe
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
 
     r = load_recipe(recipe, set_ or [])
     metrics = run_recipe(r, resume=resume, keep_checkpoints=keep_checkpoints, progress=not no_progress,
@@ -233,11 +235,11 @@ def compile_model(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Compile a pruned model for sparse CPU inference and save it (obert.runtime.load_compiled)."""
-    from .io import check_output, claim_output
-    from .loading import ENCODER, check_length, load_tokenizer, model_kind
-    from .runtime import compile as compile_runtime, save_compiled
-    from .runtime.bench import load_model
-    from .runtime.calibrate import text_batches
+    from obert.io import check_output, claim_output
+    from obert.model.loading import ENCODER, check_length, load_tokenizer, model_kind
+    from obert.runtime import compile as compile_runtime, save_compiled
+    from obert.runtime.bench import load_model
+    from obert.runtime.calibrate import text_batches
 
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
@@ -300,8 +302,8 @@ def bench(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --plot / --json files"),
 ) -> None:
     """Throughput of the same model dense vs sparse on this CPU (like for like)."""
-    from .io import atomic_file, check_file_output, write_json
-    from .runtime.bench import format_table, plot as plot_chart, run_bench
+    from obert.io import atomic_file, check_file_output, write_json
+    from obert.runtime.bench import format_table, plot as plot_chart, run_bench
 
     plot, json_out = (check_file_output(p, inputs=[model], overwrite=overwrite, option=o)
                       if p is not None else None for p, o in ((plot, "--plot"), (json_out, "--json")))

@@ -90,7 +90,7 @@ def pick_checkpoint(folder: Path, extra_files: tuple[str, ...] = (), log=print) 
 
     None when there is no sealed checkpoint at all; an error when every one is damaged.
     """
-    from .errors import ObertError
+    from obert.errors import ObertError
 
     sealed = sealed_checkpoints(folder)
     problems = []

@@ -1,8 +1,8 @@
 """A ``transformers.Trainer`` with knowledge distillation and learning-rate rewinding.
 
 ``ObertTrainer(teacher=..., hardness=..., temperature=...)`` replaces the task loss by
-``obert.distill.distillation_loss``; ``lr_schedule=LRSchedule(...)`` replaces the Trainer's
-scheduler by ``obert.schedule.lr_factor`` with restarts at the pruning steps. Everything else
+``obert.training.distill.distillation_loss``; ``lr_schedule=LRSchedule(...)`` replaces the Trainer's
+scheduler by ``obert.training.schedule.lr_factor`` with restarts at the pruning steps. Everything else
 (devices, DDP, mixed precision, checkpoints) is the stock Trainer, except that the task loss
 is taken as the per-batch mean it is (see ``__init__``): use this class rather than the plain
 Trainer for pruning on several processes.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from .distill import distillation_loss
-from .schedule import LRFactor, PruningSchedule, steps_per_epoch
+from obert.training.distill import distillation_loss
+from obert.training.schedule import LRFactor, PruningSchedule, steps_per_epoch
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import sample_indices
-from .errors import ObertError, first_line
+from obert.tasks.data import sample_indices
+from obert.errors import ObertError, first_line
 
 
 @dataclass

@@ -32,14 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-from .distributed import broadcast, rank
-from .errors import ObertError
-from .io import write_json
-from .masks import MaskSet
-from .methods import PruneConfig
-from .prune import prune_model
-from .schedule import PruningSchedule, steps_per_epoch
-from .targets import find_targets
+from obert.distributed import broadcast, rank
+from obert.errors import ObertError
+from obert.io import write_json
+from obert.model.masks import MaskSet
+from obert.pruning.methods import PruneConfig
+from obert.pruning.driver import prune_model
+from obert.training.schedule import PruningSchedule, steps_per_epoch
+from obert.model.targets import find_targets
 
 MASKS_FILE = "obert_masks.safetensors"
 STATE_FILE = "obert_pruning.json"

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
-from ..errors import ObertError
-from ..masks import MaskSet
-from ..targets import Target
+from obert.errors import ObertError
+from obert.model.masks import MaskSet
+from obert.model.targets import Target
 
 STRUCTURES = {"unstructured": 1, "block4": 4}  # structure -> group size along the input dim
 DEFAULT_BLOCK = {"unstructured": 50, "block4": 32}

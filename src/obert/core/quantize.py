@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 INT8_MAX = 127
 

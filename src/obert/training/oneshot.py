@@ -6,15 +6,16 @@ import copy
 from collections.abc import Iterator
 from pathlib import Path
 
-from .data import Encoded, TextData, label_map_from_config
-from .fisher import FisherResult, collect_fisher
-from .io import save_model_dir
-from .loading import check_length
-from .masks import MaskSet
-from .methods import PruneConfig
-from .prune import PruneReport, prune_model
-from .targets import find_targets
-from .train import evaluate, load_classifier, pick_device
+from obert.tasks.data import Encoded, TextData, label_map_from_config
+from obert.pruning.fisher import FisherResult, collect_fisher
+from obert.io import save_model_dir
+from obert.model.loading import check_length
+from obert.model.masks import MaskSet
+from obert.pruning.methods import PruneConfig
+from obert.pruning.driver import PruneReport, prune_model
+from obert.model.targets import find_targets
+from obert.device import pick_device
+from obert.tasks.classification import evaluate, load_classifier
 
 
 def gradient_batches(data: Encoded, batch_size: int):

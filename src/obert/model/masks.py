@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .targets import Target
+from obert.model.targets import Target
 
 
 class MaskSet:

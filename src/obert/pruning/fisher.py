@@ -17,36 +17,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, process_group
-from .errors import ObertError
-from .masks import MaskSet
-from .obs import StreamingFisher
-from .targets import Target
-
-GiB = 1024**3
-
+from obert.device import GiB, available_memory
+from obert.distributed import all_reduce_sum, process_group
+from obert.errors import ObertError
+from obert.model.masks import MaskSet
+from obert.core.obs import StreamingFisher
+from obert.model.targets import Target
 
 def padded_size(numel: int, block_size: int) -> int:
     """Weights are flattened and zero-padded to whole Fisher blocks."""
     return math.ceil(numel / block_size) * block_size
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for Fisher blocks on ``device``.
-
-    On CUDA that is the driver's free memory plus what PyTorch's caching allocator holds
-    without using (after training steps the cache can hold most of the card, and it is
-    reused for our allocations before the driver is asked for more).
-    """
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return psutil.virtual_memory().available
 
 
 def _size(n: float) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 DISTILL_KEYS = ("logits", "start_logits", "end_logits")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 
 def _check_blocks(d: int, block_size: int) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from .errors import ObertError
+from obert.errors import ObertError
 
 
 def steps_per_epoch(max_steps: int, num_train_epochs: float) -> float:

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..fisher import FisherResult, collect_fisher
-from ..obs import prune_update, saliency
-from .base import Method
+from obert.pruning.fisher import FisherResult, collect_fisher
+from obert.core.obs import prune_update, saliency
+from obert.pruning.methods.base import Method
 
 
 class OBert(Method):

@@ -1,35 +1,12 @@
-"""Model loading, dense fine-tuning (Hugging Face Trainer) and evaluation of sequence classifiers."""
+"""Sequence classification: loading classifiers (checked labels, new heads) and evaluation."""
 
 from __future__ import annotations
-
-import tempfile
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, generic_label_names
-from .errors import ObertError
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    """CUDA when present unless told otherwise; a device that is not there is a one-line error."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ObertError(f"device '{device}' is not a device name (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ObertError(f"device '{device}': CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= count:
-            raise ObertError(f"device '{device}': this machine has {count} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ObertError(f"device '{device}': MPS is not available on this machine")
-    elif dev.type not in ("cpu", "mps"):
-        raise ObertError(f"device '{device}': obert runs on cpu, cuda or mps")
-    return dev
+from obert.tasks.data import Encoded, generic_label_names
+from obert.errors import ObertError
 
 
 def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | None = None,
@@ -43,7 +20,7 @@ def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | N
     """
     from transformers import AutoModelForSequenceClassification
 
-    from .loading import CLASSIFIER, ENCODER, load_config, load_tokenizer, load_weights, require_kind
+    from obert.model.loading import CLASSIFIER, ENCODER, load_config, load_tokenizer, load_weights, require_kind
 
     config = load_config(path)
     kwargs: dict = {}
@@ -129,27 +106,3 @@ def evaluate(model, data: Encoded, batch_size: int = 64, progress: bool = True) 
         total += len(batch["labels"])
     model.train(was_training)
     return {"accuracy": correct / total, "loss": loss_sum / total, "num_examples": total}
-
-
-def finetune(model, tokenizer, train: Encoded, *, epochs: float, lr: float, batch_size: int,
-             seed: int = 0, lr_scheduler: str = "linear", weight_decay: float = 0.0,
-             warmup_ratio: float = 0.0, progress: bool = True, callbacks: list | None = None):
-    """Dense fine-tuning with the Hugging Face Trainer (AdamW); returns the trained model."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-    # The Trainer moves the model to CUDA whenever CUDA exists: keep it where the caller put it.
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    with tempfile.TemporaryDirectory(prefix="obert-trainer-") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, num_train_epochs=epochs, learning_rate=lr,
-            per_device_train_batch_size=batch_size, lr_scheduler_type=lr_scheduler,
-            weight_decay=weight_decay, warmup_steps=warmup_ratio, seed=seed, data_seed=seed,
-            save_strategy="no", report_to="none", logging_strategy="no",
-            disable_tqdm=not progress, dataloader_num_workers=0,
-            dataloader_pin_memory=not on_cpu, use_cpu=on_cpu,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer),
-                          callbacks=callbacks)
-        trainer.train()
-    return trainer.model

@@ -25,18 +25,18 @@ import yaml
 from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
-from .checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick_checkpoint,
+from obert.training.callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
+from obert.training.checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick_checkpoint,
                           recipe_changes, sealed_checkpoints)
-from .distributed import barrier, rank, world_size
-from .errors import ObertError
-from .io import MARKER, check_output, claim_output, save_model_dir, write_json
-from .loading import check_finite, check_length, load_weights, quiet_libraries
-from .masks import MaskSet
-from .recipe import Recipe, dump_recipe
-from .schedule import steps_per_epoch
-from .targets import find_targets
-from .trainer import LRSchedule, ObertTrainer
+from obert.distributed import barrier, rank, world_size
+from obert.errors import ObertError
+from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
+from obert.model.loading import check_finite, check_length, load_weights, quiet_libraries
+from obert.model.masks import MaskSet
+from obert.training.recipe import Recipe, dump_recipe
+from obert.training.schedule import steps_per_epoch
+from obert.model.targets import find_targets
+from obert.training.trainer import LRSchedule, ObertTrainer
 
 
 @dataclass
@@ -56,9 +56,9 @@ class Task:
 def classification_task(recipe: Recipe, progress: bool = True) -> Task:
     from transformers import AutoModelForSequenceClassification
 
-    from .data import Encoded, generic_label_names, label_map_from_config, load_data, training_labels
-    from .loading import CLASSIFIER, load_config, require_kind
-    from .train import evaluate, load_classifier, reorder_classes
+    from obert.tasks.data import Encoded, generic_label_names, label_map_from_config, load_data, training_labels
+    from obert.model.loading import CLASSIFIER, load_config, require_kind
+    from obert.tasks.classification import evaluate, load_classifier, reorder_classes
 
     d, tr = recipe.data, recipe.training
     train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
@@ -102,8 +102,8 @@ def classification_task(recipe: Recipe, progress: bool = True) -> Task:
 def qa_task(recipe: Recipe, progress: bool = True) -> Task:
     from transformers import AutoModelForQuestionAnswering
 
-    from .loading import ENCODER, QA, load_config, load_tokenizer, require_kind
-    from .qa import eval_features, evaluate_qa, load_qa, train_features
+    from obert.model.loading import ENCODER, QA, load_config, load_tokenizer, require_kind
+    from obert.tasks.qa import eval_features, evaluate_qa, load_qa, train_features
 
     d, tr = recipe.data, recipe.training
     path = recipe.model.path
@@ -233,7 +233,7 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     """``run_recipe`` once its output is checked and held; ``read``: the run's local inputs."""
     from transformers import TrainingArguments
 
-    from .train import pick_device
+    from obert.device import pick_device
 
     tr = recipe.training
     ckpt = checkpoint_dir(recipe)
@@ -354,7 +354,7 @@ def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:
 
 def _check_same_recipe(folder: Path, recipe: Recipe, force: bool) -> None:
     """Refuse to resume under other settings than the checkpoint's, unless ``force``."""
-    from .recipe import load_recipe
+    from obert.training.recipe import load_recipe
 
     changed = None  # no recipe recorded, or one this version cannot read
     try:

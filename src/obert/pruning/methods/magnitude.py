@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Method
+from obert.pruning.methods.base import Method
 
 
 class Magnitude(Method):

@@ -1,8 +1,8 @@
 """Pruning methods: each scores groups of weights (lower = pruned first) and updates weights."""
 
-from .base import Method, PruneConfig
-from .magnitude import Magnitude
-from .obert import OBert
+from obert.pruning.methods.base import Method, PruneConfig
+from obert.pruning.methods.magnitude import Magnitude
+from obert.pruning.methods.obert import OBert
 
 METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude}
 

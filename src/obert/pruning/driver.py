@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import ObertError
-from .masks import MaskSet
-from .methods import METHODS, PruneConfig
-from .targets import Target
+from obert.errors import ObertError
+from obert.model.masks import MaskSet
+from obert.pruning.methods import METHODS, PruneConfig
+from obert.model.targets import Target
 
 
 def select_groups(scores: dict[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""The ``obert`` console script: runs ``obert.cli.main`` so that even a Ctrl-C while the CLI
+"""The ``obert`` console script: runs ``obert.cli.main.main`` so that even a Ctrl-C while the CLI
 and its libraries are still being imported ends with one line and exit code 130."""
 
 import signal
@@ -7,7 +7,7 @@ import sys
 
 def run() -> None:
     try:
-        from .cli import main
+        from obert.cli.main import main
 
         code = main()
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ObertError, first_line
+from obert.errors import ObertError, first_line
 
 CLASSIFIER, QA, ENCODER, DECODER, OTHER = ("a sequence classifier", "a question-answering model",
                                            "an encoder", "a decoder (causal LM)",

@@ -24,8 +24,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ObertError
-from .targets import compile_patterns
+from obert.errors import ObertError
+from obert.model.targets import compile_patterns
 
 
 class _Section(BaseModel):
@@ -161,7 +161,7 @@ class Recipe(_Section):
         return self
 
     def schedule(self):
-        from .schedule import PruningSchedule
+        from obert.training.schedule import PruningSchedule
 
         p = self.pruning
         return PruningSchedule(p.init_sparsity, p.final_sparsity, p.start_epoch, p.end_epoch,
@@ -169,7 +169,7 @@ class Recipe(_Section):
 
     def prune_config(self):
         """The per-step pruning settings (the sparsity is set by the schedule at each step)."""
-        from .methods import PruneConfig
+        from obert.pruning.methods import PruneConfig
 
         p = self.pruning
         return PruneConfig(sparsity=p.final_sparsity, method=p.method, structure=p.structure,

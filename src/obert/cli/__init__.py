@@ -1,0 +1,1 @@
+"""The `obert` command line (typer): one function per command, one-line errors."""

@@ -1,0 +1,2 @@
+"""Tasks: text data loading, classification (models, evaluation) and extractive question
+answering (features, post-processing, SQuAD metrics)."""
