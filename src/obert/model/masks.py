@@ -72,3 +72,12 @@ class MaskSet:
             total, pruned = total + n, pruned + z
         return {"global_sparsity": pruned / max(total, 1), "num_params": total,
                 "num_pruned": pruned, "layers": layers}
+
+
+def sparsity_record(masks: MaskSet, *, method: str, structure: str | None, scope: str | None,
+                    source: str, settings: dict | None, steps: list, **extra) -> dict:
+    """What ``sparsity.json`` holds, for every command that writes one: per-layer and global
+    sparsity (``masks.stats()``), how the masks were made (method, structure, scope, settings,
+    the pruning steps), the model they were made from, and command-specific ``extra`` fields."""
+    return {**masks.stats(), "method": method, "structure": structure, "scope": scope,
+            "source_model": source, "settings": settings, "steps": steps, **extra}

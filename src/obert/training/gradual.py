@@ -32,7 +32,7 @@ from obert.distributed import barrier, rank, world_size
 from obert.errors import ObertError
 from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
 from obert.model.loading import check_finite, check_length, load_weights, quiet_libraries
-from obert.model.masks import MaskSet
+from obert.model.masks import MaskSet, sparsity_record
 from obert.training.recipe import Recipe, dump_recipe
 from obert.training.schedule import steps_per_epoch
 from obert.model.targets import find_targets
@@ -315,16 +315,14 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     check_finite(model, "the trained model (training diverged: lower training.lr)")
     final = recorder.record(trainer.state, model)
     masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
-    stats = masks.stats()
     metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
-    metrics.update(global_sparsity=stats["global_sparsity"], train_seconds=train_seconds,
+    metrics.update(global_sparsity=masks.stats()["global_sparsity"], train_seconds=train_seconds,
                    world_size=world_size(), metric=task.metric)
-    sparsity = {**stats, "method": recipe.pruning.method if recipe.pruning else "dense",
-                "structure": recipe.pruning.structure if recipe.pruning else None,
-                "scope": recipe.pruning.scope if recipe.pruning else None,
-                "source_model": recipe.model.path,
-                "settings": recipe.pruning.model_dump() if recipe.pruning else None,
-                "steps": pruning_cb.history if pruning_cb else []}
+    p = recipe.pruning
+    sparsity = sparsity_record(masks, method=p.method if p else "dense",
+                               structure=p.structure if p else None, scope=p.scope if p else None,
+                               source=recipe.model.path, settings=p.model_dump() if p else None,
+                               steps=pruning_cb.history if pruning_cb else [])
     history = {"eval": recorder.history, "pruning": sparsity["steps"],
                "log": [e for e in trainer.state.log_history if "loss" in e]}
 

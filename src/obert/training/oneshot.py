@@ -10,7 +10,7 @@ from obert.tasks.data import Encoded, TextData, label_map_from_config
 from obert.pruning.fisher import FisherResult, collect_fisher
 from obert.io import save_model_dir
 from obert.model.loading import check_length
-from obert.model.masks import MaskSet
+from obert.model.masks import MaskSet, sparsity_record
 from obert.pruning.methods import PruneConfig
 from obert.pruning.driver import PruneReport, prune_model
 from obert.model.targets import find_targets
@@ -21,14 +21,6 @@ from obert.tasks.classification import evaluate, load_classifier
 def gradient_batches(data: Encoded, batch_size: int):
     """``seed -> iterator`` of shuffled training mini-batches, as the Fisher collection wants."""
     return lambda seed: iter(data.loader(batch_size, shuffle=True, seed=seed))
-
-
-def sparsity_record(masks, config: PruneConfig, report: PruneReport, source: str) -> dict:
-    """What ``sparsity.json`` holds: per-layer and global sparsity, method and settings."""
-    return {**masks.stats(), "method": config.method, "structure": config.structure,
-            "scope": config.scope, "source_model": source, "settings": config.as_dict(),
-            "steps": report.steps, "timings": report.timings,
-            "peak_rss_gib": report.peak_rss_gib}
 
 
 def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
@@ -55,7 +47,10 @@ def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
     masks, report = prune_model(model, targets, config, loaders)
     if eval_ds is not None:
         metrics["accuracy_after"] = evaluate(model, eval_ds, eval_batch_size)["accuracy"]
-    record = sparsity_record(masks, config, report, model_path)
+    record = sparsity_record(masks, method=config.method, structure=config.structure,
+                             scope=config.scope, source=model_path, settings=config.as_dict(),
+                             steps=report.steps, timings=report.timings,
+                             peak_rss_gib=report.peak_rss_gib)
     metrics.update(global_sparsity=record["global_sparsity"], timings=report.timings)
     save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics},
                    overwrite=overwrite)
