@@ -7,6 +7,7 @@ follow the sorted order of the label values and are stored in the model config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -51,11 +52,17 @@ class TextData:
 
     def subset(self, n: int | None, seed: int = 0) -> "TextData":
         """``n`` rows drawn without replacement with ``seed`` (all rows when n is None)."""
-        idx = sample_indices(len(self), n, seed)
-        if idx is None:
-            return self
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        return TextData(pick(self.texts), pick(self.pairs) if self.pairs else None, pick(self.labels))
+        return take_rows(self, n, seed)
+
+
+def take_rows(rows, n: int | None, seed: int = 0):
+    """``rows`` (a dataclass of per-row lists; None for a column it lacks) cut to ``n`` rows drawn
+    without replacement with ``seed``; ``rows`` itself when n is None or not smaller."""
+    idx = sample_indices(len(rows), n, seed)
+    if idx is None:
+        return rows
+    columns = (getattr(rows, f.name) for f in dataclasses.fields(rows))
+    return type(rows)(*(None if col is None else [col[i] for i in idx] for col in columns))
 
 
 def read_text(path: Path) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from obert.tasks.data import sample_indices
+from obert.tasks.data import take_rows
 from obert.errors import ObertError, first_line
 
 
@@ -42,11 +42,8 @@ class QAData:
         return len(self.ids)
 
     def subset(self, n: int | None, seed: int = 0) -> "QAData":
-        idx = sample_indices(len(self), n, seed)
-        if idx is None:
-            return self
-        return QAData(*([xs[i] for i in idx] for xs in (self.ids, self.questions, self.contexts,
-                                                        self.answers)))
+        """``n`` rows drawn without replacement with ``seed`` (all rows when n is None)."""
+        return take_rows(self, n, seed)
 
 
 def _rows_from_squad_json(doc: dict) -> list[dict]:
