@@ -1,12 +1,18 @@
-"""Sequence classification: loading classifiers (checked labels, new heads) and evaluation."""
+"""Sequence classification: loading classifiers (checked labels, new heads), evaluation, and the
+task for training (``build_task``)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
 
-from obert.tasks.data import Encoded, generic_label_names
+from obert.distributed import rank
 from obert.errors import ObertError
+from obert.model.loading import (CLASSIFIER, ENCODER, check_length, load_config, load_tokenizer,
+                                 load_weights, require_kind)
+from obert.tasks.base import Task, TaskInputs
+from obert.tasks.data import (Encoded, generic_label_names, label_map_from_config, load_data,
+                              training_labels)
 
 
 def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | None = None,
@@ -20,7 +26,6 @@ def load_classifier(path: str, labels: list | None = None, *, tokenizer: str | N
     """
     from transformers import AutoModelForSequenceClassification
 
-    from obert.model.loading import CLASSIFIER, ENCODER, load_config, load_tokenizer, load_weights, require_kind
 
     config = load_config(path)
     kwargs: dict = {}
@@ -106,3 +111,46 @@ def evaluate(model, data: Encoded, batch_size: int = 64, progress: bool = True) 
         total += len(batch["labels"])
     model.train(was_training)
     return {"accuracy": correct / total, "loss": loss_sum / total, "num_examples": total}
+
+
+def build_task(inputs: TaskInputs) -> Task:
+    """Sequence classification: labels from the data, a classifier (new head if asked), accuracy."""
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    d = inputs
+    train_rows = load_data(d.train_file, d.data_task if d.train_file is None else None, "train")
+    eval_rows = load_data(d.eval_file, d.data_task if d.eval_file is None else None, "eval")
+    labels = training_labels(train_rows, eval_rows)
+    tokenizer, model = load_classifier(d.model_path, labels, tokenizer=d.tokenizer,
+                                       reinit_head=d.reinit_head, log=d.log)
+    check_length(d.max_length, model.config, "training.max_length", tokenizer)
+    label2id = label_map_from_config(model.config)
+    train_ds = Encoded(train_rows.subset(d.max_train_rows, d.seed), tokenizer, label2id, d.max_length)
+    eval_ds = Encoded(eval_rows.subset(d.max_eval_rows, d.seed), tokenizer, label2id, d.max_length)
+
+    def load_teacher(path: str):
+        require_kind(load_config(path, "teacher"), path, (CLASSIFIER,), "distillation.teacher")
+        teacher = load_weights(AutoModelForSequenceClassification, path, "teacher")
+        if teacher.config.num_labels != len(label2id):
+            raise ObertError(f"teacher '{path}' predicts {teacher.config.num_labels} labels but the "
+                             f"data has {len(label2id)}")
+        names = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()}
+        ours = {str(k): int(v) for k, v in label2id.items()}
+        if generic_label_names(names) or names == ours:
+            return teacher
+        if set(names) == set(ours):  # the same classes in another order: line them up by name
+            reorder_classes(teacher, ours)
+            d.log(f"[obert] teacher's classes reordered by name to the data's label ids {ours}")
+        elif all(isinstance(v, int) for v in labels):
+            # Hub teachers name GLUE classes ("entailment", ...) where the data has ids 0..n-1.
+            d.log(f"[obert] note: teacher labels {sorted(names, key=names.get)} are taken to be "
+                   f"the data's labels {list(label2id)} in id order")
+        else:
+            raise ObertError(f"teacher '{path}' classifies {sorted(names)} but the data's labels "
+                             f"are {sorted(ours)}")
+        return teacher
+
+    return Task("classification", "accuracy", tokenizer, model, train_ds,
+                DataCollatorWithPadding(tokenizer),
+                lambda m: evaluate(m, eval_ds, d.eval_batch_size, progress=d.progress and rank() == 0),
+                load_teacher)

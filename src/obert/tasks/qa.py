@@ -27,6 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from obert.distributed import rank
+from obert.model.loading import (ENCODER, QA, check_length, load_config, load_tokenizer,
+                                 load_weights, require_kind)
+from obert.tasks.base import Task, TaskInputs
 from obert.tasks.data import take_rows
 from obert.errors import ObertError, first_line
 
@@ -230,3 +234,31 @@ def evaluate_qa(model, data: QAData, feats: EvalFeatures, collate, batch_size: i
     model.train(was_training)
     preds = best_answers(data, feats, starts, ends)
     return {**squad_metrics(preds, data), "num_examples": len(data)}
+
+
+def build_task(inputs: TaskInputs) -> Task:
+    """Extractive question answering: windows over the contexts, a QA head, SQuAD F1 / EM."""
+    from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
+
+    d, path = inputs, inputs.model_path
+    config = load_config(path)
+    if require_kind(config, path, (QA, ENCODER), "question answering") == ENCODER:
+        d.log(f"[obert] {path} is an encoder without a question-answering head: adding one")
+    tokenizer = load_tokenizer(path, d.tokenizer, config)
+    check_length(d.max_length, config, "training.max_length", tokenizer)
+    train = load_qa(d.train_file, d.data_task if d.train_file is None else None, "train")
+    dev = load_qa(d.eval_file, d.data_task if d.eval_file is None else None, "eval")
+    train, dev = train.subset(d.max_train_rows, d.seed), dev.subset(d.max_eval_rows, d.seed)
+    model = load_weights(AutoModelForQuestionAnswering, path)
+    collator = DataCollatorWithPadding(tokenizer)
+    features = train_features(train, tokenizer, d.max_length, d.doc_stride)
+    dev_feats = eval_features(dev, tokenizer, d.max_length, d.doc_stride)
+
+    def load_teacher(teacher: str):
+        require_kind(load_config(teacher, "teacher"), teacher, (QA,), "distillation.teacher")
+        return load_weights(AutoModelForQuestionAnswering, teacher, "teacher")
+
+    return Task("question-answering", "f1", tokenizer, model, features, collator,
+                lambda m: evaluate_qa(m, dev, dev_feats, collator, d.eval_batch_size,
+                                      progress=d.progress and rank() == 0),
+                load_teacher)

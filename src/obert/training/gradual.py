@@ -17,12 +17,10 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
-from transformers import DataCollatorWithPadding, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from obert.training.callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
@@ -31,103 +29,14 @@ from obert.training.checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpo
 from obert.distributed import barrier, rank, world_size
 from obert.errors import ObertError
 from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
-from obert.model.loading import check_finite, check_length, load_weights, quiet_libraries
+from obert.model.loading import check_finite, quiet_libraries
 from obert.model.masks import MaskSet, sparsity_record
 from obert.training.recipe import Recipe, dump_recipe
 from obert.training.schedule import steps_per_epoch
 from obert.model.targets import find_targets
 from obert.training.trainer import LRSchedule, ObertTrainer
-
-
-@dataclass
-class Task:
-    """What the trainer needs from a task: data, collator, model loader and evaluation."""
-
-    kind: str
-    metric: str  # the headline metric: accuracy or f1
-    tokenizer: object
-    model: torch.nn.Module
-    train_dataset: object
-    collator: Callable
-    evaluate: Callable[[torch.nn.Module], dict]
-    load_teacher: Callable[[str], torch.nn.Module]
-
-
-def classification_task(recipe: Recipe, progress: bool = True) -> Task:
-    from transformers import AutoModelForSequenceClassification
-
-    from obert.tasks.data import Encoded, generic_label_names, label_map_from_config, load_data, training_labels
-    from obert.model.loading import CLASSIFIER, load_config, require_kind
-    from obert.tasks.classification import evaluate, load_classifier, reorder_classes
-
-    d, tr = recipe.data, recipe.training
-    train_rows = load_data(d.train_file, d.task if d.train_file is None else None, "train")
-    eval_rows = load_data(d.eval_file, d.task if d.eval_file is None else None, "eval")
-    labels = training_labels(train_rows, eval_rows)
-    tokenizer, model = load_classifier(recipe.model.path, labels, tokenizer=recipe.model.tokenizer,
-                                       reinit_head=recipe.model.reinit_head, log=_print)
-    check_length(tr.max_length, model.config, "training.max_length", tokenizer)
-    label2id = label_map_from_config(model.config)
-    train_ds = Encoded(train_rows.subset(d.max_train_rows, tr.seed), tokenizer, label2id, tr.max_length)
-    eval_ds = Encoded(eval_rows.subset(d.max_eval_rows, tr.seed), tokenizer, label2id, tr.max_length)
-
-    def load_teacher(path: str):
-        require_kind(load_config(path, "teacher"), path, (CLASSIFIER,), "distillation.teacher")
-        teacher = load_weights(AutoModelForSequenceClassification, path, "teacher")
-        if teacher.config.num_labels != len(label2id):
-            raise ObertError(f"teacher '{path}' predicts {teacher.config.num_labels} labels but the "
-                             f"data has {len(label2id)}")
-        names = {str(k): int(v) for k, v in (teacher.config.label2id or {}).items()}
-        ours = {str(k): int(v) for k, v in label2id.items()}
-        if generic_label_names(names) or names == ours:
-            return teacher
-        if set(names) == set(ours):  # the same classes in another order: line them up by name
-            reorder_classes(teacher, ours)
-            _print(f"[obert] teacher's classes reordered by name to the data's label ids {ours}")
-        elif all(isinstance(v, int) for v in labels):
-            # Hub teachers name GLUE classes ("entailment", ...) where the data has ids 0..n-1.
-            _print(f"[obert] note: teacher labels {sorted(names, key=names.get)} are taken to be "
-                   f"the data's labels {list(label2id)} in id order")
-        else:
-            raise ObertError(f"teacher '{path}' classifies {sorted(names)} but the data's labels "
-                             f"are {sorted(ours)}")
-        return teacher
-
-    return Task("classification", "accuracy", tokenizer, model, train_ds,
-                DataCollatorWithPadding(tokenizer),
-                lambda m: evaluate(m, eval_ds, tr.eval_batch_size, progress=progress and rank() == 0),
-                load_teacher)
-
-
-def qa_task(recipe: Recipe, progress: bool = True) -> Task:
-    from transformers import AutoModelForQuestionAnswering
-
-    from obert.model.loading import ENCODER, QA, load_config, load_tokenizer, require_kind
-    from obert.tasks.qa import eval_features, evaluate_qa, load_qa, train_features
-
-    d, tr = recipe.data, recipe.training
-    path = recipe.model.path
-    config = load_config(path)
-    if require_kind(config, path, (QA, ENCODER), "question answering") == ENCODER:
-        _print(f"[obert] {path} is an encoder without a question-answering head: adding one")
-    tokenizer = load_tokenizer(path, recipe.model.tokenizer, config)
-    check_length(tr.max_length, config, "training.max_length", tokenizer)
-    train = load_qa(d.train_file, d.task if d.train_file is None else None, "train")
-    dev = load_qa(d.eval_file, d.task if d.eval_file is None else None, "eval")
-    train, dev = train.subset(d.max_train_rows, tr.seed), dev.subset(d.max_eval_rows, tr.seed)
-    model = load_weights(AutoModelForQuestionAnswering, path)
-    collator = DataCollatorWithPadding(tokenizer)
-    features = train_features(train, tokenizer, tr.max_length, tr.doc_stride)
-    dev_feats = eval_features(dev, tokenizer, tr.max_length, tr.doc_stride)
-
-    def load_teacher(teacher: str):
-        require_kind(load_config(teacher, "teacher"), teacher, (QA,), "distillation.teacher")
-        return load_weights(AutoModelForQuestionAnswering, teacher, "teacher")
-
-    return Task("question-answering", "f1", tokenizer, model, features, collator,
-                lambda m: evaluate_qa(m, dev, dev_feats, collator, tr.eval_batch_size,
-                                      progress=progress and rank() == 0),
-                load_teacher)
+from obert.tasks import TASKS
+from obert.tasks.base import Task, TaskInputs
 
 
 class RunRecorder(TrainerCallback):
@@ -202,9 +111,15 @@ def checkpoint_dir(recipe: Recipe) -> Path:
 
 
 def build_task(recipe: Recipe, progress: bool = True) -> Task:
-    make = qa_task if recipe.model.task_type == "question-answering" else classification_task
+    """The recipe's task (``model.task_type`` in ``obert.tasks.TASKS``), built from its sections."""
+    m, d, tr = recipe.model, recipe.data, recipe.training
+    inputs = TaskInputs(model_path=m.path, tokenizer=m.tokenizer, reinit_head=m.reinit_head,
+                        data_task=d.task, train_file=d.train_file, eval_file=d.eval_file,
+                        max_train_rows=d.max_train_rows, max_eval_rows=d.max_eval_rows,
+                        max_length=tr.max_length, doc_stride=tr.doc_stride, seed=tr.seed,
+                        eval_batch_size=tr.eval_batch_size, progress=progress, log=_print)
     with quiet_libraries():
-        return make(recipe, progress)
+        return TASKS[m.task_type](inputs)
 
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from obert.errors import ObertError
 from obert.model.targets import compile_patterns
+from obert.tasks import TASKS
 
 
 class _Section(BaseModel):
@@ -55,9 +56,12 @@ def _types(annotation) -> tuple:
     return tuple(args) or (annotation,)
 
 
+TaskType = Literal.__getitem__(tuple(TASKS))  # the registered tasks (obert.tasks.TASKS)
+
+
 class ModelSection(_Section):
     path: str
-    task_type: Literal["classification", "question-answering"] = "classification"
+    task_type: TaskType = "classification"
     tokenizer: str | None = None  # another tokenizer (hub id or directory) when path has none
     reinit_head: bool = False  # train a new classification head when the labels differ
 
