@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from obert.errors import ObertError
 from obert.model.masks import MaskSet
-from obert.pruning.methods import METHODS, PruneConfig
+from obert.pruning.methods import METHODS, Method, PruneConfig
 from obert.model.targets import Target
 
 
@@ -69,15 +69,20 @@ class PruneReport:
 def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                 loader_factory: Callable[[int], Iterator] | None = None,
                 masks: MaskSet | None = None, log: Callable[[str], None] = print,
-                fisher=None) -> tuple[MaskSet, PruneReport]:
+                method: Method | None = None) -> tuple[MaskSet, PruneReport]:
     """Prune ``targets`` of ``model`` in place to ``config.sparsity``; returns masks and a report.
 
-    ``loader_factory(seed)`` yields training mini-batches (needed by oBERT for gradients).
-    Existing ``masks`` are respected: their pruned weights stay pruned. ``fisher`` (oBERT only):
-    a ``FisherResult`` of the current model to use for the first step instead of new gradients.
+    ``loader_factory(seed)`` yields training mini-batches (for methods that need gradients).
+    Existing ``masks`` are respected: their pruned weights stay pruned. ``method``: an instance
+    to prune with (a gradual run keeps one; it then prunes with this ``config``), else a new one
+    of ``config.method``.
     """
-    if config.method == "obert" and loader_factory is None:
-        raise ObertError("oBERT needs training batches for its gradients")
+    if method is None:
+        method = METHODS[config.method](config)
+    else:
+        method.config = config
+    if method.needs_gradients and loader_factory is None:
+        raise ObertError(f"{config.method} needs training batches for its gradients")
     g = config.group_size
     for t in targets:
         if t.module.weight.shape[-1] % g:
@@ -85,8 +90,8 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                              f"of the {config.structure} group size {g}")
     if masks is None:
         masks = MaskSet.from_zeros(targets)
-    method = METHODS[config.method](config, fisher=fisher)
     report = PruneReport(config=config.as_dict())
+    before = method.timings()
     t_start = time.perf_counter()
     start = masks.stats()["global_sparsity"]  # gradual pruning continues from earlier masks
     for r in range(1, config.num_recomputations + 1):
@@ -112,6 +117,7 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                              "sparsity": stats["global_sparsity"]})
         log(f"[obert] step {r}/{config.num_recomputations}: sparsity {stats['global_sparsity']:.4f} "
             f"(target {target:.4f})")
-    report.timings = {**method.timings(), "total_seconds": time.perf_counter() - t_start}
+    report.timings = {**{k: v - before.get(k, 0.0) for k, v in method.timings().items()},
+                      "total_seconds": time.perf_counter() - t_start}
     report.peak_rss_gib = peak_rss_gib()
     return masks, report

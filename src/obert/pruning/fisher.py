@@ -9,11 +9,12 @@ same as one pass), and the inverses of finished groups wait on disk.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,15 +153,67 @@ def _loss(model: nn.Module, batch: dict, device: torch.device) -> Tensor:
     return out.loss
 
 
+@contextlib.contextmanager
+def gradients_of(model: nn.Module, targets: list[Target]) -> Iterator[None]:
+    """The model with dropout off (``eval()``) and gradients on the target weights only, as the
+    gradient stream wants it; its mode, ``requires_grad`` flags and the targets' ``.grad`` are
+    restored afterwards."""
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    target_weights = {id(t.module.weight) for t in targets}
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in target_weights)
+        yield
+    finally:
+        for t in targets:
+            t.module.weight.grad = None
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def gradient_chunks(model: nn.Module, targets: list[Target], masks: MaskSet, batches: Iterable[dict],
+                    members: list[int], sizes: list[int], chunk: int, dtype: torch.dtype,
+                    device: torch.device, times: dict[str, float]) -> Iterator[dict[int, Tensor]]:
+    """The gradient stream: one row per mini-batch of ``batches`` for each target in
+    ``members``, its weight's gradient masked (pruned weights contribute nothing), flattened and
+    zero-padded to ``sizes[i]``; yielded ``chunk`` rows at a time (the last chunk may be shorter)
+    as ``{target index: [rows, size]}``. The rows live in buffers reused for the next chunk: an
+    estimator consumes them before asking for more. Run inside ``gradients_of``; the time spent
+    on forward and backward passes is added to ``times["grad_seconds"]``."""
+    bufs = {i: torch.zeros(chunk, sizes[i], dtype=dtype, device=device) for i in members}
+    filled = 0
+    for batch in batches:
+        t0 = time.perf_counter()
+        for t in targets:
+            t.module.weight.grad = None
+        _loss(model, batch, device).backward()
+        for i in members:
+            t = targets[i]
+            g = t.module.weight.grad * masks.masks[t.name]
+            bufs[i][filled, : t.numel] = g.reshape(-1)
+        filled += 1
+        times["grad_seconds"] += time.perf_counter() - t0
+        if filled == chunk:
+            yield {i: b[:filled] for i, b in bufs.items()}
+            filled = 0
+    if filled:
+        yield {i: b[:filled] for i, b in bufs.items()}
+
+
 def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                    loader_factory: Callable[[int], Iterator], *, num_grads: int, block_size: int,
                    damp: float, seed: int = 0, max_memory_gb: float | None = None,
                    progress: bool = True, log: Callable[[str], None] = print) -> FisherResult:
     """Inverse damped empirical Fisher blocks of every target from ``num_grads`` mini-batch gradients.
 
-    Gradients are taken with dropout off (``model.eval()``), only for the target weights, and
-    masked so already-pruned weights contribute nothing. ``loader_factory(seed)`` yields
-    mini-batches (dicts with ``labels``) in a seed-determined order.
+    The block-Fisher estimator on the gradient stream (``gradient_chunks``): gradients are taken
+    with dropout off, only for the target weights, and masked so already-pruned weights
+    contribute nothing. ``loader_factory(seed)`` yields mini-batches (dicts with ``labels``) in a
+    seed-determined order. Targets whose blocks do not fit the memory budget together are done in
+    several passes over the same batches.
 
     On several processes (DDP) the ``num_grads`` batches of that order are dealt round-robin to
     the ranks; each accumulates its share of ``G_b^T G_b`` and the sums are all-reduced before
@@ -179,44 +232,22 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     result = FisherResult(plan=plan, device=device)
     if len(plan.groups) > 1:
         result._tmp = tempfile.TemporaryDirectory(prefix="obert-finv-")
-
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    target_weights = {id(t.module.weight) for t in targets}
-    model.eval()
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in target_weights)
+    times = {"grad_seconds": 0.0}
+    with gradients_of(model, targets):
         for gi, group in enumerate(plan.groups):
             accs = {i: StreamingFisher(sizes[i], block_size, damp, dtype=dtype, device=device)
                     for i in group}
-            bufs = {i: torch.zeros(plan.chunk, sizes[i], dtype=dtype, device=device) for i in group}
-            filled = 0
             desc = "gradients" + (f" (pass {gi + 1}/{len(plan.groups)})" if len(plan.groups) > 1 else "")
             batches = itertools.islice(batch_stream(loader_factory, num_grads, seed), my_rank, None, world)
             mine = len(range(my_rank, num_grads, world))
-            for batch in tqdm(batches, total=mine, desc=desc, disable=not progress, leave=False):
-                t0 = time.perf_counter()
-                for t in targets:
-                    t.module.weight.grad = None
-                _loss(model, batch, device).backward()
-                for i in group:
-                    t = targets[i]
-                    g = t.module.weight.grad * masks.masks[t.name]
-                    bufs[i][filled, : t.numel] = g.reshape(-1)
-                filled += 1
+            batches = tqdm(batches, total=mine, desc=desc, disable=not progress, leave=False)
+            for rows in gradient_chunks(model, targets, masks, batches, group, sizes, plan.chunk,
+                                        dtype, device, times):
                 t1 = time.perf_counter()
-                result.grad_seconds += t1 - t0
-                if filled == plan.chunk:
-                    for i in group:
-                        accs[i].update(bufs[i][:filled])
-                    filled = 0
-                    result.fisher_seconds += time.perf_counter() - t1
+                for i, g in rows.items():
+                    accs[i].update(g)
+                result.fisher_seconds += time.perf_counter() - t1
             t1 = time.perf_counter()
-            if filled:
-                for i in group:
-                    accs[i].update(bufs[i][:filled])
-            del bufs
             if world > 1:
                 for acc in accs.values():
                     all_reduce_sum(acc.gram)
@@ -233,10 +264,5 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                     result.finv[name] = finv
             result.fisher_seconds += time.perf_counter() - t1
             result.invert_seconds += time.perf_counter() - t2
-    finally:
-        for t in targets:
-            t.module.weight.grad = None
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    result.grad_seconds = times["grad_seconds"]
     return result

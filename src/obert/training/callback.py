@@ -36,7 +36,7 @@ from obert.distributed import broadcast, rank
 from obert.errors import ObertError
 from obert.io import write_json
 from obert.model.masks import MaskSet
-from obert.pruning.methods import PruneConfig
+from obert.pruning.methods import METHODS, PruneConfig
 from obert.pruning.driver import prune_model
 from obert.training.schedule import PruningSchedule, steps_per_epoch
 from obert.model.targets import find_targets
@@ -58,6 +58,7 @@ class OBertPruningCallback(TrainerCallback):
         self.include, self.exclude = include, exclude
         self._log = log
         self.masks: MaskSet | None = None
+        self.method = METHODS[config.method](config)  # one instance for the run (its lifecycle)
         self.history: list[dict] = []  # one record per pruning step done
         self.plan: list[tuple[int, float]] = []
         self._resume_masks: dict[str, torch.Tensor] | None = None
@@ -92,16 +93,19 @@ class OBertPruningCallback(TrainerCallback):
             self.masks = MaskSet(targets)
         self.masks.attach()
         self.masks.apply()
+        self.method.on_train_begin(model, targets, self.masks)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._prune_due(state, model, optimizer, until=state.global_step)
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.masks.apply()
+        self.method.on_optimizer_step(model, self.masks.targets, self.masks)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # A schedule ending on the last step prunes after training (no step follows it).
         self._prune_due(state, model, optimizer, until=state.max_steps)
+        self.method.on_train_end(model, self.masks.targets, self.masks)
         self.masks.detach()
 
     def on_save(self, args, state, control, **kwargs):
@@ -123,7 +127,7 @@ class OBertPruningCallback(TrainerCallback):
         config = dataclasses.replace(self.config, sparsity=sparsity,
                                      seed=self.config.seed + 1_000_003 * (k + 1))
         masks, report = prune_model(model, self.masks.targets, config, self.gradient_batches,
-                                    masks=self.masks, log=lambda s: None)
+                                    masks=self.masks, log=lambda s: None, method=self.method)
         # Identical replicas, whatever the floating-point order of each rank's reductions.
         with torch.no_grad():
             for t in masks.targets:

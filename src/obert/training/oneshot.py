@@ -11,7 +11,7 @@ from obert.pruning.fisher import FisherResult, collect_fisher
 from obert.io import save_model_dir
 from obert.model.loading import check_length
 from obert.model.masks import MaskSet, sparsity_record
-from obert.pruning.methods import PruneConfig
+from obert.pruning.methods import OBert, PruneConfig
 from obert.pruning.driver import PruneReport, prune_model
 from obert.model.targets import find_targets
 from obert.device import pick_device
@@ -84,8 +84,9 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
             fisher = cache[k]
             info = {"grad_seconds": fisher.grad_seconds, "fisher_seconds": fisher.fisher_seconds,
                     "invert_seconds": fisher.invert_seconds}
+        method = OBert(config, fisher=fisher) if fisher is not None else None
         masks, report = prune_model(model, targets, config,
-                                    loader_factory(config.grad_batch_size), fisher=fisher,
+                                    loader_factory(config.grad_batch_size), method=method,
                                     log=lambda s: None)
         yield config, model, masks, report, info
     for f in cache.values():

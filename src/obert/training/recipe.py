@@ -103,7 +103,7 @@ class TrainingSection(_Section):
 
 
 class PruningSection(_Section):
-    method: Literal["obert", "magnitude"] = "obert"
+    method: str = "obert"  # a registered method (obert.pruning.methods.METHODS)
     structure: Literal["unstructured", "block4"] = "unstructured"
     init_sparsity: float = Field(ge=0, lt=1)
     final_sparsity: float = Field(ge=0, lt=1)
@@ -120,6 +120,15 @@ class PruningSection(_Section):
     include: list[str] | None = None
     exclude: list[str] | None = None
     max_memory_gb: float | None = Field(None, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from obert.pruning.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}, got '{value}'")
+        return value
 
     @model_validator(mode="after")
     def _patterns(self):

@@ -45,7 +45,9 @@ class PruneConfig:
                 raise ObertError(f"{_option(name)} must be a finite number, got {value}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ObertError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        for name, choices in (("method", ("obert", "magnitude")), ("structure", tuple(STRUCTURES)),
+        from obert.pruning.methods import METHODS  # the registered methods
+
+        for name, choices in (("method", tuple(METHODS)), ("structure", tuple(STRUCTURES)),
                               ("scope", ("global", "uniform")), ("update", ("joint", "independent"))):
             if getattr(self, name) not in choices:
                 raise ObertError(f"{_option(name)} must be {' or '.join(choices)}, "
@@ -74,11 +76,30 @@ class PruneConfig:
 
 
 class Method(ABC):
-    """Scores weight groups and applies the weight update once the pruned groups are chosen."""
+    """A pruning method: scores weight groups and updates the weights once the pruned groups are
+    chosen, with hooks for the rest of a gradual run.
 
-    def __init__(self, config: PruneConfig, fisher=None) -> None:
-        """``fisher``: precomputed second-order information (used by methods that need it)."""
+    Lifecycle. One-shot pruning (``prune_model``) calls ``scores`` then ``update`` per
+    recomputation step. Gradual pruning (``OBertPruningCallback``) keeps one instance for the
+    whole run: ``on_train_begin`` once, ``on_optimizer_step`` after every optimizer step (for
+    methods that learn their scores while training), ``scores``/``update`` at each pruning step
+    (``config`` is then that step's: its sparsity and seed), and ``on_train_end``. A new method is
+    one subclass and one entry in ``obert.pruning.methods.METHODS``.
+    """
+
+    needs_gradients: bool = False  # scores() reads training batches from loader_factory
+
+    def __init__(self, config: PruneConfig) -> None:
         self.config = config
+
+    def on_train_begin(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
+        """Gradual pruning starts (masks attached, nothing pruned by this run yet)."""
+
+    def on_optimizer_step(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
+        """After every optimizer step of a gradual run (pruned weights already held at zero)."""
+
+    def on_train_end(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
+        """Gradual pruning is over (the last pruning step is done)."""
 
     @abstractmethod
     def scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,

@@ -15,6 +15,8 @@ from obert.pruning.methods.base import Method
 
 
 class OBert(Method):
+    needs_gradients = True
+
     def __init__(self, config, fisher: FisherResult | None = None) -> None:
         """``fisher``: inverse blocks already computed on the current model, used for the first
         step instead of collecting gradients (e.g. to prune one model to several sparsities)."""
