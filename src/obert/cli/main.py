@@ -147,7 +147,7 @@ def prune(
     train_file: Optional[str] = typer.Option(None, help="Training data for the gradients"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluate before and after pruning"),
     task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
-    method: str = typer.Option("obert", help="obert or magnitude"),
+    method: str = typer.Option("obert", help="obert or magnitude (or a method registered in obert.pruning.methods.METHODS)"),
     structure: str = typer.Option("unstructured", help="unstructured or block4 (4 consecutive input weights)"),
     scope: str = typer.Option("global", help="global (one threshold) or uniform (same sparsity per layer)"),
     num_grads: int = typer.Option(256, parser=number(int), help="m: mini-batch gradients for the Fisher (paper: 1024)"),
@@ -168,7 +168,7 @@ def prune(
 ) -> None:
     """One-shot pruning to a target sparsity; writes a HF model dir with sparsity.json."""
     from obert.io import check_output, claim_output
-    from obert.pruning.methods import PruneConfig
+    from obert.pruning.methods import METHODS, PruneConfig
     from obert.training.oneshot import run_prune
     from obert.model.targets import compile_patterns
     from obert.device import pick_device
@@ -183,7 +183,7 @@ def prune(
     pick_device(device)
     out = check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
     with claim_output(out):
-        needs_train = method == "obert"
+        needs_train = METHODS[method].needs_gradients
         train_rows = _data(train_file, task, "train", required=needs_train)
         eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
         result = run_prune(model, config, train_rows, eval_rows, out=out, include=include,
