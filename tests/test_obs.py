@@ -226,3 +226,17 @@ def test_badly_conditioned_float32_blocks_fall_back_to_float64():
     expected = evecs @ torch.diag(1 / evals.clamp(min=1e-6)) @ evecs.T
     assert float((got[1].double() - expected).norm() / expected.norm()) < 1e-5
     torch.testing.assert_close(got[1], got[1].T)
+
+
+def test_one_damping_for_fisher_blocks_and_layer_hessians():
+    """add_damping: absolute (lambda I) for a batch of Fisher blocks, relative to each matrix's
+    mean diagonal for Hessians; against explicit float64 sums."""
+    from obert.core.obs import add_damping
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 5, dtype=torch.float64)
+    m = a @ a.transpose(1, 2)
+    eye = torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(add_damping(m.clone(), 1e-3), m + 1e-3 * eye)
+    expected = m + 0.01 * torch.stack([torch.diagonal(x).mean() for x in m])[:, None, None] * eye
+    torch.testing.assert_close(add_damping(m.clone(), 0.01, relative=True), expected)

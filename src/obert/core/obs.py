@@ -33,6 +33,16 @@ def gram_blocks(grads: Tensor, block_size: int) -> Tensor:
     return torch.bmm(g.transpose(1, 2), g)
 
 
+def add_damping(matrix: Tensor, damp: float, relative: bool = False) -> Tensor:
+    """``M + lambda I`` in place, for one matrix or a batch ``[..., n, n]``: the damping of
+    every curvature matrix obert inverts. ``lambda = damp`` (absolute: the Fisher blocks of
+    pruning, where the paper's damping is a fixed 1e-7-1e-4), or ``damp * mean(diag M)`` per
+    matrix (relative: the layer Hessians of OBS rounding, whose scale follows the activations)."""
+    diag = matrix.diagonal(dim1=-2, dim2=-1)
+    diag.add_(damp * diag.mean(-1, keepdim=True) if relative else damp)
+    return matrix
+
+
 def invert_fisher(gram: Tensor, num_grads: int, damp: float) -> Tensor:
     """``(damp * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (Cholesky, batched).
 
@@ -41,8 +51,7 @@ def invert_fisher(gram: Tensor, num_grads: int, damp: float) -> Tensor:
     """
     if damp <= 0:
         raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
-    fisher = gram.div_(num_grads)
-    fisher.diagonal(dim1=-2, dim2=-1).add_(damp)
+    fisher = add_damping(gram.div_(num_grads), damp)
     chol, info = torch.linalg.cholesky_ex(fisher)
     if bool((info != 0).any()):
         # float32 rounding can leave a badly conditioned block indefinite. Redo those blocks in

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from obert.core.obs import add_damping
 from obert.errors import ObertError
 
 INT8_MAX = 127
@@ -55,8 +56,7 @@ def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
     h[dead, :] = 0
     h[:, dead] = 0
     diag[dead] = 1
-    diag += damp * diag.mean()
-    return h
+    return add_damping(h, damp, relative=True)
 
 
 def obs_quantize(weight: Tensor, hessian: Tensor, keep: Tensor | None = None, *,
