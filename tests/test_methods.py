@@ -98,4 +98,24 @@ def test_an_unregistered_method_is_refused_by_the_cli_and_recipes(tmp_path, tiny
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
     assert main(["train", "--recipe", str(recipe)]) == 2
-    assert "must be one of obert, magnitude, got 'largest-first'" in capsys.readouterr().err
+    assert "pruning.method: must be obert or magnitude, got 'largest-first'" in capsys.readouterr().err
+
+
+def test_pruning_settings_are_defined_once():
+    """The `obert prune` options and the recipe's pruning fields are generated from / inherit
+    MethodSettings: same names, defaults and help; PruneConfig adds sparsity and seed."""
+    import inspect
+
+    from obert.cli.main import prune
+    from obert.pruning.settings import MethodSettings, PruneConfig, option_name
+    from obert.training.recipe import PruningSection
+
+    options = {name: p.default for name, p in inspect.signature(prune).parameters.items()}
+    for name, field in PruneConfig.model_fields.items():
+        opt = options[name]
+        assert option_name(name) in opt.param_decls and opt.help == field.description
+        assert opt.default == (... if field.is_required() else field.default)
+    for name, field in MethodSettings.model_fields.items():
+        assert PruningSection.model_fields[name].default == field.default
+        assert PruningSection.model_fields[name].description == field.description
+    assert set(PruneConfig.model_fields) - set(MethodSettings.model_fields) == {"sparsity", "seed"}

@@ -9,12 +9,14 @@ and every output path with it, before any work starts; outputs appear only compl
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -22,6 +24,7 @@ from typing import Optional
 import typer
 
 from obert.errors import ObertError, first_line
+from obert.pruning.settings import PruneConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Second-order (oBERT) pruning of Hugging Face encoder models.")
@@ -55,6 +58,38 @@ def number(kind: type = float, *, gt: float | None = None, ge: float | None = No
 
 
 POSITIVE, COUNT = number(float, gt=0), number(int, ge=1)
+
+
+def settings_options(model) -> list[inspect.Parameter]:
+    """The fields of a pydantic settings model as typer options: one per field, named by
+    ``option_name``, its default, its description as help, and a finite-number parser for
+    numbers (the model checks the ranges)."""
+    from obert.pruning.settings import option_name
+
+    params = []
+    for name, field in model.model_fields.items():
+        args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
+        kind = args[0] if args else field.annotation
+        parser = {int: number(int), float: number()}.get(kind)
+        option = typer.Option(... if field.is_required() else field.default, option_name(name),
+                              help=field.description, **({"parser": parser} if parser else {}))
+        optional = type(None) in typing.get_args(field.annotation)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[kind] if optional else kind))
+    return params
+
+
+def with_settings(model):
+    """A command taking ``**settings`` gets the model's fields as options (see
+    ``settings_options``): the options, their help and defaults are the model's, defined once."""
+    def wrap(fn):
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+        extra = settings_options(model)
+        fn.__signature__ = signature.replace(parameters=own + extra)
+        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in extra}}
+        return fn
+    return wrap
 SEED = number(int, ge=0, lt=2**32)
 LENGTH = number(int, ge=8)
 
@@ -140,50 +175,36 @@ def finetune(
 
 
 @app.command()
+@with_settings(PruneConfig)
 def prune(
     model: str = typer.Argument(..., help="Fine-tuned model (hub id or local directory)"),
     out: Path = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)"),
-    sparsity: float = typer.Option(..., parser=number(), help="Target fraction of pruned weights, in [0, 1)"),
     train_file: Optional[str] = typer.Option(None, help="Training data for the gradients"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluate before and after pruning"),
     task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
-    method: str = typer.Option("obert", help="obert or magnitude (or a method registered in obert.pruning.methods.METHODS)"),
-    structure: str = typer.Option("unstructured", help="unstructured or block4 (4 consecutive input weights)"),
-    scope: str = typer.Option("global", help="global (one threshold) or uniform (same sparsity per layer)"),
-    num_grads: int = typer.Option(256, parser=number(int), help="m: mini-batch gradients for the Fisher (paper: 1024)"),
-    grad_batch_size: int = typer.Option(16, parser=number(int), help="Examples per gradient mini-batch"),
-    fisher_block_size: Optional[int] = typer.Option(None, parser=number(int), help="B (default 50; 32 for block4)"),
-    damp: float = typer.Option(1e-7, parser=number(), help="Fisher damping lambda (absolute)"),
-    num_recomputations: int = typer.Option(1, parser=number(int), help="Reach the target in R steps, re-estimating the Fisher"),
-    update: str = typer.Option("joint", help="joint (exact per-block OBS) or independent (paper)"),
     include: Optional[list[str]] = typer.Option(None, help="Regex of Linear module names to prune (repeatable)"),
     exclude: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep dense (repeatable)"),
     max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per example (default 128, or the model's limit when shorter)"),
     eval_batch_size: int = typer.Option(64, parser=COUNT),
-    max_memory: Optional[float] = typer.Option(None, parser=number(), help="GiB for Fisher blocks (default: 80% of free)"),
-    seed: int = typer.Option(0, parser=number(int)),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)"),
     tokenizer: Optional[str] = TOKENIZER,
     overwrite: bool = OVERWRITE,
+    **settings,
 ) -> None:
     """One-shot pruning to a target sparsity; writes a HF model dir with sparsity.json."""
     from obert.io import check_output, claim_output
-    from obert.pruning.methods import METHODS, PruneConfig
+    from obert.pruning.methods import METHODS
     from obert.training.oneshot import run_prune
     from obert.model.targets import compile_patterns
     from obert.device import pick_device
 
-    config = PruneConfig(sparsity=sparsity, method=method, structure=structure, scope=scope,
-                         num_grads=num_grads, grad_batch_size=grad_batch_size,
-                         fisher_block_size=fisher_block_size, damp=damp,
-                         num_recomputations=num_recomputations, update=update,
-                         max_memory_gb=max_memory, seed=seed)
+    config = PruneConfig(**settings)
     compile_patterns(include, "--include")
     compile_patterns(exclude, "--exclude")
     pick_device(device)
     out = check_output(out, inputs=[model, train_file, eval_file, tokenizer], overwrite=overwrite)
     with claim_output(out):
-        needs_train = METHODS[method].needs_gradients
+        needs_train = METHODS[config.method].needs_gradients
         train_rows = _data(train_file, task, "train", required=needs_train)
         eval_rows = _data(eval_file, task if eval_file is None else None, "eval", required=False)
         result = run_prune(model, config, train_rows, eval_rows, out=out, include=include,

@@ -22,7 +22,6 @@ restores them (without it, masks are rebuilt from the zeros of the resumed weigh
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -124,8 +123,8 @@ class OBertPruningCallback(TrainerCallback):
 
     def prune_step(self, model, optimizer, k: int, step: int, sparsity: float, state) -> None:
         """Prune to ``sparsity`` now (schedule step ``k``), with fresh gradients for the Fisher."""
-        config = dataclasses.replace(self.config, sparsity=sparsity,
-                                     seed=self.config.seed + 1_000_003 * (k + 1))
+        config = self.config.model_copy(update={"sparsity": sparsity,
+                                                "seed": self.config.seed + 1_000_003 * (k + 1)})
         masks, report = prune_model(model, self.masks.targets, config, self.gradient_batches,
                                     masks=self.masks, log=lambda s: None, method=self.method)
         # Identical replicas, whatever the floating-point order of each rank's reductions.

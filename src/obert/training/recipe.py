@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from obert.errors import ObertError
 from obert.model.targets import compile_patterns
+from obert.pruning.settings import MethodSettings
 from obert.tasks import TASKS
 
 
@@ -102,33 +103,17 @@ class TrainingSection(_Section):
     device: str | None = None
 
 
-class PruningSection(_Section):
-    method: str = "obert"  # a registered method (obert.pruning.methods.METHODS)
-    structure: Literal["unstructured", "block4"] = "unstructured"
+class PruningSection(_Section, MethodSettings):
+    """The schedule of gradual pruning and what to prune; the method's settings are
+    ``MethodSettings``' (the ``obert prune`` options), defined there once."""
+
     init_sparsity: float = Field(ge=0, lt=1)
     final_sparsity: float = Field(ge=0, lt=1)
     start_epoch: float = Field(ge=0)
     end_epoch: float = Field(ge=0)
     frequency: float = Field(1.0, gt=0)
-    num_grads: int = Field(1024, gt=0)
-    grad_batch_size: int = Field(16, gt=0)
-    fisher_block_size: int | None = Field(None, gt=0)
-    damp: float = Field(1e-7, gt=0)
-    scope: Literal["global", "uniform"] = "global"
-    num_recomputations: int = Field(1, gt=0)
-    update: Literal["joint", "independent"] = "joint"
     include: list[str] | None = None
     exclude: list[str] | None = None
-    max_memory_gb: float | None = Field(None, gt=0)
-
-    @field_validator("method")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        from obert.pruning.methods import METHODS
-
-        if value not in METHODS:
-            raise ValueError(f"must be one of {', '.join(METHODS)}, got '{value}'")
-        return value
 
     @model_validator(mode="after")
     def _patterns(self):
@@ -182,14 +167,10 @@ class Recipe(_Section):
 
     def prune_config(self):
         """The per-step pruning settings (the sparsity is set by the schedule at each step)."""
-        from obert.pruning.methods import PruneConfig
+        from obert.pruning.settings import PruneConfig
 
         p = self.pruning
-        return PruneConfig(sparsity=p.final_sparsity, method=p.method, structure=p.structure,
-                           scope=p.scope, num_grads=p.num_grads, grad_batch_size=p.grad_batch_size,
-                           fisher_block_size=p.fisher_block_size, damp=p.damp,
-                           num_recomputations=p.num_recomputations, update=p.update,
-                           max_memory_gb=p.max_memory_gb, seed=self.training.seed)
+        return PruneConfig(sparsity=p.final_sparsity, seed=self.training.seed, **p.method_settings())
 
 
 def _set(doc: dict, assignment: str) -> str:
