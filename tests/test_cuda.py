@@ -21,7 +21,8 @@ from obert.device import available_memory
 from obert.pruning.fisher import collect_fisher
 from obert.core.obs import (StreamingFisher, fisher_inverse_blocks, invert_fisher, prune_update,
                        saliency, woodbury_fisher_inverse)
-from obert.training.oneshot import gradient_batches, prune_sweep
+from obert.pruning.fisher import gradient_batches
+from obert.training.oneshot import prune_sweep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CUDA = torch.device("cuda")

@@ -9,7 +9,7 @@ from conftest import encoded_rows, tiny_model
 from obert import MaskSet, ObertError, PruneConfig, find_targets, prune_model
 from obert.pruning.fisher import collect_fisher, plan_memory
 from obert.core.obs import fisher_inverse_blocks
-from obert.training.oneshot import gradient_batches
+from obert.pruning.fisher import gradient_batches
 from obert.pruning.driver import select_groups
 
 EXPECTED = {

@@ -107,6 +107,12 @@ def _pack(sizes: list[int], per_weight: int, scratch: int, budget: int) -> list[
     return groups
 
 
+def gradient_batches(data, batch_size: int):
+    """``seed -> iterator`` of shuffled training mini-batches, as the Fisher collection wants
+    (``data``: anything with ``loader(batch_size, shuffle=, seed=)``, e.g. ``tasks.data.Encoded``)."""
+    return lambda seed: iter(data.loader(batch_size, shuffle=True, seed=seed))
+
+
 def batch_stream(loader_factory: Callable[[int], Iterator], num: int, seed: int) -> Iterator:
     """``num`` batches, reshuffling (with seeds derived from ``seed``) when the data runs out."""
     epoch = 0

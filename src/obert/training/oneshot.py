@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from obert.tasks.data import Encoded, TextData, label_map_from_config
-from obert.pruning.fisher import FisherResult, collect_fisher
+from obert.pruning.fisher import FisherResult, collect_fisher, gradient_batches
 from obert.io import save_model_dir
 from obert.model.loading import check_length
 from obert.model.masks import MaskSet, sparsity_record
@@ -16,11 +16,6 @@ from obert.pruning.driver import PruneReport, prune_model
 from obert.model.targets import find_targets
 from obert.device import pick_device
 from obert.tasks.classification import evaluate, load_classifier
-
-
-def gradient_batches(data: Encoded, batch_size: int):
-    """``seed -> iterator`` of shuffled training mini-batches, as the Fisher collection wants."""
-    return lambda seed: iter(data.loader(batch_size, shuffle=True, seed=seed))
 
 
 def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
