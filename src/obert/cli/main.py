@@ -24,7 +24,7 @@ from typing import Optional
 import typer
 
 from obert.errors import ObertError, first_line
-from obert.pruning.settings import PruneConfig
+from obert.pruning.settings import PruneConfig, option_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Second-order (oBERT) pruning of Hugging Face encoder models.")
@@ -64,8 +64,6 @@ def settings_options(model) -> list[inspect.Parameter]:
     """The fields of a pydantic settings model as typer options: one per field, named by
     ``option_name``, its default, its description as help, and a finite-number parser for
     numbers (the model checks the ranges)."""
-    from obert.pruning.settings import option_name
-
     params = []
     for name, field in model.model_fields.items():
         args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
@@ -117,16 +115,18 @@ def _encode(rows, tokenizer, model, max_length: int):
 
 
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an earlier obert output at --out")
+OUT_MODEL = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)")
+GLUE_TASK = typer.Option(None, "--task", help="GLUE task name instead of files (needs the hub)")
 TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer (hub id or directory) when the model directory has none")
 
 
 @app.command()
 def finetune(
     model: str = typer.Argument(..., help="Hub id or local model directory"),
-    out: Path = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)"),
+    out: Path = OUT_MODEL,
     train_file: Optional[str] = typer.Option(None, help="Training data (.jsonl/.csv: text[, text_pair], label)"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluation data (same format)"),
-    task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
+    task: Optional[str] = GLUE_TASK,
     epochs: float = typer.Option(3.0, parser=POSITIVE, help="Training epochs"),
     lr: float = typer.Option(5e-5, parser=POSITIVE, help="Peak learning rate (AdamW)"),
     lr_scheduler: str = typer.Option("linear", help=", ".join(LR_SCHEDULERS)),
@@ -178,10 +178,10 @@ def finetune(
 @with_settings(PruneConfig)
 def prune(
     model: str = typer.Argument(..., help="Fine-tuned model (hub id or local directory)"),
-    out: Path = typer.Option(..., "--out", help="Output model directory (new, or an obert output with --overwrite)"),
+    out: Path = OUT_MODEL,
     train_file: Optional[str] = typer.Option(None, help="Training data for the gradients"),
     eval_file: Optional[str] = typer.Option(None, help="Evaluate before and after pruning"),
-    task: Optional[str] = typer.Option(None, help="GLUE task name instead of files (needs the hub)"),
+    task: Optional[str] = GLUE_TASK,
     include: Optional[list[str]] = typer.Option(None, help="Regex of Linear module names to prune (repeatable)"),
     exclude: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep dense (repeatable)"),
     max_length: Optional[int] = typer.Option(None, parser=LENGTH, help="Tokens per example (default 128, or the model's limit when shorter)"),

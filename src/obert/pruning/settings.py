@@ -56,13 +56,18 @@ class MethodSettings(BaseModel):
             raise ValueError(f"must be {_either(choices)}, got '{value}'")
         return value
 
+    @field_validator("fisher_block_size")
+    @classmethod
+    def _whole_groups(cls, value: int | None, info) -> int | None:
+        group = STRUCTURES.get(info.data.get("structure"))  # absent when structure was refused
+        if value is not None and group and value % group:
+            raise ValueError(f"must be a positive multiple of the group size {group}, got {value}")
+        return value
+
     @model_validator(mode="after")
-    def _block_size(self):
+    def _default_block_size(self):
         if self.fisher_block_size is None:
             self.fisher_block_size = DEFAULT_BLOCK[self.structure]
-        if self.fisher_block_size % self.group_size:
-            raise ValueError(f"fisher_block_size must be a positive multiple of the group size "
-                             f"{self.group_size}, got {self.fisher_block_size}")
         return self
 
     @property
@@ -84,8 +89,16 @@ class PruneConfig(MethodSettings):
     (defaults follow the oBERT paper where it gives them). Invalid values raise ``ObertError``
     naming the ``obert prune`` option."""
 
-    sparsity: float = Field(ge=0, lt=1, description="Target fraction of pruned weights, in [0, 1)")
+    sparsity: float = Field(description="Target fraction of pruned weights, in [0, 1)")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the gradient mini-batch order")
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _fraction(cls, value):
+        """Before the type check, so NaN and infinity get this message too."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
+            raise ValueError("must be in [0, 1)")
+        return value
 
     def __init__(self, sparsity: float | None = None, /, **values) -> None:
         if sparsity is not None:
@@ -96,10 +109,6 @@ class PruneConfig(MethodSettings):
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else ""
             msg = err["msg"].removeprefix("Value error, ")
-            if not field and msg.startswith("fisher_block_size "):  # the one check across fields
-                field, msg = "fisher_block_size", msg.removeprefix("fisher_block_size ")
-            if field == "sparsity" and err["type"] != "missing":
-                msg = "must be in [0, 1)"
             got = "" if "got " in msg or "input" not in err else f", got {err['input']!r}"
             name = option_name(field) if field else "pruning settings"
             raise ObertError(f"{name} {msg[:1].lower() + msg[1:]}{got}") from None

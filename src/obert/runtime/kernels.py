@@ -81,6 +81,15 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+@functools.lru_cache(maxsize=1)
+def _compiler_version() -> bytes:
+    """What ``c++ --version`` says (asked once per process: every compile's cache key needs it)."""
+    try:
+        return subprocess.run([_compiler(), "--version"], capture_output=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return b""
+
+
 def _build_dir() -> Path:
     """Where this build lives: keyed by the sources, the compiler, torch and Python (not by the
     CPU: the build is the same on every machine of the architecture)."""
@@ -89,10 +98,7 @@ def _build_dir() -> Path:
         h.update(path.name.encode() + path.read_bytes())
     h.update(f"{torch.__version__}-{sys.version_info[:2]}-{platform.machine()}-{_COMMON}-"
              f"{sorted(ISA_FLAGS.items())}".encode())
-    try:
-        h.update(subprocess.run([_compiler(), "--version"], capture_output=True, timeout=60).stdout)
-    except (OSError, subprocess.SubprocessError):
-        pass
+    h.update(_compiler_version())
     base = Path(os.environ.get("OBERT_CACHE", Path.home() / ".cache" / "obert"))
     return base / f"ext-{h.hexdigest()[:16]}"
 
