@@ -96,9 +96,11 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
     todo.sort(key=lambda c: (c["method"] == "obert", c["R"],
                              priority[c["sparsity"]] if c["R"] > 1 else 0, c["structure"],
                              c["sparsity"]))
+    obert = {"num_grads": args.num_grads, "damp": 1e-7}  # oBERT's own settings
     prune_configs = [PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
-                                 num_grads=args.num_grads, grad_batch_size=16, damp=1e-7,
-                                 num_recomputations=c["R"], update=c["update"]) for c in todo]
+                                 grad_batch_size=16, num_recomputations=c["R"],
+                                 **({**obert, "update": c["update"]} if c["method"] == "obert" else {}))
+                     for c in todo]
     sweep = prune_sweep(dense, prune_configs, lambda bs: gradient_batches(grads_ds, bs), log=log)
     t_prev = time.perf_counter()
     for c, (cfg, model, masks, report, fisher) in zip(todo, sweep):

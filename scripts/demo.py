@@ -67,7 +67,8 @@ def main() -> int:
 
     console.print("[bold]2/3[/] one-shot pruning (global, unstructured; obert: m=128 gradients "
                   "of batch 16, B=50, damp 1e-7, joint OBS update)")
-    configs = [PruneConfig(sparsity=s, method=m, num_grads=128, grad_batch_size=16, damp=1e-7)
+    own = {"magnitude": {}, "obert": {"num_grads": 128, "damp": 1e-7}}  # each method's settings
+    configs = [PruneConfig(sparsity=s, method=m, grad_batch_size=16, **own[m])
                for m in ("magnitude", "obert") for s in SPARSITIES]
     results = {"dense": dense_acc}
     t0 = time.perf_counter()

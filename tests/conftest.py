@@ -202,6 +202,11 @@ def tiny_recipe(tmp_path, data_files, model_dir, **over) -> dict:
             doc[section][field] = value
         else:
             doc[section] = value
+    pruning = doc.get("pruning")
+    if isinstance(pruning, dict) and pruning.get("method") != "obert":  # oBERT's settings go with it
+        for name in ("num_grads", "fisher_block_size"):
+            if f"pruning__{name}" not in over:
+                pruning.pop(name, None)
     return doc
 
 

@@ -496,9 +496,13 @@ def test_unexpected_errors_are_one_line_exit_1(env, tmp_path, monkeypatch, capsy
 
 def _numeric_options() -> list[tuple[str, str]]:
     """(command, --option) for every int/float option of every command, read from the CLI."""
+    from obert.cli.main import attach_settings
+
     found = []
     for info in app.registered_commands:
         fn = info.callback
+        if hasattr(fn, "settings_model"):
+            attach_settings(fn)  # as main() does: the settings models' options
         hints = typing.get_type_hints(fn)
         for name, param in __import__("inspect").signature(fn).parameters.items():
             kind = hints[name]
@@ -537,13 +541,17 @@ def test_numeric_option_refuses_bad_values(command, option, env, tmp_path, capsy
 
 
 def _recipe_numeric_fields() -> list[str]:
+    from obert.pruning.methods import METHODS
     from obert.training.recipe import Recipe
 
     fields = []
     for section, info in Recipe.model_fields.items():
         model = next((a for a in typing.get_args(info.annotation) if a is not type(None)),
                      info.annotation)
-        for name, f in getattr(model, "model_fields", {}).items():
+        found = dict(getattr(model, "model_fields", {}))
+        if section == "pruning":  # and the methods' own settings (the default method's here)
+            found.update(METHODS["obert"].Settings.model_fields)
+        for name, f in found.items():
             kind = next((a for a in typing.get_args(f.annotation) if a is not type(None)), f.annotation)
             if kind in (int, float):
                 fields.append(f"{section}.{name}")

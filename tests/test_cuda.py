@@ -144,7 +144,8 @@ def test_cuda_memory_budget_counts_the_allocator_cache():
 # -- one-shot pruning --------------------------------------------------------------------------
 def _prune(model, ds, **cfg):
     targets = find_targets(model)
-    config = PruneConfig(num_grads=8, grad_batch_size=8, num_recomputations=2, **cfg)
+    own = {"num_grads": 8} if cfg.get("method", "obert") == "obert" else {}  # oBERT's settings
+    config = PruneConfig(grad_batch_size=8, num_recomputations=2, **own, **cfg)
     masks, report = prune_model(model, targets, config, gradient_batches(ds, 8), **QUIET)
     return targets, masks, report
 

@@ -1,5 +1,6 @@
 """A new pruning method is one class and one registration: a toy method defined here, and only
-here, runs through `obert prune` and through a recipe (`obert train`), lifecycle hooks included."""
+here, with a setting of its own, runs through `obert prune` and through a recipe (`obert train`),
+its setting and lifecycle hooks included."""
 
 from __future__ import annotations
 
@@ -9,14 +10,30 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_recipe
+from pydantic import Field, field_validator
 
 from obert.cli.main import main
 from obert.pruning.methods import METHODS, Method
+from obert.pruning.settings import Settings
+
+
+class LargestFirstSettings(Settings):
+    order: str = Field("largest", description="largest: prune the largest weights first; "
+                                              "smallest: the smallest (as magnitude)")
+
+    @field_validator("order")
+    @classmethod
+    def _known(cls, value):
+        if value not in ("largest", "smallest"):
+            raise ValueError(f"must be largest or smallest, got '{value}'")
+        return value
 
 
 class LargestFirst(Method):
-    """Prunes the largest weights first (the opposite of magnitude): easy to recognise in a mask."""
+    """Prunes the largest weights first (the opposite of magnitude): easy to recognise in a mask;
+    its own setting ``order`` turns it around."""
 
+    Settings = LargestFirstSettings
     calls: list[str] = []
 
     def on_train_begin(self, model, targets, masks):
@@ -31,7 +48,8 @@ class LargestFirst(Method):
     def scores(self, model, targets, masks, loader_factory, step):
         self.calls.append("scores")
         g = self.config.group_size
-        return {t.name: -t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
+        sign = -1.0 if self.options.order == "largest" else 1.0
+        return {t.name: sign * t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
                 for t in targets}
 
     @torch.no_grad()
@@ -47,8 +65,9 @@ def largest_first(monkeypatch):
     return LargestFirst
 
 
-def _kept_are_the_smallest(model_dir, original_dir) -> None:
-    """Per layer, every kept weight is no larger in magnitude than any pruned one."""
+def _kept_are_the_smallest(model_dir, original_dir, smallest: bool = True) -> None:
+    """Per layer, every kept weight is no larger in magnitude than any pruned one (``smallest``;
+    else no smaller)."""
     from transformers import AutoModelForSequenceClassification
 
     from obert import find_targets
@@ -59,7 +78,10 @@ def _kept_are_the_smallest(model_dir, original_dir) -> None:
         kept = t.module.weight != 0
         w = d.module.weight.detach().abs()
         if bool(kept.any()) and bool((~kept).any()):
-            assert float(w[kept].max()) <= float(w[~kept].min()), t.name
+            if smallest:
+                assert float(w[kept].max()) <= float(w[~kept].min()), t.name
+            else:
+                assert float(w[kept].min()) >= float(w[~kept].max()), t.name
 
 
 def test_a_registered_method_runs_through_obert_prune(largest_first, tmp_path, tiny_model_dir):
@@ -69,13 +91,37 @@ def test_a_registered_method_runs_through_obert_prune(largest_first, tmp_path, t
     record = json.loads((out / "sparsity.json").read_text())
     assert record["method"] == "largest-first" and record["global_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert largest_first.calls == ["scores"]  # one-shot: no training hooks
+    assert record["settings"]["order"] == "largest"  # the method's default, recorded
     _kept_are_the_smallest(out, tiny_model_dir)
+    # Its own setting is an option of `obert prune`, with its help, and reaches the method.
+    out = tmp_path / "out2"
+    assert main(["prune", tiny_model_dir, "--method", "largest-first", "--order", "smallest",
+                 "--sparsity", "0.5", "--scope", "uniform", "--max-length", "16", "--out", str(out)]) == 0
+    assert json.loads((out / "sparsity.json").read_text())["settings"]["order"] == "smallest"
+    _kept_are_the_smallest(out, tiny_model_dir, smallest=False)
+
+
+def test_a_registered_methods_setting_is_checked_and_documented(largest_first, tmp_path,
+                                                                tiny_model_dir, capsys):
+    base = ["prune", tiny_model_dir, "--sparsity", "0.5", "--out", str(tmp_path / "o")]
+    assert main(base + ["--method", "largest-first", "--order", "middle"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --order must be largest or smallest, got 'middle'"
+    # Another method's settings are refused by name, not silently ignored.
+    assert main(base + ["--method", "largest-first", "--damp", "1e-3"]) == 2
+    assert "--damp is a setting of obert, not of largest-first" in capsys.readouterr().err
+    assert main(base + ["--order", "largest"]) == 2
+    assert "--order is a setting of largest-first, not of obert" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["prune", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help, unboxed
+    assert "--order <str> largest-first: largest: prune the largest weights first" in shown
 
 
 def test_a_registered_method_runs_through_a_recipe(largest_first, tmp_path, data_files,
-                                                    tiny_model_dir):
+                                                    tiny_model_dir, capsys):
     model_dir = tiny_model_dir
     doc = tiny_recipe(tmp_path, data_files, model_dir, pruning__method="largest-first",
+                      pruning__order="smallest",  # its own setting, in the recipe
                       training__lr=1e-12, training__weight_decay=0.0)  # weights as loaded
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
@@ -86,7 +132,12 @@ def test_a_registered_method_runs_through_a_recipe(largest_first, tmp_path, data
     calls = largest_first.calls
     assert calls[0] == "begin" and calls[-1] == "end" and calls.count("scores") == 3
     assert calls.count("step") >= 8  # after every optimizer step
-    _kept_are_the_smallest(tmp_path / "out", model_dir)
+    _kept_are_the_smallest(tmp_path / "out", model_dir, smallest=False)
+    # A bad value of the method's own setting names the recipe field.
+    doc["pruning"]["order"] = "middle"
+    recipe.write_text(yaml.safe_dump(doc))
+    assert main(["train", "--recipe", str(recipe), "--overwrite"]) == 2
+    assert "pruning.order: must be largest or smallest, got 'middle'" in capsys.readouterr().err
 
 
 def test_an_unregistered_method_is_refused_by_the_cli_and_recipes(tmp_path, tiny_model_dir, data_files,
@@ -101,21 +152,34 @@ def test_an_unregistered_method_is_refused_by_the_cli_and_recipes(tmp_path, tiny
     assert "pruning.method: must be obert or magnitude, got 'largest-first'" in capsys.readouterr().err
 
 
-def test_pruning_settings_are_defined_once():
+def test_pruning_settings_are_defined_once(largest_first):
     """The `obert prune` options and the recipe's pruning fields are generated from / inherit
-    MethodSettings: same names, defaults and help; PruneConfig adds sparsity and seed."""
+    PruneSettings and each registered method's Settings: same names, defaults and help;
+    PruneConfig adds sparsity and seed."""
     import inspect
 
-    from obert.cli.main import prune
-    from obert.pruning.settings import MethodSettings, PruneConfig, option_name
+    from obert.cli.main import attach_settings, prune
+    from obert.pruning.settings import PruneConfig, PruneSettings, option_name
     from obert.training.recipe import PruningSection
 
+    attach_settings(prune)  # as main() does: the options of the methods registered now
     options = {name: p.default for name, p in inspect.signature(prune).parameters.items()}
     for name, field in PruneConfig.model_fields.items():
         opt = options[name]
         assert option_name(name) in opt.param_decls and opt.help == field.description
         assert opt.default == (... if field.is_required() else field.default)
-    for name, field in MethodSettings.model_fields.items():
+    assert METHODS["obert"].Settings.model_fields and LargestFirst.Settings.model_fields
+    for method, cls in METHODS.items():
+        for name, field in cls.Settings.model_fields.items():
+            opt = options[name]
+            assert option_name(name) in opt.param_decls and opt.default is None  # = the method's
+            assert opt.help.startswith(f"{method}: {field.description}")
+            assert name not in PruneSettings.model_fields
+    for name, field in PruneSettings.model_fields.items():
         assert PruningSection.model_fields[name].default == field.default
         assert PruningSection.model_fields[name].description == field.description
-    assert set(PruneConfig.model_fields) - set(MethodSettings.model_fields) == {"sparsity", "seed"}
+    assert set(PruneConfig.model_fields) - set(PruneSettings.model_fields) == {"sparsity", "seed"}
+    # The recipe takes a method's settings with the method's defaults.
+    section = dict(init_sparsity=0.5, final_sparsity=0.8, start_epoch=0, end_epoch=1)
+    assert PruningSection(**section).options.num_grads == METHODS["obert"].Settings().num_grads
+    assert PruningSection(**section, method="largest-first").options.order == "largest"

@@ -114,9 +114,10 @@ def test_prune_model_reaches_exact_sparsity(tmp_path, method, structure, scope, 
     model = tiny_model("bert")
     targets = find_targets(model)
     ds = encoded_rows(tmp_path, model)
-    cfg = PruneConfig(sparsity=0.6, method=method, structure=structure, scope=scope, update=update,
-                      num_grads=8, grad_batch_size=8, fisher_block_size=32 if structure == "block4" else 50,
-                      damp=1e-5, num_recomputations=2)
+    own = dict(update=update, num_grads=8, fisher_block_size=32 if structure == "block4" else 50,
+               damp=1e-5) if method == "obert" else {}  # oBERT's own settings
+    cfg = PruneConfig(sparsity=0.6, method=method, structure=structure, scope=scope,
+                      grad_batch_size=8, num_recomputations=2, **own)
     masks, report = prune_model(model, targets, cfg, gradient_batches(ds, 8), log=lambda s: None)
     g = cfg.group_size
     total = sum(t.numel for t in targets)
@@ -152,7 +153,8 @@ def test_obert_update_changes_kept_weights_and_magnitude_does_not(tmp_path):
     for method in ("obert", "magnitude"):
         model = copy.deepcopy(base)
         targets = find_targets(model)
-        cfg = PruneConfig(sparsity=0.5, method=method, num_grads=8, grad_batch_size=8, damp=1e-10)
+        own = dict(num_grads=8, damp=1e-10) if method == "obert" else {}
+        cfg = PruneConfig(sparsity=0.5, method=method, grad_batch_size=8, **own)
         prune_model(model, targets, cfg, gradient_batches(ds, 8), log=lambda s: None)
         after[method] = {t.name: t.module.weight.detach().clone() for t in targets}
     moved = []

@@ -24,7 +24,7 @@ from typing import Optional
 import typer
 
 from obert.errors import ObertError, first_line
-from obert.pruning.settings import PruneConfig, option_name
+from obert.pruning.settings import PruneConfig, field_types, option_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Second-order (oBERT) pruning of Hugging Face encoder models.")
@@ -60,34 +60,68 @@ def number(kind: type = float, *, gt: float | None = None, ge: float | None = No
 POSITIVE, COUNT = number(float, gt=0), number(int, ge=1)
 
 
-def settings_options(model) -> list[inspect.Parameter]:
-    """The fields of a pydantic settings model as typer options: one per field, named by
-    ``option_name``, its default, its description as help, and a finite-number parser for
-    numbers (the model checks the ranges)."""
-    params = []
-    for name, field in model.model_fields.items():
-        args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-        kind = args[0] if args else field.annotation
-        parser = {int: number(int), float: number()}.get(kind)
-        option = typer.Option(... if field.is_required() else field.default, option_name(name),
-                              help=field.description, **({"parser": parser} if parser else {}))
-        optional = type(None) in typing.get_args(field.annotation)
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[kind] if optional else kind))
+def _option(name: str, field, default, help: str) -> inspect.Parameter:
+    """A typer option for a settings field: named by ``option_name``, with a finite-number
+    parser for numbers (the model checks the ranges)."""
+    kind = field_types(field.annotation)[0]
+    parser = {int: number(int), float: number()}.get(kind)
+    option = typer.Option(default, option_name(name), help=help, **({"parser": parser} if parser else {}))
+    optional = default is None or type(None) in typing.get_args(field.annotation)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=Optional[kind] if optional else kind)
+
+
+def settings_options(model, methods: dict | None = None) -> list[inspect.Parameter]:
+    """The fields of a pydantic settings model as typer options: one per field, its default and
+    its description as help; then the own settings of every method in ``methods`` (a field two
+    methods share is one option), default None (= the chosen method's default) and help naming
+    the methods that take it."""
+    params = [_option(name, field, ... if field.is_required() else field.default, field.description)
+              for name, field in model.model_fields.items()]
+    owners: dict[str, list[str]] = {}
+    for method, cls in (methods or {}).items():
+        for name in cls.Settings.model_fields:
+            owners.setdefault(name, []).append(method)
+    for name, who in owners.items():
+        field = methods[who[0]].Settings.model_fields[name]
+        default = "" if field.default is None else f"; default {field.default:g}" \
+            if isinstance(field.default, float) else f"; default {field.default}"
+        params.append(_option(name, field, None, f"{'/'.join(who)}: {field.description}{default}"))
     return params
 
 
 def with_settings(model):
-    """A command taking ``**settings`` gets the model's fields as options (see
-    ``settings_options``): the options, their help and defaults are the model's, defined once."""
+    """A command taking ``**settings`` gets the model's fields, and the own settings of every
+    registered pruning method, as options (see ``settings_options``): the options, their help
+    and defaults are the models', defined once. ``main`` attaches them at each call, so a method
+    registered after import has its options too."""
     def wrap(fn):
-        signature = inspect.signature(fn)
-        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
-        extra = settings_options(model)
-        fn.__signature__ = signature.replace(parameters=own + extra)
-        fn.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in extra}}
+        fn.settings_model = model
         return fn
     return wrap
+
+
+def attach_settings(fn) -> None:
+    """Give a ``with_settings`` command its options (from the methods registered now)."""
+    from obert.pruning.methods import METHODS
+
+    signature = inspect.signature(fn)
+    own = [p for p in signature.parameters.values()
+           if p.kind != p.VAR_KEYWORD and p.name not in getattr(fn, "settings_names", ())]
+    extra = settings_options(fn.settings_model, METHODS)
+    fn.__signature__ = signature.replace(parameters=own + extra)
+    fn.__annotations__ = {**{k: v for k, v in fn.__annotations__.items()
+                             if k not in getattr(fn, "settings_names", ())},
+                          **{p.name: p.annotation for p in extra}}
+    fn.settings_names = {p.name for p in extra}
+
+
+def given_settings(model, settings: dict) -> dict:
+    """The options of ``with_settings`` the user gave: a method's own option left at None
+    takes the method's default (and is not one it could refuse)."""
+    return {k: v for k, v in settings.items() if k in model.model_fields or v is not None}
+
+
 SEED = number(int, ge=0, lt=2**32)
 LENGTH = number(int, ge=8)
 
@@ -198,7 +232,7 @@ def prune(
     from obert.model.targets import compile_patterns
     from obert.device import pick_device
 
-    config = PruneConfig(**settings)
+    config = PruneConfig(**given_settings(PruneConfig, settings))
     compile_patterns(include, "--include")
     compile_patterns(exclude, "--exclude")
     pick_device(device)
@@ -408,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     caught = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
     caught = [s for s in caught if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, _terminate) for s in caught} if on_main_thread else {}
+    for command in app.registered_commands:
+        if hasattr(command.callback, "settings_model"):
+            attach_settings(command.callback)
     try:
         rv = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError:

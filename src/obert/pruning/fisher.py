@@ -147,6 +147,10 @@ class FisherResult:
             return self.finv[name]
         return torch.load(self.spilled[name], weights_only=True, map_location=self.device)
 
+    def timings(self) -> dict[str, float]:
+        return {"grad_seconds": self.grad_seconds, "fisher_seconds": self.fisher_seconds,
+                "invert_seconds": self.invert_seconds}
+
     def close(self) -> None:
         self.finv.clear()
         if self._tmp is not None:

@@ -1,32 +1,70 @@
 """The settings of pruning, defined once.
 
-``MethodSettings`` holds what every pruning run shares (method, structure, scope and the Fisher's
-m, batch, block size and damping, ...). ``PruneConfig`` (what ``prune_model`` takes) adds the
-target sparsity and a seed; a recipe's ``pruning`` section inherits the same fields and adds its
-schedule; the ``obert prune`` options, their help and their defaults are generated from the fields
-(``obert.cli.main``). A method's own settings would be one more model of this kind.
+``PruneSettings`` holds what every pruning run shares (method, structure, scope, recomputations,
+the gradient mini-batch size); each method adds its own settings as one typed model, its
+``Method.Settings`` (oBERT: m, block size, damping, ...). ``PruneConfig`` (what ``prune_model``
+takes) adds the target sparsity and a seed; a recipe's ``pruning`` section inherits the same
+fields and adds its schedule. Both take the chosen method's settings flat, next to the shared ones,
+and check them against the method's model: ``config.options`` is that model. The ``obert prune``
+options, their help and their defaults are generated from these models (``obert.cli.main``).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import typing
+
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from obert.errors import ObertError
 
 STRUCTURES = {"unstructured": 1, "block4": 4}  # structure -> group size along the input dim
-DEFAULT_BLOCK = {"unstructured": 50, "block4": 32}
 
 
-def _either(choices) -> str:
+def either(choices) -> str:
+    """``a, b or c``."""
     choices = list(choices)
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
 
-class MethodSettings(BaseModel):
-    """How to prune: the method and its second-order estimate."""
+class Settings(BaseModel):
+    """Base of every settings model: unknown fields are errors, NaN and infinity are refused
+    (they pass range checks: nan > 0 is False, inf > 0 is True)."""
 
-    # NaN and infinity pass range checks (nan > 0 is False, inf > 0 is True): refuse them.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools_as_values(cls, value, info):
+        """``num_grads: true`` would otherwise be read as 1."""
+        if isinstance(value, bool) and bool not in field_types(cls.model_fields[info.field_name].annotation):
+            raise ValueError("true/false is not a value for this field")
+        return value
+
+
+def field_types(annotation) -> tuple:
+    """The types a field takes, None left out (``int | None`` -> ``(int,)``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return tuple(args) or (annotation,)
+
+
+class NoSettings(Settings):
+    """The settings of a method that has none of its own."""
+
+
+def registered_methods() -> dict:
+    from obert.pruning.methods import METHODS  # registered after this module is defined
+
+    return METHODS
+
+
+class PruneSettings(Settings):
+    """How to prune, for every method; the chosen method's own settings come flat next to these
+    and are checked by its ``Settings`` model (``options``)."""
+
+    model_config = ConfigDict(extra="allow")
+    _options: BaseModel = PrivateAttr(default_factory=NoSettings)
 
     method: str = Field("obert", description="obert or magnitude (or a method registered in "
                                               "obert.pruning.methods.METHODS)")
@@ -34,49 +72,55 @@ class MethodSettings(BaseModel):
                                                        "weights)")
     scope: str = Field("global", description="global (one threshold) or uniform (same sparsity per "
                                              "layer)")
-    # 256: a quarter of the paper's 1024, four times cheaper on a CPU; recipes/ set their own.
-    num_grads: int = Field(256, gt=0, description="m: mini-batch gradients for the Fisher (paper: 1024)")
-    grad_batch_size: int = Field(16, gt=0, description="Examples per gradient mini-batch")
-    fisher_block_size: int | None = Field(None, gt=0, description="B (default 50; 32 for block4)")
-    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute)")
     num_recomputations: int = Field(1, gt=0, description="Reach the target in R steps, re-estimating "
-                                                         "the Fisher")
-    update: str = Field("joint", description="joint (exact per-block OBS) or independent (paper)")
-    max_memory_gb: float | None = Field(None, gt=0, description="GiB for Fisher blocks (default: 80% "
-                                                                "of free)")
+                                                         "the scores")
+    grad_batch_size: int = Field(16, gt=0, description="Examples per gradient mini-batch (methods "
+                                                       "that use gradients)")
 
-    @field_validator("method", "structure", "scope", "update")
+    @field_validator("method", "structure", "scope")
     @classmethod
     def _one_of(cls, value: str, info) -> str:
-        from obert.pruning.methods import METHODS  # the registered methods
-
-        choices = {"method": METHODS, "structure": STRUCTURES, "scope": ("global", "uniform"),
-                   "update": ("joint", "independent")}[info.field_name]
+        choices = {"method": registered_methods(), "structure": STRUCTURES,
+                   "scope": ("global", "uniform")}[info.field_name]
         if value not in choices:
-            raise ValueError(f"must be {_either(choices)}, got '{value}'")
-        return value
-
-    @field_validator("fisher_block_size")
-    @classmethod
-    def _whole_groups(cls, value: int | None, info) -> int | None:
-        group = STRUCTURES.get(info.data.get("structure"))  # absent when structure was refused
-        if value is not None and group and value % group:
-            raise ValueError(f"must be a positive multiple of the group size {group}, got {value}")
+            raise ValueError(f"must be {either(choices)}, got '{value}'")
         return value
 
     @model_validator(mode="after")
-    def _default_block_size(self):
-        if self.fisher_block_size is None:
-            self.fisher_block_size = DEFAULT_BLOCK[self.structure]
+    def _method_options(self):
+        """The extra fields are the method's settings: check them with its model (errors keep
+        the field's name), then hold them with their defaults filled in."""
+        methods = registered_methods()
+        model = methods[self.method].Settings
+        given = dict(self.__pydantic_extra__ or {})
+        foreign = []
+        for name, value in given.items():
+            owners = [m for m, cls in methods.items() if name in cls.Settings.model_fields]
+            if name not in model.model_fields and owners:
+                foreign.append(InitErrorDetails(
+                    type=PydanticCustomError("foreign_setting", "is a setting of {owners}, not "
+                                             "of {method}", {"owners": either(owners),
+                                                          "method": self.method}),
+                    loc=(name,), input=value))
+        if foreign:
+            raise ValidationError.from_exception_data(type(self).__name__, foreign)
+        self._options = model.model_validate(given, context={"structure": self.structure})
+        self.__pydantic_extra__ = self._options.model_dump()
         return self
+
+    @property
+    def options(self) -> BaseModel:
+        """The method's own settings (its ``Settings`` model)."""
+        return self._options
 
     @property
     def group_size(self) -> int:
         return STRUCTURES[self.structure]
 
-    def method_settings(self) -> dict:
-        """The ``MethodSettings`` fields of this model."""
-        return {name: getattr(self, name) for name in MethodSettings.model_fields}
+    def prune_settings(self) -> dict:
+        """The shared fields and the method's, flat (what ``PruneConfig`` takes)."""
+        return {**{name: getattr(self, name) for name in PruneSettings.model_fields},
+                **self._options.model_dump()}
 
 
 def option_name(field: str) -> str:
@@ -84,10 +128,10 @@ def option_name(field: str) -> str:
     return "--max-memory" if field == "max_memory_gb" else "--" + field.replace("_", "-")
 
 
-class PruneConfig(MethodSettings):
-    """Settings of one pruning call: the method's settings, the target sparsity and a seed
-    (defaults follow the oBERT paper where it gives them). Invalid values raise ``ObertError``
-    naming the ``obert prune`` option."""
+class PruneConfig(PruneSettings):
+    """Settings of one pruning call: the shared settings, the method's own (flat: ``num_grads=``,
+    ``damp=``, ... for oBERT), the target sparsity and a seed (defaults follow the oBERT paper
+    where it gives them). Invalid values raise ``ObertError`` naming the ``obert prune`` option."""
 
     sparsity: float = Field(description="Target fraction of pruned weights, in [0, 1)")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the gradient mini-batch order")
@@ -109,7 +153,10 @@ class PruneConfig(MethodSettings):
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else ""
             msg = err["msg"].removeprefix("Value error, ")
-            got = "" if "got " in msg or "input" not in err else f", got {err['input']!r}"
+            if err["type"] == "extra_forbidden":
+                msg = f"is not a setting of {values.get('method', 'obert')}"
+            got = "" if "got " in msg or "input" not in err or err["type"] in (
+                "extra_forbidden", "foreign_setting") else f", got {err['input']!r}"
             name = option_name(field) if field else "pruning settings"
             raise ObertError(f"{name} {msg[:1].lower() + msg[1:]}{got}") from None
 

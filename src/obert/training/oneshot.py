@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from obert.tasks.data import Encoded, TextData, label_map_from_config
-from obert.pruning.fisher import FisherResult, collect_fisher, gradient_batches
+from obert.pruning.fisher import gradient_batches
 from obert.io import save_model_dir
 from obert.model.loading import check_length
 from obert.model.masks import MaskSet, sparsity_record
-from obert.pruning.methods import OBert, PruneConfig
+from obert.pruning.methods import METHODS, PruneConfig
 from obert.pruning.driver import PruneReport, prune_model
 from obert.model.targets import find_targets
 from obert.device import pick_device
@@ -54,35 +55,30 @@ def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
 
 def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=None, exclude=None,
                 log=print) -> Iterator[tuple[PruneConfig, object, object, PruneReport, dict]]:
-    """Prune copies of ``dense`` with each config; yields ``(config, model, masks, report, fisher)``.
+    """Prune copies of ``dense`` with each config; yields ``(config, model, masks, report, info)``.
 
-    The first oBERT step of every config starts from the dense model, so its Fisher inverse is
-    collected once per (block size, m, damping, batch size, seed) and shared; ``fisher`` holds
-    that collection's timings. Later recomputation steps collect fresh gradients as usual.
+    The first step of every config starts from the dense model, so a method's estimate (oBERT:
+    the Fisher inverse) is made once per (method, its settings, batch size, seed) and shared;
+    ``info`` holds that estimate's timings. Later recomputation steps estimate afresh as usual.
     """
-    cache: dict[tuple, FisherResult] = {}
+    cache: dict[str, object] = {}
     for config in configs:
         model = copy.deepcopy(dense)
         targets = find_targets(model, include, exclude)
-        fisher, info = None, {}
-        if config.method == "obert":
-            k = (config.fisher_block_size, config.num_grads, config.damp, config.grad_batch_size,
-                 config.seed)
-            if k not in cache:
-                dense_targets = find_targets(dense, include, exclude)
-                cache[k] = collect_fisher(dense, dense_targets, MaskSet.from_zeros(dense_targets),
-                                          loader_factory(config.grad_batch_size),
-                                          num_grads=config.num_grads,
-                                          block_size=config.fisher_block_size, damp=config.damp,
-                                          seed=config.seed, max_memory_gb=config.max_memory_gb,
-                                          log=log)
-            fisher = cache[k]
-            info = {"grad_seconds": fisher.grad_seconds, "fisher_seconds": fisher.fisher_seconds,
-                    "invert_seconds": fisher.invert_seconds}
-        method = OBert(config, fisher=fisher) if fisher is not None else None
+        first = METHODS[config.method](config)
+        key = json.dumps([config.method, first.estimate_key(), config.grad_batch_size, config.seed])
+        if key not in cache:
+            dense_targets = find_targets(dense, include, exclude)
+            loaders = loader_factory(config.grad_batch_size)
+            cache[key] = first.estimate(
+                dense, dense_targets, MaskSet.from_zeros(dense_targets), loaders, config.seed,
+                log=log)
+        estimate = cache[key]
+        method = METHODS[config.method](config, estimate)
         masks, report = prune_model(model, targets, config,
                                     loader_factory(config.grad_batch_size), method=method,
                                     log=lambda s: None)
-        yield config, model, masks, report, info
-    for f in cache.values():
-        f.close()
+        yield config, model, masks, report, estimate.timings() if estimate is not None else {}
+    for estimate in cache.values():
+        if estimate is not None:
+            estimate.close()

@@ -4,9 +4,10 @@
     data:         {task | train_file + eval_file, max_train_rows, max_eval_rows}
     training:     {epochs, lr, batch_size, max_length, doc_stride, lr_schedule, final_lr_ratio,
                    weight_decay, seed, fp16, save_every_epochs, eval_every_epochs, ...}
-    pruning:      {method, structure, init_sparsity, final_sparsity, start_epoch, end_epoch,
-                   frequency, num_grads, grad_batch_size, fisher_block_size, damp, scope,
-                   num_recomputations, update, include, exclude}      (omit for dense training)
+    pruning:      {init_sparsity, final_sparsity, start_epoch, end_epoch, frequency, include,
+                   exclude, method, structure, scope, num_recomputations, grad_batch_size, and
+                   the method's own settings (obert: num_grads, fisher_block_size, damp, update,
+                   max_memory_gb)}                                  (omit for dense training)
     distillation: {teacher, hardness, temperature}                  (omit for no distillation)
     output_dir:   where the final model, sparsity.json and metrics.json go
 
@@ -22,25 +23,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from obert.errors import ObertError
 from obert.model.targets import compile_patterns
-from obert.pruning.settings import MethodSettings
+from obert.pruning.settings import PruneSettings, Settings
 from obert.tasks import TASKS
 
 
-class _Section(BaseModel):
-    # NaN and infinity pass every range check (nan > 0 is False, inf > 0 is True): refuse them.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bools_as_values(cls, value, info):
-        """``batch_size: true`` would otherwise be read as 1."""
-        if isinstance(value, bool) and bool not in _types(cls.model_fields[info.field_name].annotation):
-            raise ValueError("true/false is not a value for this field")
-        return value
+class _Section(Settings):
+    """A recipe section: unknown fields, NaN, infinity and true/false for numbers are errors."""
 
     @model_validator(mode="after")
     def _expand_home(self):
@@ -50,11 +42,6 @@ class _Section(BaseModel):
             if isinstance(value, str) and value.startswith("~"):
                 setattr(self, name, os.path.expanduser(value))
         return self
-
-
-def _types(annotation) -> tuple:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return tuple(args) or (annotation,)
 
 
 TaskType = Literal.__getitem__(tuple(TASKS))  # the registered tasks (obert.tasks.TASKS)
@@ -103,9 +90,12 @@ class TrainingSection(_Section):
     device: str | None = None
 
 
-class PruningSection(_Section, MethodSettings):
-    """The schedule of gradual pruning and what to prune; the method's settings are
-    ``MethodSettings``' (the ``obert prune`` options), defined there once."""
+class PruningSection(_Section, PruneSettings):
+    """The schedule of gradual pruning and what to prune; the pruning settings are
+    ``PruneSettings``' and the method's own (its ``Settings``: the ``obert prune`` options),
+    defined there once."""
+
+    model_config = ConfigDict(extra="allow")  # the method's settings, checked by its model
 
     init_sparsity: float = Field(ge=0, lt=1)
     final_sparsity: float = Field(ge=0, lt=1)
@@ -170,7 +160,7 @@ class Recipe(_Section):
         from obert.pruning.settings import PruneConfig
 
         p = self.pruning
-        return PruneConfig(sparsity=p.final_sparsity, seed=self.training.seed, **p.method_settings())
+        return PruneConfig(sparsity=p.final_sparsity, seed=self.training.seed, **p.prune_settings())
 
 
 def _set(doc: dict, assignment: str) -> str:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
+from pydantic import BaseModel
 from torch import Tensor, nn
 
 from obert.model.masks import MaskSet
 from obert.model.targets import Target
-from obert.pruning.settings import PruneConfig
+from obert.pruning.settings import NoSettings, PruneConfig
 
 
 class Method(ABC):
-    """A pruning method: scores weight groups and updates the weights once the pruned groups are
-    chosen, with hooks for the rest of a gradual run.
+    """A pruning method: its own settings, an optional curvature estimate, scores of weight
+    groups and the weight update once the pruned groups are chosen, and hooks for the rest of a
+    gradual run.
+
+    Settings. ``Settings`` is the method's own typed model (pydantic, fields with defaults,
+    checks and a description); ``PruneConfig``, recipes and the ``obert prune`` options take its
+    fields, and ``self.options`` holds the validated values. The validation context has
+    ``structure`` (a block size may depend on the group size).
 
     Lifecycle. One-shot pruning (``prune_model``) calls ``scores`` then ``update`` per
     recomputation step. Gradual pruning (``OBertPruningCallback``) keeps one instance for the
@@ -24,10 +32,31 @@ class Method(ABC):
     one subclass and one entry in ``obert.pruning.methods.METHODS``.
     """
 
-    needs_gradients: bool = False  # scores() reads training batches from loader_factory
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    needs_gradients: ClassVar[bool] = False  # scores() reads training batches from loader_factory
 
-    def __init__(self, config: PruneConfig) -> None:
+    def __init__(self, config: PruneConfig, estimate: object | None = None) -> None:
+        """``estimate``: what ``estimate()`` returned on the model as it is now, for the first
+        ``scores`` call instead of estimating again (to prune one model to several sparsities)."""
         self.config = config
+        self.given_estimate = estimate
+
+    @property
+    def options(self) -> BaseModel:
+        """This method's settings (a ``Settings`` instance) for the current config."""
+        return self.config.options
+
+    def estimate(self, model: nn.Module, targets: list[Target], masks: MaskSet,
+                 loader_factory: Callable[[int], Iterator] | None, seed: int,
+                 log: Callable[[str], None] = print) -> object | None:
+        """The method's curvature estimate of ``model`` (None: it has none). The result has
+        ``close()`` (free what it holds) and ``timings()`` (seconds per phase)."""
+        return None
+
+    def estimate_key(self) -> dict:
+        """The settings ``estimate()`` depends on: equal keys (with the same model, batches and
+        seed) give the same estimate."""
+        return self.options.model_dump()
 
     def on_train_begin(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
         """Gradual pruning starts (masks attached, nothing pruned by this run yet)."""
