@@ -111,6 +111,7 @@ DIR_COMMANDS = {
     "finetune": lambda e, out: ["finetune", e.model, "--train-file", e.train, "--epochs", 1,
                                 "--max-length", 16, "--out", out],
     "compile": lambda e, out: ["compile", e.pruned, "--out", out],
+    "drop-layers": lambda e, out: ["drop-layers", e.model, "--num-layers", 1, "--out", out],
     "train": lambda e, out: ["train", "--recipe", e.recipe(output_dir=str(out)), "--no-progress"],
 }
 
@@ -521,6 +522,7 @@ VALID = {
     "finetune": lambda e, out: DIR_COMMANDS["finetune"](e, out),
     "compile": lambda e, out: ["compile", e.model, "--out", out],
     "bench": lambda e, out: ["bench", e.model, "--no-onnx"],
+    "drop-layers": lambda e, out: ["drop-layers", e.model, "--out", out],
 }
 
 

@@ -1,4 +1,5 @@
-"""The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``compile`` and ``bench``.
+"""The ``obert`` command line: ``finetune``, ``prune``, ``train``, ``drop-layers``, ``compile``
+and ``bench``.
 
 Exit codes: 0 on success; 2 for a usage or input error (one line naming the option or file);
 130 when interrupted (Ctrl-C), 143 on SIGTERM (129 on SIGHUP); 1 for anything unexpected.
@@ -271,6 +272,70 @@ def train(
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
                           if k in metrics)
         typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
+
+
+def _kept_sparsity(net, source_record: Path, source: str) -> dict:
+    """The ``sparsity.json`` of a pruned model after layer dropping: the kept layers' zeros, and
+    how the source's masks were made."""
+    import json
+
+    from obert.model.masks import MaskSet, sparsity_record
+    from obert.model.targets import find_targets
+
+    try:
+        before = json.loads(source_record.read_text(encoding="utf-8"))
+        before = before if isinstance(before, dict) else {}
+    except (OSError, ValueError):
+        before = {}
+    return sparsity_record(MaskSet.from_zeros(find_targets(net)),
+                           method=str(before.get("method", "unknown")),
+                           structure=before.get("structure"), scope=before.get("scope"),
+                           source=source, settings=before.get("settings"), steps=[])
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ObertError(f"--keep expects layer indices like 0,2,4, got '{text}'") from None
+
+
+@app.command("drop-layers")
+def drop_layers(
+    model: str = typer.Argument(..., help="Model directory or hub id (an encoder: pre-trained, masked LM, classifier or QA)"),
+    out: Path = OUT_MODEL,
+    keep: Optional[str] = typer.Option(None, help="Layers to keep, indices from 0 in increasing order (e.g. 0,2,4)"),
+    num_layers: Optional[int] = typer.Option(None, parser=COUNT, help="Keep this many layers, evenly spaced (the first and the last kept)"),
+    tokenizer: Optional[str] = TOKENIZER,
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Keep some of the encoder's transformer layers (the rest of the model unchanged)."""
+    from obert.io import check_output, claim_output, save_model_dir
+    from obert.model.loading import CLASSIFIER, ENCODER, QA, load_as_saved, load_tokenizer
+    from obert.model.surgery import drop_layers as drop, evenly_spaced, num_layers as count
+
+    if (keep is None) == (num_layers is None):
+        raise ObertError("give --keep or --num-layers (one of them)")
+    wanted = _layer_list(keep) if keep is not None else None
+    out = check_output(out, inputs=[model, tokenizer], overwrite=overwrite)
+    with claim_output(out):
+        net = load_as_saved(model, (ENCODER, CLASSIFIER, QA), "drop-layers")
+        total = count(net)
+        wanted = wanted if wanted is not None else evenly_spaced(total, num_layers)
+        try:
+            tok = load_tokenizer(model, tokenizer, net.config)
+        except ObertError as exc:
+            if tokenizer is not None:
+                raise
+            tok = None
+            typer.echo(f"note: the output has no tokenizer ({exc})")
+        drop(net, wanted)
+        files = {"layers.json": {"source_model": model, "num_layers_before": total,
+                                 "kept_layers": wanted}}
+        if (Path(model) / "sparsity.json").is_file():  # a pruned model stays described
+            files["sparsity.json"] = _kept_sparsity(net, Path(model) / "sparsity.json", model)
+        save_model_dir(out, net, tok, files, overwrite=overwrite)
+        typer.echo(f"kept layers {','.join(map(str, wanted))} of {total}; saved {out}")
 
 
 @app.command("compile")

@@ -210,6 +210,18 @@ def load_weights(cls, path: str, what: str = "model", **kwargs):
     return model
 
 
+def load_as_saved(path: str, allowed: tuple[str, ...], command: str):
+    """The model at ``path`` as the class it was saved as (``config.architectures``: a masked LM
+    stays a masked LM, a classifier keeps its head), when ``command`` takes its kind."""
+    import transformers
+
+    config = load_config(path)
+    require_kind(config, path, allowed, command)
+    arch = (config.architectures or [""])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return load_weights(cls if isinstance(cls, type) else transformers.AutoModel, path)
+
+
 def check_finite(model, what: str) -> None:
     """One-line error naming the first parameter holding NaN or infinity."""
     import torch
