@@ -277,16 +277,10 @@ def train(
 def _kept_sparsity(net, source_record: Path, source: str) -> dict:
     """The ``sparsity.json`` of a pruned model after layer dropping: the kept layers' zeros, and
     how the source's masks were made."""
-    import json
-
-    from obert.model.masks import MaskSet, sparsity_record
+    from obert.model.masks import MaskSet, read_sparsity_record, sparsity_record
     from obert.model.targets import find_targets
 
-    try:
-        before = json.loads(source_record.read_text(encoding="utf-8"))
-        before = before if isinstance(before, dict) else {}
-    except (OSError, ValueError):
-        before = {}
+    before = read_sparsity_record(source_record.parent)
     return sparsity_record(MaskSet.from_zeros(find_targets(net)),
                            method=str(before.get("method", "unknown")),
                            structure=before.get("structure"), scope=before.get("scope"),

@@ -81,3 +81,16 @@ def sparsity_record(masks: MaskSet, *, method: str, structure: str | None, scope
     the pruning steps), the model they were made from, and command-specific ``extra`` fields."""
     return {**masks.stats(), "method": method, "structure": structure, "scope": scope,
             "source_model": source, "settings": settings, "steps": steps, **extra}
+
+
+def read_sparsity_record(model_dir) -> dict:
+    """The ``sparsity.json`` beside a saved model, or ``{}`` when there is none or it is not a
+    JSON object (it only describes; the zeros in the weights are the masks)."""
+    import json
+    from pathlib import Path
+
+    try:
+        record = json.loads((Path(model_dir) / "sparsity.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -49,8 +49,12 @@ class OBertPruningCallback(TrainerCallback):
 
     def __init__(self, schedule: PruningSchedule, config: PruneConfig, train_dataset,
                  data_collator: Callable, *, include: list[str] | None = None,
-                 exclude: list[str] | None = None, log: Callable[[str], None] = print) -> None:
+                 exclude: list[str] | None = None, log: Callable[[str], None] = print,
+                 initial_masks: dict[str, torch.Tensor] | None = None) -> None:
+        """``initial_masks`` (target name -> bool, True = kept): weights pruned before this run
+        (a sparse starting model), held at zero from the start and never regrown."""
         self.schedule = schedule
+        self.initial_masks = initial_masks
         self.config = config
         self.train_dataset = train_dataset
         self.data_collator = data_collator
@@ -89,7 +93,7 @@ class OBertPruningCallback(TrainerCallback):
         elif state.global_step > 0:  # resumed without our state: pruned weights are the zeros
             self.masks = MaskSet.from_zeros(targets)
         else:
-            self.masks = MaskSet(targets)
+            self.masks = MaskSet(targets, self.initial_masks)
         self.masks.attach()
         self.masks.apply()
         self.method.on_train_begin(model, targets, self.masks)
@@ -158,6 +162,45 @@ class OBertPruningCallback(TrainerCallback):
             self._resume_masks = {n: m.bool() for n, m in load_file(str(folder / MASKS_FILE)).items()}
         if (folder / STATE_FILE).is_file():
             self.history = json.loads((folder / STATE_FILE).read_text())["history"]
+
+
+class MaskLockCallback(TrainerCallback):
+    """Training with a fixed mask (sparse transfer): the weights pruned in ``masks`` (target name
+    -> bool, True = kept) have zero gradients and are set back to zero after every optimizer
+    step, so a pruned model keeps exactly its zeros, and its optimizer state stays zero there."""
+
+    def __init__(self, masks: dict[str, torch.Tensor], *, include: list[str] | None = None,
+                 exclude: list[str] | None = None) -> None:
+        self.given = masks
+        self.include, self.exclude = include, exclude
+        self.masks: MaskSet | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return self.masks.stats()["global_sparsity"] if self.masks is not None else 0.0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        targets = [t for t in find_targets(model, self.include, self.exclude) if t.name in self.given]
+        self.masks = MaskSet(targets, self.given)
+        self.masks.attach()
+        self.masks.apply()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.masks.apply()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.masks.detach()
+
+
+def pruned_masks(model, include: list[str] | None = None, exclude: list[str] | None = None,
+                 min_sparsity: float = 0.01) -> dict[str, torch.Tensor] | None:
+    """The masks of an already pruned model (weight != 0 per target), or None when its targets
+    are dense: fewer than ``min_sparsity`` of their weights exactly zero (trained dense weights
+    have practically none)."""
+    targets = find_targets(model, include, exclude)
+    masks = {t.name: t.module.weight.detach() != 0 for t in targets}
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    return masks if zeros >= min_sparsity * sum(m.numel() for m in masks.values()) and zeros else None
 
 
 @torch.no_grad()

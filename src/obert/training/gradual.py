@@ -23,14 +23,15 @@ import yaml
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from obert.training.callback import MASKS_FILE, STATE_FILE, OBertPruningCallback
+from obert.training.callback import (MASKS_FILE, STATE_FILE, MaskLockCallback,
+                                     OBertPruningCallback, pruned_masks)
 from obert.training.checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick_checkpoint,
                           recipe_changes, sealed_checkpoints)
 from obert.distributed import barrier, rank, world_size
 from obert.errors import ObertError
 from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
 from obert.model.loading import check_finite, quiet_libraries
-from obert.model.masks import MaskSet, sparsity_record
+from obert.model.masks import MaskSet, read_sparsity_record, sparsity_record
 from obert.training.recipe import Recipe, dump_recipe
 from obert.training.schedule import steps_per_epoch
 from obert.model.targets import find_targets
@@ -174,13 +175,22 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     model = task.model
     device = pick_device(tr.device)
     use_cpu = device.type == "cpu"
-    pruning_cb = None
-    if recipe.pruning is not None:
-        find_targets(model, recipe.pruning.include, recipe.pruning.exclude)  # fail before training
+    pruning_cb = lock_cb = None
+    p = recipe.pruning
+    include, exclude = (p.include, p.exclude) if p is not None else (None, None)
+    find_targets(model, include, exclude)  # fail before training
+    locked = pruned_masks(model, include, exclude) if tr.lock_mask else None
+    if locked is not None and rank() == 0:
+        zeros = sum(int((~m).sum()) for m in locked.values()) / sum(m.numel() for m in locked.values())
+        _print(f"[obert] {recipe.model.path} is {zeros:.1%} sparse: its zeros stay zero through "
+               "training (training.lock_mask: false refills them)")
+    if p is not None:
         pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
-                                          task.collator, include=recipe.pruning.include,
-                                          exclude=recipe.pruning.exclude, log=_print)
-    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb,
+                                          task.collator, include=include, exclude=exclude,
+                                          log=_print, initial_masks=locked)
+    elif locked is not None:
+        lock_cb = MaskLockCallback(locked)
+    recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb or lock_cb,
                            recipe_text=dump_recipe(recipe))
     teacher = None
     dist_cfg = recipe.distillation
@@ -202,7 +212,8 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     barrier()  # every process has picked its checkpoint before any is removed
     for p in unusable if rank() == 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    callbacks = [cb for cb in (pruning_cb, recorder) if cb is not None] + list(extra_callbacks or [])
+    callbacks = [cb for cb in (pruning_cb, lock_cb, recorder) if cb is not None] + \
+        list(extra_callbacks or [])
     trainer = ObertTrainer(
         model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
         callbacks=callbacks, teacher=teacher,
@@ -229,15 +240,22 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     model = trainer.model
     check_finite(model, "the trained model (training diverged: lower training.lr)")
     final = recorder.record(trainer.state, model)
-    masks = pruning_cb.masks if pruning_cb is not None else MaskSet.from_zeros(find_targets(model))
+    masks = (pruning_cb or lock_cb).masks if (pruning_cb or lock_cb) is not None \
+        else MaskSet.from_zeros(find_targets(model))
     metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
     metrics.update(global_sparsity=masks.stats()["global_sparsity"], train_seconds=train_seconds,
                    world_size=world_size(), metric=task.metric)
-    p = recipe.pruning
-    sparsity = sparsity_record(masks, method=p.method if p else "dense",
-                               structure=p.structure if p else None, scope=p.scope if p else None,
-                               source=recipe.model.path, settings=p.model_dump() if p else None,
-                               steps=pruning_cb.history if pruning_cb else [])
+    if p is not None:
+        how = dict(method=p.method, structure=p.structure, scope=p.scope, settings=p.model_dump())
+    elif lock_cb is not None:  # sparse transfer: the masks are the starting model's
+        before = read_sparsity_record(recipe.model.path)
+        how = dict(method=str(before.get("method", "unknown")), structure=before.get("structure"),
+                   scope=before.get("scope"), settings=before.get("settings"),
+                   mask_locked_from=recipe.model.path)
+    else:
+        how = dict(method="dense", structure=None, scope=None, settings=None)
+    sparsity = sparsity_record(masks, source=recipe.model.path,
+                               steps=pruning_cb.history if pruning_cb else [], **how)
     history = {"eval": recorder.history, "pruning": sparsity["steps"],
                "log": [e for e in trainer.state.log_history if "loss" in e]}
 

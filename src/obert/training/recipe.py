@@ -88,6 +88,9 @@ class TrainingSection(_Section):
     eval_every_epochs: float = Field(1.0, gt=0)
     logging_steps: int = Field(50, gt=0)
     device: str | None = None
+    # A sparse starting model (at least 1% of its prunable weights exactly zero) keeps its zeros
+    # through training: sparse transfer, or gradual pruning continuing from them.
+    lock_mask: bool = True
 
 
 class PruningSection(_Section, PruneSettings):
