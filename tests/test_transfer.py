@@ -94,3 +94,21 @@ def test_gradual_pruning_from_a_pruned_model_keeps_its_zeros(tmp_path, data_file
         assert bool((after[name][w == 0] == 0).all()), name  # pruned before: still pruned
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_finetune_of_a_pruned_model_keeps_its_zeros(tmp_path, data_files, pruned_dir, capsys):
+    before = _weights(pruned_dir)
+    for lock, out in ((True, tmp_path / "ft"), (False, tmp_path / "ft-free")):
+        assert main(["finetune", str(pruned_dir), "--train-file", data_files[0], "--epochs", "1",
+                     "--max-length", "16", "--lr", "1e-3", "--out", str(out),
+                     *([] if lock else ["--no-lock-mask"])]) == 0
+        after = _weights(out)
+        if lock:
+            assert "is 50.0% sparse: its zeros stay zero" in capsys.readouterr().out
+            for name, w in before.items():
+                assert torch.equal(after[name] != 0, w != 0), name
+            record = json.loads((out / "sparsity.json").read_text())
+            assert record["layers"] == json.loads((pruned_dir / "sparsity.json").read_text())["layers"]
+        else:
+            assert sum(int((w == 0).sum()) for w in after.values()) == 0
+            assert not (out / "sparsity.json").exists()

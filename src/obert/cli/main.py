@@ -172,14 +172,18 @@ def finetune(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 (default: cuda if present)"),
     tokenizer: Optional[str] = TOKENIZER,
     reinit_head: bool = typer.Option(False, "--reinit-head", help="Train a new classification head (when the model's labels differ from the data's)"),
+    lock_mask: bool = typer.Option(True, "--lock-mask/--no-lock-mask", help="A pruned model (1%+ of its prunable weights zero) keeps its zeros (sparse transfer)"),
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Dense fine-tuning of a sequence classifier (the task model you then prune)."""
+    """Fine-tuning of a sequence classifier: the dense task model you then prune, or sparse
+    transfer of a pruned one (its zeros kept)."""
     from obert.tasks.data import training_labels
     from obert.io import check_output, claim_output, save_model_dir
     from obert.model.loading import check_finite, check_length
     from obert.device import pick_device
     from obert.tasks.classification import evaluate, load_classifier
+    from obert.model.masks import locked_record
+    from obert.training.callback import MaskLockCallback, lock_note, pruned_masks
     from obert.training.finetune import finetune as run_finetune
 
     if lr_scheduler not in LR_SCHEDULERS:
@@ -197,15 +201,22 @@ def finetune(
         net.to(target)
         train_ds = _encode(train_rows, tok, net, max_length)
         eval_ds = _encode(eval_rows, tok, net, max_length)
+        locked = pruned_masks(net) if lock_mask else None
+        lock = [MaskLockCallback(locked)] if locked is not None else []
+        if locked is not None:
+            typer.echo(f"{lock_note(model, locked)} (--no-lock-mask refills them)")
         t0 = time.perf_counter()
         run_finetune(net, tok, train_ds, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                     lr_scheduler=lr_scheduler)
+                     lr_scheduler=lr_scheduler, callbacks=lock)
         check_finite(net, "the fine-tuned model (training diverged: lower --lr)")
         metrics = {"train_seconds": time.perf_counter() - t0, "train_rows": len(train_ds)}
         if eval_ds is not None:
             metrics.update(evaluate(net, eval_ds))
             typer.echo(f"eval accuracy: {metrics['accuracy']:.4f} ({metrics['num_examples']} examples)")
-        save_model_dir(out, net, tok, {"metrics.json": metrics}, overwrite=overwrite)
+        files = {"metrics.json": metrics}
+        if lock:
+            files["sparsity.json"] = locked_record(lock[0].masks, model)
+        save_model_dir(out, net, tok, files, overwrite=overwrite)
         typer.echo(f"saved {out}")
 
 

@@ -94,3 +94,13 @@ def read_sparsity_record(model_dir) -> dict:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def locked_record(masks: MaskSet, source: str) -> dict:
+    """``sparsity.json`` of a model trained with the mask of the pruned model ``source`` locked:
+    how that mask was made (from the source's record, where it has one) and where it came from."""
+    before = read_sparsity_record(source)
+    return sparsity_record(masks, method=str(before.get("method", "unknown")),
+                           structure=before.get("structure"), scope=before.get("scope"),
+                           source=source, settings=before.get("settings"), steps=[],
+                           mask_locked_from=source)

@@ -203,6 +203,12 @@ def pruned_masks(model, include: list[str] | None = None, exclude: list[str] | N
     return masks if zeros >= min_sparsity * sum(m.numel() for m in masks.values()) and zeros else None
 
 
+def lock_note(source: str, masks: dict[str, torch.Tensor]) -> str:
+    """What a run with these locked masks tells the user."""
+    zeros = sum(int((~m).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    return f"{source} is {zeros:.1%} sparse: its zeros stay zero through training"
+
+
 @torch.no_grad()
 def zero_pruned_state(optimizer, masks: MaskSet) -> None:
     """Zero optimizer state (e.g. Adam moments) of pruned weights so it cannot push them back."""

@@ -24,14 +24,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from obert.training.callback import (MASKS_FILE, STATE_FILE, MaskLockCallback,
-                                     OBertPruningCallback, pruned_masks)
+                                     OBertPruningCallback, lock_note, pruned_masks)
 from obert.training.checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpoint_step, pick_checkpoint,
                           recipe_changes, sealed_checkpoints)
 from obert.distributed import barrier, rank, world_size
 from obert.errors import ObertError
 from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
 from obert.model.loading import check_finite, quiet_libraries
-from obert.model.masks import MaskSet, read_sparsity_record, sparsity_record
+from obert.model.masks import MaskSet, locked_record, sparsity_record
 from obert.training.recipe import Recipe, dump_recipe
 from obert.training.schedule import steps_per_epoch
 from obert.model.targets import find_targets
@@ -181,9 +181,8 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     find_targets(model, include, exclude)  # fail before training
     locked = pruned_masks(model, include, exclude) if tr.lock_mask else None
     if locked is not None and rank() == 0:
-        zeros = sum(int((~m).sum()) for m in locked.values()) / sum(m.numel() for m in locked.values())
-        _print(f"[obert] {recipe.model.path} is {zeros:.1%} sparse: its zeros stay zero through "
-               "training (training.lock_mask: false refills them)")
+        _print(f"[obert] {lock_note(recipe.model.path, locked)} (training.lock_mask: false "
+               "refills them)")
     if p is not None:
         pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
                                           task.collator, include=include, exclude=exclude,
@@ -245,17 +244,14 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
     metrics.update(global_sparsity=masks.stats()["global_sparsity"], train_seconds=train_seconds,
                    world_size=world_size(), metric=task.metric)
-    if p is not None:
-        how = dict(method=p.method, structure=p.structure, scope=p.scope, settings=p.model_dump())
-    elif lock_cb is not None:  # sparse transfer: the masks are the starting model's
-        before = read_sparsity_record(recipe.model.path)
-        how = dict(method=str(before.get("method", "unknown")), structure=before.get("structure"),
-                   scope=before.get("scope"), settings=before.get("settings"),
-                   mask_locked_from=recipe.model.path)
+    if lock_cb is not None:  # sparse transfer: the masks are the starting model's
+        sparsity = locked_record(masks, recipe.model.path)
     else:
-        how = dict(method="dense", structure=None, scope=None, settings=None)
-    sparsity = sparsity_record(masks, source=recipe.model.path,
-                               steps=pruning_cb.history if pruning_cb else [], **how)
+        sparsity = sparsity_record(masks, method=p.method if p else "dense",
+                                   structure=p.structure if p else None,
+                                   scope=p.scope if p else None, source=recipe.model.path,
+                                   settings=p.model_dump() if p else None,
+                                   steps=pruning_cb.history if pruning_cb else [])
     history = {"eval": recorder.history, "pruning": sparsity["steps"],
                "log": [e for e in trainer.state.log_history if "loss" in e]}
 
