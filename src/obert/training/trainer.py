@@ -55,7 +55,7 @@ class ObertTrainer(Trainer):
             teacher_out = self.teacher(**{k: v for k, v in inputs.items()
                                           if k not in ("labels", "start_positions", "end_positions")})
         loss = distillation_loss(outputs.get("loss"), outputs, teacher_out, self.hardness,
-                                 self.temperature)
+                                 self.temperature, inputs.get("attention_mask"))
         return (loss, outputs) if return_outputs else loss
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

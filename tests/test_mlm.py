@@ -1,0 +1,213 @@
+"""Masked-LM task (upstream pruning): text loading, blocks, masking, evaluation, token KD, and
+an upstream-pruned model transferred to classification with its mask locked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_rows, make_tokenizer, tiny_config
+
+from obert.errors import ObertError
+from obert.tasks.mlm import (MLM_PROBABILITY, TokenBlocks, evaluate, fixed_masking, group_blocks,
+                             load_texts, mlm_collator)
+
+
+def test_group_blocks():
+    assert group_blocks([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4) == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert group_blocks([[1, 2], [3]], 8) == [[1, 2, 3]]  # all there is: one short block
+    assert group_blocks([], 4) == []
+
+
+def test_load_texts(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc\n\n  second doc  \n")
+    assert load_texts(txt) == ["first doc", "second doc"]
+    jl = tmp_path / "a.jsonl"
+    jl.write_text('{"text": "x y", "label": 3}\n{"text": "z", "label": 1}\n')
+    assert load_texts(jl) == ["x y", "z"]  # labels ignored
+    (tmp_path / "b.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ObertError, match="no 'text' column"):
+        load_texts(tmp_path / "b.jsonl")
+    (tmp_path / "e.txt").write_text("\n \n")
+    with pytest.raises(ObertError, match="no text"):
+        load_texts(tmp_path / "e.txt")
+    with pytest.raises(ObertError, match="unsupported text file type '.md'"):
+        (tmp_path / "c.md").write_text("x")
+        load_texts(tmp_path / "c.md")
+
+
+def _blocks(tmp_path, n=200, max_length=32):
+    tok = make_tokenizer(tmp_path)
+    texts = [r["text"] for r in make_rows(n, 0)]
+    return tok, TokenBlocks(texts, tok, max_length)
+
+
+def test_masking_rate_specials_and_labels(tmp_path):
+    tok, data = _blocks(tmp_path)
+    assert all(len(b) == 32 for b in data.blocks)
+    collator = mlm_collator(tok)
+    torch.manual_seed(0)
+    batch = collator([data[i] for i in range(len(data))])
+    original = torch.tensor(data.blocks)
+    labels, ids = batch["labels"], batch["input_ids"]
+    special = torch.isin(original, torch.tensor(tok.all_special_ids))
+    masked = labels != -100
+    assert not bool((masked & special).any())  # [CLS]/[SEP] never masked
+    assert torch.equal(labels[masked], original[masked])  # labels are the original tokens
+    assert torch.equal(ids[~masked], original[~masked])  # the rest is untouched
+    rate = float(masked.sum()) / float((~special).sum())
+    assert abs(rate - MLM_PROBABILITY) < 0.03, rate
+    as_mask = float((ids[masked] == tok.mask_token_id).sum()) / float(masked.sum())
+    assert abs(as_mask - 0.8) < 0.08, as_mask
+
+
+def test_fixed_masking_is_repeatable_and_keeps_the_callers_random_state(tmp_path):
+    tok, data = _blocks(tmp_path, n=60)
+    collator = mlm_collator(tok)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = fixed_masking(data, collator, 4, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = fixed_masking(data, collator, 4, seed=7)
+    c = fixed_masking(data, collator, 4, seed=8)
+    assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+    assert not all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, c))
+
+
+def test_evaluate_against_a_float64_loop(tmp_path):
+    from transformers import BertForMaskedLM
+
+    tok, data = _blocks(tmp_path, n=60, max_length=16)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config("bert")).eval()
+    batches = fixed_masking(data, mlm_collator(tok), 5, seed=1)
+    got = evaluate(model, batches, progress=False)
+    correct = n = 0
+    nll = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for row in range(logits.shape[0]):
+                for pos in range(logits.shape[1]):
+                    y = int(batch["labels"][row, pos])
+                    if y == -100:
+                        continue
+                    z = logits[row, pos].double()
+                    nll -= float(z[y] - torch.logsumexp(z, 0))
+                    correct += int(int(z.argmax()) == y)
+                    n += 1
+    assert got["num_tokens"] == n
+    assert got["accuracy"] == pytest.approx(correct / n)
+    assert got["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_token_kd_averages_over_real_tokens_only():
+    from obert.training.distill import kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 5, 7, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    T = 2.0
+    terms = []
+    for b in range(2):
+        for p in range(5):
+            if mask[b, p]:
+                ps = torch.softmax(s[b, p] / T, 0)
+                pt = torch.softmax(t[b, p] / T, 0)
+                terms.append(float((pt * (pt / ps).log()).sum()))
+    # (float32 inside kd_loss, as in training)
+    assert float(kd_loss(s, t, T, mask)) == pytest.approx(T * T * sum(terms) / len(terms), rel=1e-6)
+    # Changing padded positions changes nothing.
+    s2 = s.clone()
+    s2[1, 3:] += 5.0
+    assert float(kd_loss(s2, t, T, mask)) == pytest.approx(float(kd_loss(s, t, T, mask)), rel=1e-12)
+
+
+@pytest.fixture
+def mlm_dir(tmp_path):
+    from transformers import BertForMaskedLM
+
+    out = tmp_path / "tiny-mlm"
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_config("bert")).save_pretrained(out)
+    make_tokenizer(tmp_path).save_pretrained(out)
+    return out
+
+
+def _corpus(tmp_path) -> tuple[str, str]:
+    train, held = tmp_path / "corpus.txt", tmp_path / "held.txt"
+    train.write_text("\n".join(r["text"] for r in make_rows(160, 5)) + "\n")
+    held.write_text("\n".join(r["text"] for r in make_rows(40, 6)) + "\n")
+    return str(train), str(held)
+
+
+def test_upstream_pruning_then_sparse_transfer(tmp_path, mlm_dir, data_files):
+    """Prune Once for All on the tiny model: gradual oBERT on the masked-LM objective with KD
+    from the dense masked LM, then classification from the sparse checkpoint, mask locked."""
+    import yaml
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from obert import find_targets
+    from obert.cli.main import main
+
+    train, held = _corpus(tmp_path)
+    upstream = {
+        "model": {"path": str(mlm_dir), "task_type": "masked-lm"},
+        "data": {"train_file": train, "eval_file": held},
+        "training": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "max_length": 32, "seed": 0},
+        "pruning": {"init_sparsity": 0.5, "final_sparsity": 0.8, "start_epoch": 0, "end_epoch": 1,
+                    "frequency": 0.5, "num_grads": 8, "grad_batch_size": 4, "fisher_block_size": 16},
+        "distillation": {"teacher": str(mlm_dir), "hardness": 1.0, "temperature": 2.0},
+        "output_dir": str(tmp_path / "upstream"),
+    }
+    (tmp_path / "up.yaml").write_text(yaml.safe_dump(upstream))
+    assert main(["train", "--recipe", str(tmp_path / "up.yaml"), "--no-progress"]) == 0
+    up = tmp_path / "upstream"
+    record = json.loads((up / "sparsity.json").read_text())
+    assert record["global_sparsity"] == pytest.approx(0.8, abs=1e-3) and record["method"] == "obert"
+    metrics = json.loads((up / "metrics.json").read_text())
+    assert metrics["metric"] == "accuracy" and metrics["num_tokens"] > 0
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
+    sparse_mlm = AutoModelForMaskedLM.from_pretrained(up)  # a masked LM, with its head
+    assert type(sparse_mlm).__name__ == "BertForMaskedLM"
+    zeros = {t.name.removeprefix("bert."): t.module.weight == 0 for t in find_targets(sparse_mlm)}
+
+    transfer = {
+        "model": {"path": str(up)},
+        "data": {"train_file": data_files[0], "eval_file": data_files[1]},
+        "training": {"epochs": 2, "lr": 1e-3, "batch_size": 16, "max_length": 16, "seed": 0},
+        "output_dir": str(tmp_path / "transfer"),
+    }
+    (tmp_path / "tr.yaml").write_text(yaml.safe_dump(transfer))
+    assert main(["train", "--recipe", str(tmp_path / "tr.yaml"), "--no-progress"]) == 0
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "transfer")
+    for t in find_targets(clf):
+        assert torch.equal(t.module.weight == 0, zeros[t.name.removeprefix("bert.")]), t.name
+    assert json.loads((tmp_path / "transfer" / "sparsity.json").read_text())["layers"].keys()
+
+
+def test_masked_lm_teacher_needs_its_head(tmp_path, mlm_dir):
+    from transformers import BertModel
+
+    from obert.tasks.base import TaskInputs
+    from obert.tasks.mlm import build_task
+
+    bare = tmp_path / "bare"
+    BertModel(tiny_config("bert")).save_pretrained(bare)
+    make_tokenizer(tmp_path).save_pretrained(bare)
+    train, held = _corpus(tmp_path)
+    logged = []
+    inputs = TaskInputs(model_path=str(bare), tokenizer=None, reinit_head=False, data_task=None,
+                        train_file=train, eval_file=held, max_train_rows=None, max_eval_rows=None,
+                        max_length=32, doc_stride=8, seed=0, eval_batch_size=8, progress=False,
+                        log=logged.append)
+    task = build_task(inputs)
+    assert any("has no masked-LM head: a new one is trained" in m for m in logged)
+    assert type(task.model).__name__ == "BertForMaskedLM"
+    with pytest.raises(ObertError, match="has no masked-LM head: train one first"):
+        task.load_teacher(str(bare))
+    assert type(task.load_teacher(str(mlm_dir))).__name__ == "BertForMaskedLM"
