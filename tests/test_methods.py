@@ -5,11 +5,13 @@ its setting and lifecycle hooks included."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 import torch
 import yaml
 from conftest import tiny_recipe
+
 from pydantic import Field, field_validator
 
 from obert.cli.main import main
@@ -183,3 +185,72 @@ def test_pruning_settings_are_defined_once(largest_first):
     section = dict(init_sparsity=0.5, final_sparsity=0.8, start_epoch=0, end_epoch=1)
     assert PruningSection(**section).options.num_grads == METHODS["obert"].Settings().num_grads
     assert PruningSection(**section, method="largest-first").options.order == "largest"
+
+
+class SwitchSettings(Settings):
+    side: Literal["low", "high"] = Field("low", description="which end goes first")
+    flip: bool = Field(True, description="reverse the order")
+
+
+class Switch(Method):
+    Settings = SwitchSettings
+
+    def scores(self, model, targets, masks, loader_factory, step):
+        g = self.config.group_size
+        sign = (1.0 if self.options.side == "low" else -1.0) * (-1.0 if self.options.flip else 1.0)
+        return {t.name: sign * t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
+                for t in targets}
+
+    @torch.no_grad()
+    def update(self, targets, prune):
+        for t in targets:
+            t.module.weight.masked_fill_(prune[t.name], 0.0)
+
+
+def test_literal_and_switch_settings_become_options(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    monkeypatch.setitem(METHODS, "switch", Switch)
+    base = ["prune", tiny_model_dir, "--method", "switch", "--sparsity", "0.5", "--scope", "uniform"]
+    assert main(base + ["--side", "middle", "--out", str(tmp_path / "x")]) == 2
+    assert "--side input should be 'low' or 'high'" in capsys.readouterr().err
+    out = tmp_path / "o"  # low, not flipped: the smallest go first (as magnitude)
+    assert main(base + ["--side", "low", "--no-flip", "--out", str(out)]) == 0
+    settings = json.loads((out / "sparsity.json").read_text())["settings"]
+    assert settings["side"] == "low" and settings["flip"] is False
+    _kept_are_the_smallest(out, tiny_model_dir, smallest=False)
+
+
+def test_a_setting_named_like_a_prune_option_is_one_line(monkeypatch, tiny_model_dir, capsys):
+    class Clash(Settings):
+        seed: int = 3
+
+    monkeypatch.setattr(Switch, "Settings", Clash)
+    monkeypatch.setitem(METHODS, "switch", Switch)
+    assert main(["prune", "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: method 'switch' has a setting 'seed', a name obert prune already uses: rename it"
+
+
+def test_settings_reach_the_method_after_copy_and_assignment():
+    from obert.pruning.methods import OBert
+    from obert.pruning.settings import PruneConfig
+
+    c = PruneConfig(0.5).model_copy(update={"num_grads": 8, "structure": "block4"})
+    assert OBert(c).options.num_grads == 8 and c.options.fisher_block_size == 32  # block4's default
+    assert c == PruneConfig(0.5, num_grads=8, structure="block4")
+    assert "num_grads" not in PruneConfig(0.5, num_grads=8).model_copy(update={"method": "magnitude"}).as_dict()
+    c.num_grads = 4
+    assert c.options.num_grads == 4 and c.as_dict()["num_grads"] == 4
+    with pytest.raises(ValueError):
+        c.num_grads = 0
+    # A setting of another method given as None counts as not given (--set pruning.num_grads=null).
+    assert PruneConfig(0.5, method="magnitude", num_grads=None).as_dict()["method"] == "magnitude"
+
+
+def test_prune_options_exist_without_main():
+    """Tools that run the Typer app directly (CliRunner, doc generators) see the options too."""
+    from typer.testing import CliRunner
+
+    from obert.cli.main import app
+
+    result = CliRunner().invoke(app, ["prune", "--help"])
+    assert result.exit_code == 0 and "--num-grads" in result.output

@@ -62,26 +62,33 @@ POSITIVE, COUNT = number(float, gt=0), number(int, ge=1)
 
 
 def _option(name: str, field, default, help: str) -> inspect.Parameter:
-    """A typer option for a settings field: named by ``option_name``, with a finite-number
-    parser for numbers (the model checks the ranges)."""
+    """A typer option for a settings field: named by ``option_name``, a finite-number parser for
+    numbers, ``--x/--no-x`` for a switch, text for anything else (the model checks values)."""
     kind = field_types(field.annotation)[0]
+    kind = kind if kind in (int, float, bool, str) else str  # Literal, Enum, Path: the model parses
     parser = {int: number(int), float: number()}.get(kind)
-    option = typer.Option(default, option_name(name), help=help, **({"parser": parser} if parser else {}))
+    flag = option_name(name)
+    decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+    option = typer.Option(default, *decls, help=help, **({"parser": parser} if parser else {}))
     optional = default is None or type(None) in typing.get_args(field.annotation)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                              annotation=Optional[kind] if optional else kind)
 
 
-def settings_options(model, methods: dict | None = None) -> list[inspect.Parameter]:
+def settings_options(model, methods: dict | None = None, taken: set[str] = frozenset()) -> list[inspect.Parameter]:
     """The fields of a pydantic settings model as typer options: one per field, its default and
     its description as help; then the own settings of every method in ``methods`` (a field two
     methods share is one option), default None (= the chosen method's default) and help naming
-    the methods that take it."""
+    the methods that take it. A method setting named like a field or one of ``taken`` (the
+    command's own parameters) is an error naming the method."""
     params = [_option(name, field, ... if field.is_required() else field.default, field.description)
               for name, field in model.model_fields.items()]
     owners: dict[str, list[str]] = {}
     for method, cls in (methods or {}).items():
         for name in cls.Settings.model_fields:
+            if name in model.model_fields or name in taken:
+                raise ObertError(f"method '{method}' has a setting '{name}', a name obert prune "
+                                 "already uses: rename it")
             owners.setdefault(name, []).append(method)
     for name, who in owners.items():
         field = methods[who[0]].Settings.model_fields[name]
@@ -94,10 +101,11 @@ def settings_options(model, methods: dict | None = None) -> list[inspect.Paramet
 def with_settings(model):
     """A command taking ``**settings`` gets the model's fields, and the own settings of every
     registered pruning method, as options (see ``settings_options``): the options, their help
-    and defaults are the models', defined once. ``main`` attaches them at each call, so a method
-    registered after import has its options too."""
+    and defaults are the models', defined once. ``main`` attaches them again at each call, so a
+    method registered after import has its options too."""
     def wrap(fn):
         fn.settings_model = model
+        attach_settings(fn)
         return fn
     return wrap
 
@@ -107,12 +115,12 @@ def attach_settings(fn) -> None:
     from obert.pruning.methods import METHODS
 
     signature = inspect.signature(fn)
+    previous = getattr(fn, "settings_names", set())
     own = [p for p in signature.parameters.values()
-           if p.kind != p.VAR_KEYWORD and p.name not in getattr(fn, "settings_names", ())]
-    extra = settings_options(fn.settings_model, METHODS)
+           if p.kind != p.VAR_KEYWORD and p.name not in previous]
+    extra = settings_options(fn.settings_model, METHODS, {p.name for p in own})
     fn.__signature__ = signature.replace(parameters=own + extra)
-    fn.__annotations__ = {**{k: v for k, v in fn.__annotations__.items()
-                             if k not in getattr(fn, "settings_names", ())},
+    fn.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k not in previous},
                           **{p.name: p.annotation for p in extra}}
     fn.settings_names = {p.name for p in extra}
 
@@ -512,10 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     caught = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
     caught = [s for s in caught if signal.getsignal(s) is not signal.SIG_IGN]
     previous = {s: signal.signal(s, _terminate) for s in caught} if on_main_thread else {}
-    for command in app.registered_commands:
-        if hasattr(command.callback, "settings_model"):
-            attach_settings(command.callback)
     try:
+        for command in app.registered_commands:
+            if hasattr(command.callback, "settings_model"):
+                attach_settings(command.callback)
         rv = app(args=argv, standalone_mode=False)
     except NoArgsIsHelpError:
         return 2  # the help is already printed: it is the message

@@ -89,24 +89,50 @@ class PruneSettings(Settings):
     @model_validator(mode="after")
     def _method_options(self):
         """The extra fields are the method's settings: check them with its model (errors keep
-        the field's name), then hold them with their defaults filled in."""
+        the field's name), then hold them with their defaults filled in. Another registered
+        method's setting is an error naming its owner, unless it is None (= not given)."""
         methods = registered_methods()
         model = methods[self.method].Settings
-        given = dict(self.__pydantic_extra__ or {})
-        foreign = []
+        given = {k: v for k, v in (self.__pydantic_extra__ or {}).items()
+                 if v is not None or k in model.model_fields}
+        problems = []
         for name, value in given.items():
+            if name in model.model_fields:
+                continue
             owners = [m for m, cls in methods.items() if name in cls.Settings.model_fields]
-            if name not in model.model_fields and owners:
-                foreign.append(InitErrorDetails(
-                    type=PydanticCustomError("foreign_setting", "is a setting of {owners}, not "
-                                             "of {method}", {"owners": either(owners),
-                                                          "method": self.method}),
-                    loc=(name,), input=value))
-        if foreign:
-            raise ValidationError.from_exception_data(type(self).__name__, foreign)
+            kind = PydanticCustomError("foreign_setting", "is a setting of {owners}, not of "
+                                       "{method}", {"owners": either(owners), "method": self.method}) \
+                if owners else "extra_forbidden"
+            problems.append(InitErrorDetails(type=kind, loc=(name,), input=value))
+        if problems:  # also where the method's model would ignore unknown fields
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
         self._options = model.model_validate(given, context={"structure": self.structure})
         self.__pydantic_extra__ = self._options.model_dump()
         return self
+
+    def _given_options(self) -> dict:
+        """The method's settings that were given (the rest are its defaults)."""
+        return self._options.model_dump(include=self._options.model_fields_set)
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False):
+        """A copy with ``update`` applied and checked again (the method's defaults follow a new
+        structure; a new method drops the old one's settings)."""
+        update = dict(update or {})
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        if update.get("method", self.method) == self.method:
+            values.update(self._given_options())
+        return type(self)(**{**values, **update})
+
+    def __setattr__(self, name: str, value) -> None:
+        """A method setting assigned is checked by the method's model (as at construction)."""
+        if not name.startswith("_") and name not in type(self).model_fields and \
+                name in type(self._options).model_fields:
+            options = type(self._options).model_validate({**self._given_options(), name: value},
+                                                         context={"structure": self.structure})
+            self._options = options
+            self.__pydantic_extra__ = options.model_dump()
+            return
+        super().__setattr__(name, value)
 
     @property
     def options(self) -> BaseModel:

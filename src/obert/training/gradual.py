@@ -176,14 +176,14 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     device = pick_device(tr.device)
     use_cpu = device.type == "cpu"
     pruning_cb = lock_cb = None
-    p = recipe.pruning
-    include, exclude = (p.include, p.exclude) if p is not None else (None, None)
+    prune = recipe.pruning
+    include, exclude = (prune.include, prune.exclude) if prune is not None else (None, None)
     find_targets(model, include, exclude)  # fail before training
     locked = pruned_masks(model, include, exclude) if tr.lock_mask else None
     if locked is not None and rank() == 0:
         _print(f"[obert] {lock_note(recipe.model.path, locked)} (training.lock_mask: false "
                "refills them)")
-    if p is not None:
+    if prune is not None:
         pruning_cb = OBertPruningCallback(recipe.schedule(), recipe.prune_config(), task.train_dataset,
                                           task.collator, include=include, exclude=exclude,
                                           log=_print, initial_masks=locked)
@@ -247,10 +247,10 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     if lock_cb is not None:  # sparse transfer: the masks are the starting model's
         sparsity = locked_record(masks, recipe.model.path)
     else:
-        sparsity = sparsity_record(masks, method=p.method if p else "dense",
-                                   structure=p.structure if p else None,
-                                   scope=p.scope if p else None, source=recipe.model.path,
-                                   settings=p.model_dump() if p else None,
+        sparsity = sparsity_record(masks, method=prune.method if prune else "dense",
+                                   structure=prune.structure if prune else None,
+                                   scope=prune.scope if prune else None, source=recipe.model.path,
+                                   settings=prune.model_dump() if prune else None,
                                    steps=pruning_cb.history if pruning_cb else [])
     history = {"eval": recorder.history, "pruning": sparsity["steps"],
                "log": [e for e in trainer.state.log_history if "loss" in e]}
@@ -281,11 +281,11 @@ def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:
 
 def _check_same_recipe(folder: Path, recipe: Recipe, force: bool) -> None:
     """Refuse to resume under other settings than the checkpoint's, unless ``force``."""
-    from obert.training.recipe import load_recipe
+    from obert.training.recipe import drop_foreign_settings, load_recipe
 
     changed = None  # no recipe recorded, or one this version cannot read
     try:
-        saved = load_recipe(doc=yaml.safe_load((folder / RECIPE_FILE).read_text()))
+        saved = load_recipe(doc=drop_foreign_settings(yaml.safe_load((folder / RECIPE_FILE).read_text())))
         changed = recipe_changes(saved.model_dump(), recipe.model_dump())
     except (OSError, yaml.YAMLError, ObertError):
         pass

@@ -74,7 +74,7 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
                 dense, dense_targets, MaskSet.from_zeros(dense_targets), loaders, config.seed,
                 log=log)
         estimate = cache[key]
-        method = METHODS[config.method](config, estimate)
+        method = METHODS[config.method](config, estimate) if estimate is not None else first
         masks, report = prune_model(model, targets, config,
                                     loader_factory(config.grad_batch_size), method=method,
                                     log=lambda s: None)

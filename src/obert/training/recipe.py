@@ -251,5 +251,18 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise ObertError(_format_error(exc, where, overridden)) from None
 
 
+def drop_foreign_settings(doc: dict) -> dict:
+    """``doc`` without the pruning settings of methods other than its own (recipes saved by
+    versions that recorded every method's settings in every recipe)."""
+    from obert.pruning.methods import METHODS
+
+    pruning = doc.get("pruning") if isinstance(doc, dict) else None
+    if not isinstance(pruning, dict) or pruning.get("method", "obert") not in METHODS:
+        return doc
+    own = METHODS[pruning.get("method", "obert")].Settings.model_fields
+    others = {n for cls in METHODS.values() for n in cls.Settings.model_fields} - set(own)
+    return {**doc, "pruning": {k: v for k, v in pruning.items() if k not in others}}
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)

@@ -56,7 +56,7 @@ class Method(ABC):
     def estimate_key(self) -> dict:
         """The settings ``estimate()`` depends on: equal keys (with the same model, batches and
         seed) give the same estimate."""
-        return self.options.model_dump()
+        return self.options.model_dump(mode="json")
 
     def on_train_begin(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
         """Gradual pruning starts (masks attached, nothing pruned by this run yet)."""

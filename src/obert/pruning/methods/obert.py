@@ -67,7 +67,7 @@ class OBert(Method):
                               max_memory_gb=o.max_memory_gb, log=log)
 
     def estimate_key(self) -> dict:
-        return self.options.model_dump(exclude={"update"})  # the update does not change the Fisher
+        return self.options.model_dump(mode="json", exclude={"update"})  # the update does not change the Fisher
 
     def _flat(self, t) -> Tensor:
         """Weight flattened row-major, zero-padded to whole Fisher blocks."""
