@@ -282,9 +282,10 @@ def write_json(path: str | Path, data: dict) -> None:
             f.write("\n")
 
 
-def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | None = None,
+def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict | str] | None = None,
                    hook: Callable[[Path], None] | None = None, *, overwrite: bool = False) -> Path:
-    """Save a Hugging Face model directory (safetensors) plus JSON files, atomically.
+    """Save a Hugging Face model directory (safetensors) plus files, atomically: ``extra`` maps
+    file names to JSON data (a dict) or text (a str, e.g. the model card).
 
     ``hook(folder)`` may add more files to the directory before it takes its final name.
     """
@@ -293,7 +294,10 @@ def save_model_dir(out: str | Path, model, tokenizer, extra: dict[str, dict] | N
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra or {}).items():
-            write_json(tmp / name, data)
+            if isinstance(data, str):
+                (tmp / name).write_text(data, encoding="utf-8")
+            else:
+                write_json(tmp / name, data)
         if hook is not None:
             hook(tmp)
     return Path(out)

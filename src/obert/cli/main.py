@@ -190,6 +190,7 @@ def finetune(
     from obert.model.loading import check_finite, check_length
     from obert.device import pick_device
     from obert.tasks.classification import evaluate, load_classifier
+    from obert.card import model_card
     from obert.model.masks import locked_record
     from obert.training.callback import MaskLockCallback, lock_note, pruned_masks
     from obert.training.finetune import finetune as run_finetune
@@ -224,6 +225,12 @@ def finetune(
         files = {"metrics.json": metrics}
         if lock:
             files["sparsity.json"] = locked_record(lock[0].masks, model)
+        what = [f"fine-tuned on {train_file or task} ({len(train_ds)} rows) for {epochs:g} epochs, "
+                f"lr {lr:g} ({lr_scheduler}), batch {batch_size}, length {max_length} (`obert finetune`)"]
+        if lock:
+            what.append("the starting model's zeros kept (mask locked: sparse transfer)")
+        files["README.md"] = model_card(out.name, what=what, source=model,
+                                        sparsity=files.get("sparsity.json"), metrics=metrics)
         save_model_dir(out, net, tok, files, overwrite=overwrite)
         typer.echo(f"saved {out}")
 
@@ -293,17 +300,14 @@ def train(
         typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
 
 
-def _kept_sparsity(net, source_record: Path, source: str) -> dict:
-    """The ``sparsity.json`` of a pruned model after layer dropping: the kept layers' zeros, and
-    how the source's masks were made."""
-    from obert.model.masks import MaskSet, read_sparsity_record, sparsity_record
-    from obert.model.targets import find_targets
+def compiled_card(out: Path, source: str, report, dtype: str) -> str:
+    """The model card of a compiled model: what compile chose per layer, on which kernels."""
+    from obert.card import model_card
 
-    before = read_sparsity_record(source_record.parent)
-    return sparsity_record(MaskSet.from_zeros(find_targets(net)),
-                           method=str(before.get("method", "unknown")),
-                           structure=before.get("structure"), scope=before.get("scope"),
-                           source=source, settings=before.get("settings"), steps=[])
+    return model_card(out.name, source=source, what=[
+        f"compiled for obert's sparse CPU runtime ({dtype}; `obert compile`, load with "
+        f"`obert.runtime.load_compiled`): {report.summary()}",
+        "per layer:\n\n```\n" + report.layer_table() + "\n```"])
 
 
 def _layer_list(text: str) -> list[int]:
@@ -323,32 +327,14 @@ def drop_layers(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Keep some of the encoder's transformer layers (the rest of the model unchanged)."""
-    from obert.io import check_output, claim_output, save_model_dir
-    from obert.model.loading import CLASSIFIER, ENCODER, QA, load_as_saved, load_tokenizer
-    from obert.model.surgery import drop_layers as drop, evenly_spaced, num_layers as count
+    from obert.training.layers import drop_layers_dir
 
     if (keep is None) == (num_layers is None):
         raise ObertError("give --keep or --num-layers (one of them)")
-    wanted = _layer_list(keep) if keep is not None else None
-    out = check_output(out, inputs=[model, tokenizer], overwrite=overwrite)
-    with claim_output(out):
-        net = load_as_saved(model, (ENCODER, CLASSIFIER, QA), "drop-layers")
-        total = count(net)
-        wanted = wanted if wanted is not None else evenly_spaced(total, num_layers)
-        try:
-            tok = load_tokenizer(model, tokenizer, net.config)
-        except ObertError as exc:
-            if tokenizer is not None:
-                raise
-            tok = None
-            typer.echo(f"note: the output has no tokenizer ({exc})")
-        drop(net, wanted)
-        files = {"layers.json": {"source_model": model, "num_layers_before": total,
-                                 "kept_layers": wanted}}
-        if (Path(model) / "sparsity.json").is_file():  # a pruned model stays described
-            files["sparsity.json"] = _kept_sparsity(net, Path(model) / "sparsity.json", model)
-        save_model_dir(out, net, tok, files, overwrite=overwrite)
-        typer.echo(f"kept layers {','.join(map(str, wanted))} of {total}; saved {out}")
+    kept, total = drop_layers_dir(model, out, keep=_layer_list(keep) if keep is not None else None,
+                                  num_layers=num_layers, tokenizer=tokenizer, overwrite=overwrite,
+                                  log=typer.echo)
+    typer.echo(f"kept layers {','.join(map(str, kept))} of {total}; saved {out}")
 
 
 @app.command("compile")
@@ -412,7 +398,8 @@ def compile_model(
         if dtype == "int8" and "int8" not in report.kinds.values():
             raise ObertError(f"--dtype int8 quantises block4 layers, and {model} has none (prune with "
                              "--structure block4): compile it as float32")
-        save_compiled(net, out, tok, overwrite=overwrite)
+        save_compiled(net, out, tok, overwrite=overwrite,
+                      extra={"README.md": compiled_card(out, model, report, dtype)})
         rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
             if report.int8_layers else ""
         typer.echo(report.layer_table())

@@ -304,9 +304,11 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
-def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write the compiled model atomically (see the module docstring for the files); an earlier
-    obert output at ``out`` is replaced only with ``overwrite``."""
+def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False,
+                  extra: dict[str, str] | None = None) -> Path:
+    """Write the compiled model atomically (see the module docstring for the files), with the
+    text files ``extra`` (name -> text, e.g. the model card); an earlier obert output at ``out``
+    is replaced only with ``overwrite``."""
     layers = sparse_modules(model)
     compiled = layers or any(isinstance(m, AddNorm) for m in model.modules()) or \
         getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION
@@ -329,6 +331,8 @@ def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrit
             tokenizer.save_pretrained(tmp)
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / RUNTIME_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out)
 
 

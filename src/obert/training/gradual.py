@@ -29,6 +29,7 @@ from obert.training.checkpoints import (HISTORY_FILE, RECIPE_FILE, SEAL, checkpo
                           recipe_changes, sealed_checkpoints)
 from obert.distributed import barrier, rank, world_size
 from obert.errors import ObertError
+from obert.card import model_card
 from obert.io import MARKER, check_output, claim_output, save_model_dir, write_json
 from obert.model.loading import check_finite, quiet_libraries
 from obert.model.masks import MaskSet, locked_record, sparsity_record
@@ -125,13 +126,15 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
 
 def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool = False,
                extra_callbacks: list | None = None, progress: bool = True, overwrite: bool = False,
-               force_recipe: bool = False, inputs: list | None = None) -> dict:
+               force_recipe: bool = False, inputs: list | None = None,
+               extra_files: dict | None = None) -> dict:
     """Train (and gradually prune) as ``recipe`` says; returns the final metrics.
 
     Before any work: ``output_dir`` is checked as ``obert.io.check_output`` does (an earlier obert
     output is replaced only with ``overwrite``; ``inputs`` adds files the caller read, such as the
     recipe). ``resume`` continues from the newest intact checkpoint, and refuses when the recipe's
-    settings differ from the checkpointed run's unless ``force_recipe``.
+    settings differ from the checkpointed run's unless ``force_recipe``. ``extra_files`` adds
+    files to the output (name -> JSON data or text).
     """
     d = recipe.data
     read = [recipe.model.path, recipe.model.tokenizer, d.train_file, d.eval_file,
@@ -141,11 +144,12 @@ def run_recipe(recipe: Recipe, *, resume: bool = False, keep_checkpoints: bool =
     with claim_output(recipe.output_dir) if rank() == 0 else nullcontext():
         return _train(recipe, read, resume=resume, keep_checkpoints=keep_checkpoints,
                       extra_callbacks=extra_callbacks, progress=progress, overwrite=overwrite,
-                      force_recipe=force_recipe)
+                      force_recipe=force_recipe, extra_files=extra_files)
 
 
 def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
-           extra_callbacks: list | None, progress: bool, overwrite: bool, force_recipe: bool) -> dict:
+           extra_callbacks: list | None, progress: bool, overwrite: bool, force_recipe: bool,
+           extra_files: dict | None = None) -> dict:
     """``run_recipe`` once its output is checked and held; ``read``: the run's local inputs."""
     from transformers import TrainingArguments
 
@@ -259,12 +263,33 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         (folder / "recipe.yaml").write_text(dump_recipe(recipe))
         plot_history(history, task.metric, folder / "training.png")
 
+    card = model_card(Path(recipe.output_dir).name, what=recipe_steps(recipe, lock_cb is not None),
+                      source=recipe.model.path, recipe_text=dump_recipe(recipe),
+                      sparsity=sparsity if prune is not None or lock_cb is not None else None,
+                      metrics=metrics)
     save_model_dir(recipe.output_dir, model, task.tokenizer,
-                   {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history},
-                   hook=extra, overwrite=overwrite)
+                   {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history,
+                    "README.md": card, **(extra_files or {})}, hook=extra, overwrite=overwrite)
     if not keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
+
+
+def recipe_steps(recipe: Recipe, locked: bool) -> list[str]:
+    """What a recipe run did, in words (the model card's list)."""
+    tr, p, d = recipe.training, recipe.pruning, recipe.distillation
+    steps = [f"{recipe.model.task_type} training for {tr.epochs:g} epochs (lr {tr.lr:g}, "
+             f"{tr.lr_schedule} schedule, batch {tr.batch_size}, length {tr.max_length})"]
+    if p is not None:
+        steps.append(f"gradual {p.method} pruning ({p.structure}, {p.scope}) from "
+                     f"{p.init_sparsity:g} to {p.final_sparsity:g} between epochs "
+                     f"{p.start_epoch:g} and {p.end_epoch:g}, every {p.frequency:g} epoch(s)")
+    if locked:
+        steps.append("the starting model's zeros kept (mask locked: sparse transfer)")
+    if d is not None and d.hardness > 0:
+        steps.append(f"distillation from `{d.teacher}` (hardness {d.hardness:g}, "
+                     f"temperature {d.temperature:g})")
+    return steps
 
 
 def _check_checkpoint_dir(ckpt: Path, inputs: list) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from obert.tasks.data import Encoded, TextData, label_map_from_config
 from obert.pruning.fisher import gradient_batches
+from obert.card import model_card
 from obert.io import save_model_dir
 from obert.model.loading import check_length
 from obert.model.masks import MaskSet, sparsity_record
@@ -48,8 +49,13 @@ def run_prune(model_path: str, config: PruneConfig, train_rows: TextData | None,
                              steps=report.steps, timings=report.timings,
                              peak_rss_gib=report.peak_rss_gib)
     metrics.update(global_sparsity=record["global_sparsity"], timings=report.timings)
-    save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics},
-                   overwrite=overwrite)
+    card = model_card(f"{Path(out).name}: {config.method} one-shot to {config.sparsity:.0%}",
+                      what=[f"one-shot {config.method} pruning ({config.structure}, {config.scope} "
+                            f"threshold, {config.num_recomputations} step(s)) to sparsity "
+                            f"{config.sparsity}: `obert prune` with settings {config.as_dict()}"],
+                      source=model_path, sparsity=record, metrics=metrics)
+    save_model_dir(out, model, tokenizer, {"sparsity.json": record, "metrics.json": metrics,
+                                           "README.md": card}, overwrite=overwrite)
     return metrics
 
 
