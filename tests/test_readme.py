@@ -49,3 +49,18 @@ def test_readme_example_runs(index, tmp_path):
     if "trainer.train()" in block:  # 30 epochs, pruned to the schedule's final sparsity
         assert names["trainer"].state.global_step == 30
         assert names["pruning"].masks.stats()["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_readme_recipes_validate():
+    """The recipe examples (YAML blocks with an output_dir) are valid recipes."""
+    import yaml
+
+    from obert.training.recipe import load_recipe
+    from obert.training.stages import load_staged
+
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```",
+                                                    README.read_text(encoding="utf-8"), flags=re.S)]
+    recipes = [b for b in blocks if isinstance(b, dict) and "output_dir" in b]
+    assert any("stages" in b for b in recipes)
+    for doc in recipes:
+        load_staged(None, doc=doc) if "stages" in doc else load_recipe(doc=doc)

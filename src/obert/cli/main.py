@@ -289,25 +289,24 @@ def train(
 ) -> None:
     """Gradual pruning while fine-tuning (cubic schedule, oBERT or magnitude, distillation)."""
     from obert.training.gradual import run_recipe
-    from obert.training.recipe import load_recipe
+    from obert.training.recipe import load_recipe, read_recipe_doc
+    from obert.training.stages import load_staged, run_stages
 
-    r = load_recipe(recipe, set_ or [])
+    doc = read_recipe_doc(recipe)
+    if "stages" in doc:
+        staged = load_staged(recipe, set_ or [], doc=doc)
+        run_stages(staged, resume=resume, overwrite=overwrite, keep_checkpoints=keep_checkpoints,
+                   progress=not no_progress, force_recipe=force_recipe, inputs=[recipe],
+                   log=typer.echo)
+        typer.echo(f"all {len(staged.stages)} stages done; last output {staged.stage_dirs()[-1]}")
+        return
+    r = load_recipe(recipe, set_ or [], doc=doc)
     metrics = run_recipe(r, resume=resume, keep_checkpoints=keep_checkpoints, progress=not no_progress,
                          overwrite=overwrite, force_recipe=force_recipe, inputs=[recipe])
     if metrics:
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "f1", "exact_match")
                           if k in metrics)
         typer.echo(f"{shown}; sparsity {metrics['global_sparsity']:.4f}; saved {r.output_dir}")
-
-
-def compiled_card(out: Path, source: str, report, dtype: str) -> str:
-    """The model card of a compiled model: what compile chose per layer, on which kernels."""
-    from obert.card import model_card
-
-    return model_card(out.name, source=source, what=[
-        f"compiled for obert's sparse CPU runtime ({dtype}; `obert compile`, load with "
-        f"`obert.runtime.load_compiled`): {report.summary()}",
-        "per layer:\n\n```\n" + report.layer_table() + "\n```"])
 
 
 def _layer_list(text: str) -> list[int]:
@@ -359,6 +358,7 @@ def compile_model(
     from obert.runtime import compile as compile_runtime, save_compiled
     from obert.runtime.bench import load_model
     from obert.runtime.calibrate import text_batches
+    from obert.runtime.compile import compiled_card
 
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
@@ -399,7 +399,7 @@ def compile_model(
             raise ObertError(f"--dtype int8 quantises block4 layers, and {model} has none (prune with "
                              "--structure block4): compile it as float32")
         save_compiled(net, out, tok, overwrite=overwrite,
-                      extra={"README.md": compiled_card(out, model, report, dtype)})
+                      extra={"README.md": compiled_card(out.name, model, report, dtype)})
         rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \
             if report.int8_layers else ""
         typer.echo(report.layer_table())

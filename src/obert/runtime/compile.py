@@ -304,6 +304,16 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+def compiled_card(title: str, source: str, report: "CompileReport", dtype: str) -> str:
+    """The model card of a compiled model: what compile chose per layer, on which kernels."""
+    from obert.card import model_card
+
+    return model_card(title, source=source, what=[
+        f"compiled for obert's sparse CPU runtime ({dtype}; load with "
+        f"`obert.runtime.load_compiled`): {report.summary()}",
+        "per layer:\n\n```\n" + report.layer_table() + "\n```"])
+
+
 def save_compiled(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False,
                   extra: dict[str, str] | None = None) -> Path:
     """Write the compiled model atomically (see the module docstring for the files), with the

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -174,11 +175,19 @@ def _set(doc: dict, assignment: str) -> str:
         raise ObertError(f"--set expects section.key=value, got '{assignment}'")
     node = doc
     for p in parts[:-1]:
+        if isinstance(node, list):  # stages: picked by name
+            named = [n for n in node if isinstance(n, dict) and n.get("name") == p]
+            if not named:
+                raise ObertError(f"--set {key}: no stage named '{p}'")
+            node = named[0]
+            continue
         if node.get(p) is None:
             node[p] = {}
-        if not isinstance(node[p], dict):
+        if not isinstance(node[p], (dict, list)):
             raise ObertError(f"--set {key}: '{p}' is not a section")
         node = node[p]
+    if isinstance(node, list):
+        raise ObertError(f"--set {key}: name a field of a stage (stages.NAME.section.key=value)")
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -186,12 +195,14 @@ def _set(doc: dict, assignment: str) -> str:
     return ".".join(parts)
 
 
-def _format_error(exc: ValidationError, where: str, overridden: set[str]) -> str:
-    """Every problem (up to three) in one line, each with its field and the value given; a field
-    set by ``--set`` is blamed on ``--set``, not on the file."""
+def _format_error(exc: ValidationError, where: str, overridden: set[str],
+                  rename: Callable[[tuple], tuple] = lambda loc: loc) -> str:
+    """Every problem (up to three) in one line, each with its field (``rename`` may rewrite its
+    location) and the value given; a field set by ``--set`` is blamed on ``--set``, not on the
+    file."""
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err["loc"]) or "recipe"
+        loc = ".".join(str(x) for x in rename(tuple(err["loc"]))) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -222,28 +233,39 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_recipe_doc(path: str | Path) -> dict:
+    """The YAML mapping of a recipe file (keys given twice are errors)."""
+    where = str(path)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ObertError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start})") from None
+    except OSError as exc:
+        raise ObertError(f"cannot read recipe {where}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ObertError(f"{where}: not valid YAML{at}: {problem}") from None
+    if not isinstance(doc, dict):
+        raise ObertError(f"{where}: a recipe is a mapping of sections (model, data, training, ...)")
+    return doc
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 doc: dict | None = None) -> Recipe:
     """Parse and validate a recipe file (or ``doc``), applying ``--set`` overrides first."""
     where = str(path) if path else "recipe"
     if doc is None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise ObertError(f"recipe {'is a directory' if path.is_dir() else 'not found'}: {path}")
-        try:
-            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
-        except UnicodeDecodeError as exc:
-            raise ObertError(f"{where}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
-                             f"offset {exc.start})") from None
-        except OSError as exc:
-            raise ObertError(f"cannot read recipe {where}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ObertError(f"{where}: not valid YAML{at}: {problem}") from None
+        doc = read_recipe_doc(path)
     if not isinstance(doc, dict):
         raise ObertError(f"{where}: a recipe is a mapping of sections (model, data, training, ...)")
+    if "stages" in doc:
+        raise ObertError(f"{where}: a staged recipe (stages: ...): load it with load_staged")
     overridden = {_set(doc, assignment) for assignment in overrides or []}
     try:
         return Recipe.model_validate(doc)
