@@ -369,6 +369,9 @@ def compile_model(
         raise ObertError("give --calibration-file or --task, not both")
     if calibrate and dtype != "int8":
         raise ObertError("calibration rounds int8 weights: add --dtype int8")
+    if calibrate and (Path(model) / "quantization.json").is_file():
+        raise ObertError(f"{model} was trained quantisation-aware: its weights are on the int8 "
+                         "grid already; compile it without calibration")
     out = check_output(out, inputs=[model, calibration_file, tokenizer], overwrite=overwrite)
     with claim_output(out):
         net = load_model(model)

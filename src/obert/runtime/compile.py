@@ -164,10 +164,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
         report.linear_macs += macs
         nnz = int((w != 0).sum())
         report.sparsity[t.name] = 1.0 - nnz / macs
-        int8 = dtype == "int8" and group in (None, 4) and w.shape[1] % 4 == 0 and is_block4(w)
-        threshold = min_sparsity if min_sparsity is not None else \
-            (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
-        if 1.0 - nnz / macs >= threshold and w.dtype == torch.float32:
+        sparse, int8 = layer_kind(w, dtype, group, min_sparsity)
+        if sparse:
             plan.append((t, nnz, int8))
         else:
             report.dense_layers.append(t.name)
@@ -302,6 +300,25 @@ def _fuse_norms(model: nn.Module, names: list[str] | None = None) -> list[str]:
 
 def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def layer_kind(w: torch.Tensor, dtype: str, group: int | None = None,
+               min_sparsity: float | None = None) -> tuple[bool, bool]:
+    """Whether ``compile`` makes a layer with weight ``w`` sparse (before any speed choice), and
+    whether int8: block4-structured under ``dtype="int8"``; sparse from ``min_sparsity`` or the
+    kernel's default threshold, float32 weights only."""
+    nnz = int((w != 0).sum())
+    int8 = dtype == "int8" and group in (None, 4) and w.shape[1] % 4 == 0 and is_block4(w)
+    threshold = min_sparsity if min_sparsity is not None else \
+        (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
+    return 1.0 - nnz / w.numel() >= threshold and w.dtype == torch.float32, int8
+
+
+def int8_layers(model: nn.Module, include: list[str] | None = None,
+                exclude: list[str] | None = None, min_sparsity: float | None = None) -> list[str]:
+    """The target layers ``compile(dtype="int8", choose="sparsity")`` quantises to int8."""
+    return [t.name for t in find_targets(model, include, exclude)
+            if all(layer_kind(t.module.weight.detach(), "int8", None, min_sparsity))]
 
 
 def compiled_card(title: str, source: str, report: "CompileReport", dtype: str) -> str:

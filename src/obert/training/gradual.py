@@ -193,6 +193,13 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
                                           log=_print, initial_masks=locked)
     elif locked is not None:
         lock_cb = MaskLockCallback(locked)
+    qat_cb = None
+    if recipe.quantization is not None:
+        from obert.training.qat import QATCallback  # imports the runtime: only when asked
+
+        qat_cb = QATCallback(recipe.quantization.start_epoch, inputs=recipe.quantization.inputs,
+                             include=include, exclude=exclude,
+                             log=_print if rank() == 0 else lambda s: None)
     recorder = RunRecorder(task.evaluate, tr.eval_every_epochs, pruning_cb or lock_cb,
                            recipe_text=dump_recipe(recipe))
     teacher = None
@@ -215,7 +222,7 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     barrier()  # every process has picked its checkpoint before any is removed
     for p in unusable if rank() == 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-    callbacks = [cb for cb in (pruning_cb, lock_cb, recorder) if cb is not None] + \
+    callbacks = [cb for cb in (pruning_cb, lock_cb, qat_cb, recorder) if cb is not None] + \
         list(extra_callbacks or [])
     trainer = ObertTrainer(
         model=model, args=args, train_dataset=task.train_dataset, data_collator=task.collator,
@@ -242,7 +249,11 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         return {}
     model = trainer.model
     check_finite(model, "the trained model (training diverged: lower training.lr)")
-    final = recorder.record(trainer.state, model)
+    final = recorder.record(trainer.state, model)  # with int8 inputs where QAT runs
+    if qat_cb is not None:
+        from obert.training.qat import remove
+
+        remove(model)
     masks = (pruning_cb or lock_cb).masks if (pruning_cb or lock_cb) is not None \
         else MaskSet.from_zeros(find_targets(model))
     metrics = {k: v for k, v in final.items() if k not in ("step", "epoch", "sparsity")}
@@ -269,7 +280,8 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
                       metrics=metrics)
     save_model_dir(recipe.output_dir, model, task.tokenizer,
                    {"sparsity.json": sparsity, "metrics.json": metrics, "history.json": history,
-                    "README.md": card, **(extra_files or {})}, hook=extra, overwrite=overwrite)
+                    "README.md": card, **({"quantization.json": qat_cb.record()} if qat_cb else {}),
+                    **(extra_files or {})}, hook=extra, overwrite=overwrite)
     if not keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     return metrics
@@ -286,6 +298,10 @@ def recipe_steps(recipe: Recipe, locked: bool) -> list[str]:
                      f"{p.start_epoch:g} and {p.end_epoch:g}, every {p.frequency:g} epoch(s)")
     if locked:
         steps.append("the starting model's zeros kept (mask locked: sparse transfer)")
+    if recipe.quantization is not None:
+        steps.append(f"quantisation-aware training from epoch {recipe.quantization.start_epoch:g} "
+                     "to the sparse runtime's int8 scheme (weights per row, inputs per token); "
+                     "weights saved on the int8 grid (quantization.json)")
     if d is not None and d.hardness > 0:
         steps.append(f"distillation from `{d.teacher}` (hardness {d.hardness:g}, "
                      f"temperature {d.temperature:g})")

@@ -119,6 +119,13 @@ class PruningSection(_Section, PruneSettings):
         return self
 
 
+class QuantizationSection(_Section):
+    """Quantisation-aware training to the runtime's int8 scheme (``obert.training.qat``)."""
+
+    start_epoch: float = Field(ge=0)
+    inputs: bool = True  # fake-quantise the int8 layers' inputs per token, as the kernels do
+
+
 class DistillationSection(_Section):
     teacher: str
     hardness: float = Field(1.0, ge=0, le=1)
@@ -130,12 +137,24 @@ class Recipe(_Section):
     data: DataSection
     training: TrainingSection
     pruning: PruningSection | None = None
+    quantization: QuantizationSection | None = None
     distillation: DistillationSection | None = None
     output_dir: str
 
     @model_validator(mode="after")
     def _consistent(self):
         tr = self.training
+        q = self.quantization
+        if q is not None:
+            if q.start_epoch >= tr.epochs:
+                raise ValueError(f"quantization.start_epoch ({q.start_epoch:g}) must come before the "
+                                 f"end of training (training.epochs = {tr.epochs:g})")
+            if self.pruning is not None and self.pruning.structure != "block4":
+                raise ValueError("quantization trains the int8 kernels' layers, which are block4: "
+                                 "set pruning.structure: block4")
+            if self.pruning is not None and q.start_epoch < self.pruning.end_epoch:
+                raise ValueError(f"quantization.start_epoch ({q.start_epoch:g}) must not come "
+                                 f"before pruning.end_epoch ({self.pruning.end_epoch:g})")
         if self.model.task_type == "question-answering" and tr.doc_stride >= tr.max_length:
             raise ValueError(f"training.doc_stride ({tr.doc_stride}) must be shorter than "
                              f"training.max_length ({tr.max_length})")

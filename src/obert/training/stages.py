@@ -33,10 +33,12 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from obert.errors import ObertError
-from obert.training.recipe import (DataSection, DistillationSection, PruningSection, Recipe,
-                                   TrainingSection, _format_error, _Section, _set, read_recipe_doc)
+from obert.training.recipe import (DataSection, DistillationSection, PruningSection,
+                                   QuantizationSection, Recipe, TrainingSection, _format_error,
+                                   _Section, _set, read_recipe_doc)
 
 STAGE_FILE = "stage.json"
+TRAINING_SECTIONS = ("data", "training", "pruning", "quantization", "distillation")
 
 
 class StageModel(_Section):
@@ -72,6 +74,7 @@ class Stage(_Section):
     data: DataSection | None = None
     training: TrainingSection | None = None
     pruning: PruningSection | None = None
+    quantization: QuantizationSection | None = None
     distillation: DistillationSection | None = None
     drop_layers: DropLayersSection | None = None
     compile: CompileSection | None = None
@@ -82,7 +85,7 @@ class Stage(_Section):
 
     @model_validator(mode="after")
     def _one_kind(self):
-        trains = [k for k in ("data", "training", "pruning", "distillation") if getattr(self, k)]
+        trains = [k for k in TRAINING_SECTIONS if getattr(self, k)]
         kinds = [k for k in ("drop_layers", "compile") if getattr(self, k)] + (["training"] if trains else [])
         if len(kinds) != 1:
             raise ValueError("a stage trains (data and training sections), drops layers "
@@ -130,7 +133,7 @@ class StagedRecipe(_Section):
         doc = {"model": {**(stage.model.model_dump(exclude_none=True) if stage.model else {}),
                          "path": self.sources()[i]},
                **{k: getattr(stage, k).model_dump(exclude_none=True)
-                  for k in ("data", "training", "pruning", "distillation") if getattr(stage, k)},
+                  for k in TRAINING_SECTIONS if getattr(stage, k)},
                "output_dir": self.stage_dirs()[i]}
         return Recipe.model_validate(doc)
 

@@ -1,0 +1,125 @@
+"""Quantisation-aware training to the sparse runtime's int8 scheme.
+
+The layers ``obert compile --dtype int8`` quantises (block4-sparse targets above the int8
+threshold: ``runtime.compile.int8_layers``) are trained with fake quantisation that is exactly
+the runtime's arithmetic, so the compiled model computes what was trained:
+
+* weights: per output row, symmetric, ``q = clamp(round(w / s_n), -127, 127)`` with
+  ``s_n = max_k |w_nk| / 127`` (a max-abs observer, recomputed at every step: the scale the
+  compiler derives from the final weights is then the one trained with);
+* inputs: per token, asymmetric unsigned 8-bit, as the kernels quantise them
+  (``runtime.linear.quantize_tokens``);
+* gradients pass both roundings unchanged (straight-through estimator), and the masks keep
+  pruned weights at exactly zero (zero rounds to zero).
+
+At the end the weights are replaced by their int8 grid values ``q s_n``; the input quantisation
+stays on the modules until ``remove`` (the final evaluation sees the int8 model).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import TrainerCallback
+
+from obert.core.quantize import round_to_grid, row_scales
+from obert.runtime.compile import int8_layers
+from obert.runtime.linear import quantize_tokens
+from obert.training.schedule import steps_per_epoch
+
+
+def fake_quant_weight(w: Tensor) -> Tensor:
+    """``w`` on its per-row int8 grid, with the identity's gradient."""
+    s = row_scales(w.detach())
+    return w + (round_to_grid(w.detach(), s) * s[:, None] - w).detach()
+
+
+def fake_quant_tokens(x: Tensor) -> Tensor:
+    """``x [..., K]`` as the int8 kernels quantise it per token, with the identity's gradient."""
+    q = quantize_tokens(x.detach().reshape(-1, x.shape[-1]).float()).reshape(x.shape).to(x.dtype)
+    return x + (q - x).detach()
+
+
+def _qat_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    x = fake_quant_tokens(x) if self.obert_quantize_inputs else x
+    return F.linear(x, fake_quant_weight(self.weight), self.bias)
+
+
+def fake_quantize(model: nn.Module, names: list[str], inputs: bool = True) -> None:
+    """Run the Linear modules ``names`` of ``model`` with fake quantisation (undo: ``remove``)."""
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        m.obert_quantize_inputs = inputs
+        m.forward = types.MethodType(_qat_forward, m)
+
+
+def remove(model: nn.Module) -> None:
+    """Plain forwards again (the weights stay as they are)."""
+    for m in model.modules():
+        if "forward" in vars(m) and hasattr(m, "obert_quantize_inputs"):
+            del m.forward
+            del m.obert_quantize_inputs
+
+
+@torch.no_grad()
+def bake(model: nn.Module, names: list[str]) -> None:
+    """Replace the weights of ``names`` by their int8 grid values ``q s_n``."""
+    modules = dict(model.named_modules())
+    for name in names:
+        w = modules[name].weight
+        s = row_scales(w)
+        w.copy_(round_to_grid(w, s) * s[:, None])
+
+
+class QATCallback(TrainerCallback):
+    """Fake quantisation from ``start_epoch`` on (at the first optimizer step of that epoch),
+    weights baked onto the grid when training ends."""
+
+    def __init__(self, start_epoch: float, *, inputs: bool = True, include: list[str] | None = None,
+                 exclude: list[str] | None = None, log=print) -> None:
+        self.start_epoch = start_epoch
+        self.inputs = inputs
+        self.include, self.exclude = include, exclude
+        self.log = log
+        self.layers: list[str] = []
+        self._start_step = 0
+        self._active = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        spe = steps_per_epoch(state.max_steps, args.num_train_epochs)
+        self._start_step = round(self.start_epoch * spe)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not self.active and state.global_step >= self._start_step:
+            self._activate(model)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def _activate(self, model) -> None:
+        self._active = True
+        self.layers = int8_layers(model, self.include, self.exclude)
+        fake_quantize(model, self.layers, self.inputs)
+        if self.layers:
+            self.log(f"[obert] quantisation-aware training of {len(self.layers)} int8 layers "
+                     f"from epoch {self.start_epoch:g}")
+        else:
+            self.log("[obert] note: no layer is block4-sparse enough for the int8 kernels: "
+                     "nothing to quantise (prune with structure block4)")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self.active:  # starts at the very end: quantise what there is
+            self._activate(model)
+        bake(model, self.layers)
+
+    def record(self) -> dict:
+        """What ``quantization.json`` holds."""
+        return {"scheme": {"weights": "int8, per output row, symmetric, scale max|w|/127",
+                           "inputs": "uint8 per token, asymmetric (the runtime's)" if self.inputs
+                           else "float32"},
+                "start_epoch": self.start_epoch, "layers": self.layers}

@@ -1,0 +1,124 @@
+"""Quantisation-aware training to the runtime's int8 scheme: fake quantisation against the
+kernels' arithmetic, zeros kept, weights baked onto the grid, and compile(int8) of the result
+computing what the fake-quantised model computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import block4_pruned_dir, tiny_recipe
+
+from obert.core.quantize import row_scales
+from obert.runtime.linear import quantize_tokens
+from obert.training.qat import bake, fake_quant_tokens, fake_quant_weight, fake_quantize, remove
+
+
+def test_fake_quant_weight_is_the_row_grid_with_identity_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(6, 16)
+    w[:, 4:8] = 0  # a pruned block
+    w.requires_grad_(True)
+    q = fake_quant_weight(w)
+    s = w.detach().abs().amax(1) / 127
+    levels = q.detach() / s[:, None]
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    assert float(levels.abs().max()) <= 127 + 1e-4
+    assert bool((q.detach()[:, 4:8] == 0).all())  # zeros stay exactly zero
+    # Reference: round to nearest on the float64 grid.
+    ref = (w.detach().double() / s.double()[:, None]).round() * s.double()[:, None]
+    torch.testing.assert_close(q.detach().double(), ref, rtol=0, atol=1e-6)
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight through
+
+
+def test_fake_quant_tokens_is_the_kernels_quantisation():
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    y = fake_quant_tokens(x)
+    torch.testing.assert_close(y.detach(), quantize_tokens(x.detach().reshape(10, 12)).reshape(2, 5, 12),
+                               rtol=0, atol=0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_fake_quantize_and_remove_and_bake():
+    lin = torch.nn.Linear(8, 4)
+    model = torch.nn.Sequential(lin)
+    x = torch.randn(3, 8)
+    plain = model(x)
+    fake_quantize(model, ["0"])
+    fq = model(x)
+    want = torch.nn.functional.linear(quantize_tokens(x), fake_quant_weight(lin.weight).detach(), lin.bias)
+    torch.testing.assert_close(fq, want)
+    remove(model)
+    torch.testing.assert_close(model(x), plain)
+    bake(model, ["0"])
+    s = row_scales(lin.weight.detach())
+    levels = lin.weight.detach() / s[:, None]
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+
+
+def test_qat_run_keeps_zeros_bakes_the_grid_and_compiles_to_the_same_logits(
+        tmp_path, data_files, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from obert import find_targets
+    from obert.runtime import compile as compile_runtime
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    src, before = block4_pruned_dir(tiny_model_dir, tmp_path / "b4", sparsity=0.7)
+    zeros = {t.name: t.module.weight == 0 for t in find_targets(before)}
+    doc = tiny_recipe(tmp_path, data_files, str(src), pruning=None, distillation=None,
+                      training__epochs=2, quantization={"start_epoch": 1})
+    run_recipe(load_recipe(doc=doc), progress=False)
+    out = tmp_path / "out"
+    record = json.loads((out / "quantization.json").read_text())
+    assert sorted(record["layers"]) == sorted(zeros)  # every block4 target is int8
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    for t in find_targets(model):
+        w = t.module.weight.detach()
+        assert bool((w[zeros[t.name]] == 0).all()), t.name  # the mask held through QAT
+        # (a kept weight below half a grid step rounds to 0 too: rarely, and only those)
+        assert float((w == 0).float().mean()) - float(zeros[t.name].float().mean()) < 0.05, t.name
+        levels = w / row_scales(w)[:, None]
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)  # on the grid
+
+    ids = torch.randint(5, model.config.vocab_size, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        fake_quantize(model, record["layers"])
+        trained = model(input_ids=ids, attention_mask=mask).logits  # what QAT evaluated
+        remove(model)
+        report = compile_runtime(model, dtype="int8", choose="sparsity")
+        assert sorted(n for n, k in report.kinds.items() if k == "int8") == sorted(record["layers"])
+        compiled = model(input_ids=ids, attention_mask=mask).logits
+    err = float((compiled - trained).abs().max())
+    assert err < 1e-4 * max(1.0, float(trained.abs().max())), err
+    # The input quantisation matters: without it the model computes something else.
+    assert float((plain - trained).abs().max()) > 10 * err
+    # Calibration would move weights that are on the grid already: refused.
+    from obert.cli.main import main
+
+    assert main(["compile", str(out), "--dtype", "int8", "--calibration-file", data_files[0],
+                 "--out", str(tmp_path / "c")]) == 2
+
+
+def test_quantization_section_is_checked(tmp_path, data_files, tiny_model_dir):
+    from obert.errors import ObertError
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, quantization={"start_epoch": 3})
+    with pytest.raises(ObertError, match="pruning.structure: block4"):
+        load_recipe(doc=doc)
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__structure="block4",
+                      quantization={"start_epoch": 2})
+    with pytest.raises(ObertError, match=r"must not come before pruning.end_epoch \(3\)"):
+        load_recipe(doc=doc)
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning=None, quantization={"start_epoch": 4})
+    with pytest.raises(ObertError, match="must come before the end of training"):
+        load_recipe(doc=doc)
