@@ -31,7 +31,23 @@ class LargestFirstSettings(Settings):
         return value
 
 
-class LargestFirst(Method):
+def signed_magnitudes(method: Method, targets, sign: float) -> dict:
+    """``sign`` times each group's L1 norm (lower = pruned first)."""
+    g = method.config.group_size
+    return {t.name: sign * t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
+            for t in targets}
+
+
+class Zeroing(Method):
+    """The update of a method without curvature: pruned weights become 0."""
+
+    @torch.no_grad()
+    def update(self, targets, prune):
+        for t in targets:
+            t.module.weight.masked_fill_(prune[t.name], 0.0)
+
+
+class LargestFirst(Zeroing):
     """Prunes the largest weights first (the opposite of magnitude): easy to recognise in a mask;
     its own setting ``order`` turns it around."""
 
@@ -49,15 +65,7 @@ class LargestFirst(Method):
 
     def scores(self, model, targets, masks, loader_factory, step):
         self.calls.append("scores")
-        g = self.config.group_size
-        sign = -1.0 if self.options.order == "largest" else 1.0
-        return {t.name: sign * t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
-                for t in targets}
-
-    @torch.no_grad()
-    def update(self, targets, prune):
-        for t in targets:
-            t.module.weight.masked_fill_(prune[t.name], 0.0)
+        return signed_magnitudes(self, targets, -1.0 if self.options.order == "largest" else 1.0)
 
 
 @pytest.fixture
@@ -192,19 +200,12 @@ class SwitchSettings(Settings):
     flip: bool = Field(True, description="reverse the order")
 
 
-class Switch(Method):
+class Switch(Zeroing):
     Settings = SwitchSettings
 
     def scores(self, model, targets, masks, loader_factory, step):
-        g = self.config.group_size
         sign = (1.0 if self.options.side == "low" else -1.0) * (-1.0 if self.options.flip else 1.0)
-        return {t.name: sign * t.module.weight.detach().float().abs().reshape(-1, g).sum(1)
-                for t in targets}
-
-    @torch.no_grad()
-    def update(self, targets, prune):
-        for t in targets:
-            t.module.weight.masked_fill_(prune[t.name], 0.0)
+        return signed_magnitudes(self, targets, sign)
 
 
 def test_literal_and_switch_settings_become_options(monkeypatch, tmp_path, tiny_model_dir, capsys):
