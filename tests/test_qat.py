@@ -12,7 +12,7 @@ from conftest import block4_pruned_dir, tiny_recipe
 
 from obert.core.quantize import row_scales
 from obert.runtime.linear import quantize_tokens
-from obert.training.qat import bake, fake_quant_tokens, fake_quant_weight, fake_quantize, remove
+from obert.runtime.fake_quant import bake, fake_quant_tokens, fake_quant_weight, fake_quantize, remove
 
 
 def test_fake_quant_weight_is_the_row_grid_with_identity_gradient():

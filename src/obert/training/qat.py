@@ -18,61 +18,13 @@ stays on the modules until ``remove`` (the final evaluation sees the int8 model)
 
 from __future__ import annotations
 
-import types
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from obert.core.quantize import round_to_grid, row_scales
 from obert.runtime.compile import int8_layers
-from obert.runtime.linear import quantize_tokens
+from obert.runtime.fake_quant import bake, fake_quantize, remove
 from obert.training.schedule import steps_per_epoch
 
-
-def fake_quant_weight(w: Tensor) -> Tensor:
-    """``w`` on its per-row int8 grid, with the identity's gradient."""
-    s = row_scales(w.detach())
-    return w + (round_to_grid(w.detach(), s) * s[:, None] - w).detach()
-
-
-def fake_quant_tokens(x: Tensor) -> Tensor:
-    """``x [..., K]`` as the int8 kernels quantise it per token, with the identity's gradient."""
-    q = quantize_tokens(x.detach().reshape(-1, x.shape[-1]).float()).reshape(x.shape).to(x.dtype)
-    return x + (q - x).detach()
-
-
-def _qat_forward(self: nn.Linear, x: Tensor) -> Tensor:
-    x = fake_quant_tokens(x) if self.obert_quantize_inputs else x
-    return F.linear(x, fake_quant_weight(self.weight), self.bias)
-
-
-def fake_quantize(model: nn.Module, names: list[str], inputs: bool = True) -> None:
-    """Run the Linear modules ``names`` of ``model`` with fake quantisation (undo: ``remove``)."""
-    modules = dict(model.named_modules())
-    for name in names:
-        m = modules[name]
-        m.obert_quantize_inputs = inputs
-        m.forward = types.MethodType(_qat_forward, m)
-
-
-def remove(model: nn.Module) -> None:
-    """Plain forwards again (the weights stay as they are)."""
-    for m in model.modules():
-        if "forward" in vars(m) and hasattr(m, "obert_quantize_inputs"):
-            del m.forward
-            del m.obert_quantize_inputs
-
-
-@torch.no_grad()
-def bake(model: nn.Module, names: list[str]) -> None:
-    """Replace the weights of ``names`` by their int8 grid values ``q s_n``."""
-    modules = dict(model.named_modules())
-    for name in names:
-        w = modules[name].weight
-        s = row_scales(w)
-        w.copy_(round_to_grid(w, s) * s[:, None])
+__all__ = ["QATCallback", "bake", "fake_quantize", "remove"]
 
 
 class QATCallback(TrainerCallback):
