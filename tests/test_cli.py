@@ -157,7 +157,7 @@ def test_console_script_exit_code(tmp_path):
 def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "obert.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for command in ("finetune", "prune", "train", "drop-layers", "compile", "bench"):
+    for command in ("finetune", "prune", "train", "drop-layers", "compile", "export", "bench"):
         assert command in proc.stdout
 
 

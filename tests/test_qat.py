@@ -101,9 +101,28 @@ def test_qat_run_keeps_zeros_bakes_the_grid_and_compiles_to_the_same_logits(
     assert err < 1e-4 * max(1.0, float(trained.abs().max())), err
     # The input quantisation matters: without it the model computes something else.
     assert float((plain - trained).abs().max()) > 10 * err
-    # Calibration would move weights that are on the grid already: refused.
+    # QDQ ONNX: int8 weights behind DequantizeLinear, the same function in ONNX Runtime.
+    import onnx
+    from onnx import numpy_helper
+
+    from obert.runtime.onnx_export import check_onnx, export_qdq
+
+    qat = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    onnx_path = export_qdq(qat, tmp_path / "qdq.onnx", record["layers"])
+    graph = onnx.load(str(onnx_path)).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == len(record["layers"])
+    assert sum(numpy_helper.to_array(i).dtype == "int8" and i.name.endswith("_int8")
+               for i in graph.initializer) == len(record["layers"])
+    same = check_onnx(qat, onnx_path, int8_layers=record["layers"])
+    other = check_onnx(qat, onnx_path)  # against the float model
+    assert same < 1e-4 * max(1.0, float(trained.abs().max())) and same < other / 10
     from obert.cli.main import main
 
+    assert main(["export", str(out), "--out", str(tmp_path / "cli.onnx")]) == 0
+    assert sum(n.op_type == "DequantizeLinear"
+               for n in onnx.load(str(tmp_path / "cli.onnx")).graph.node) == len(record["layers"])
+    assert main(["export", str(out), "--out", str(tmp_path / "x.txt")]) == 2  # not .onnx
+    # Calibration would move weights that are on the grid already: refused.
     assert main(["compile", str(out), "--dtype", "int8", "--calibration-file", data_files[0],
                  "--out", str(tmp_path / "c")]) == 2
 

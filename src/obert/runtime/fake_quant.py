@@ -24,7 +24,8 @@ def fake_quant_weight(w: Tensor) -> Tensor:
 def fake_quant_tokens(x: Tensor) -> Tensor:
     """``x [..., K]`` as the int8 kernels quantise it per token, with the identity's gradient."""
     q = quantize_tokens(x.detach().reshape(-1, x.shape[-1]).float()).reshape(x.shape).to(x.dtype)
-    return x + (q - x).detach()
+    # x + (q - x) is not q in floating point: the exact q where no gradient is wanted
+    return x + (q - x).detach() if x.requires_grad else q
 
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
