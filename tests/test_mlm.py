@@ -211,3 +211,45 @@ def test_masked_lm_teacher_needs_its_head(tmp_path, mlm_dir):
     with pytest.raises(ObertError, match="has no masked-LM head: train one first"):
         task.load_teacher(str(bare))
     assert type(task.load_teacher(str(mlm_dir))).__name__ == "BertForMaskedLM"
+
+
+def test_load_corpus_joins_corpora_and_picks_splits(monkeypatch):
+    import datasets
+
+    from obert.tasks.mlm import load_corpus
+
+    seen = []
+
+    def fake(name, config=None, split=None):
+        seen.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [f"{name} one", "  ", f"{name} two"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert load_corpus("books+wiki:en", "train") == ["books one", "books two", "wiki one", "wiki two"]
+    assert seen == [("books", None, "train"), ("wiki", "en", "train")]
+    load_corpus("books", "eval")
+    assert seen[-1] == ("books", None, "validation")
+
+
+def test_a_corpus_without_validation_split_holds_documents_out(monkeypatch, mlm_dir):
+    import datasets
+
+    from obert.tasks.base import TaskInputs
+    from obert.tasks.mlm import build_task
+
+    docs = [r["text"] for r in make_rows(100, 3)]
+
+    def fake(name, config=None, split=None):
+        if split != "train":
+            raise ValueError(f"Unknown split {split}")
+        return datasets.Dataset.from_dict({"text": docs})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    logged = []
+    inputs = TaskInputs(model_path=str(mlm_dir), tokenizer=None, reinit_head=False,
+                        data_task="books", train_file=None, eval_file=None, max_train_rows=None,
+                        max_eval_rows=20, max_length=16, doc_stride=8, seed=0, eval_batch_size=8,
+                        progress=False, log=logged.append)
+    task = build_task(inputs)
+    assert any("the last 10 training documents are held out" in m for m in logged)
+    assert task.evaluate(task.model)["num_tokens"] > 0

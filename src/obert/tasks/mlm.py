@@ -1,8 +1,9 @@
 """Masked-language modelling: the objective of upstream pruning (Prune Once for All).
 
 * Data: plain text, one document per line (``.txt``), the ``text`` column of ``.jsonl``/``.csv``
-  files (other columns, labels included, are ignored), or a ``datasets`` corpus by name
-  (``wikitext:wikitext-103-raw-v1``: name and configuration; its train and validation splits).
+  files (other columns, labels included, are ignored), or ``datasets`` corpora by name
+  (``wikitext:wikitext-103-raw-v1``: name and configuration; several joined with ``+``; their
+  train and validation splits).
 * Examples: documents tokenised with their special tokens, concatenated and cut into blocks of
   ``max_length`` tokens (as Hugging Face's ``run_mlm`` groups texts), so no position is padding.
 * Masking: 15% of the non-special tokens, of which 80% become ``[MASK]``, 10% a random token and
@@ -27,6 +28,7 @@ from obert.tasks.base import Task, TaskInputs
 from obert.tasks.data import sample_indices
 
 MLM_PROBABILITY = 0.15
+HELD_OUT = 2000  # documents held out for evaluation when a corpus has no validation split
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -63,8 +65,10 @@ def load_texts(path: str | Path) -> list[str]:
 
 
 def load_corpus(name: str, split: str) -> list[str]:
-    """The ``text`` column of a ``datasets`` corpus (``name`` or ``name:config``); ``split`` is
-    train or eval (its validation split)."""
+    """The ``text`` column of ``datasets`` corpora: ``name`` or ``name:config``, several joined
+    with ``+`` (``bookcorpus+wikipedia:20220301.en``); ``split`` is train or eval (validation)."""
+    if "+" in name:
+        return [t for part in name.split("+") for t in load_corpus(part.strip(), split)]
     import datasets
 
     corpus, _, config = name.partition(":")
@@ -167,8 +171,7 @@ def build_task(inputs: TaskInputs) -> Task:
     new head, which the log says), masked-token accuracy."""
     d = inputs
 
-    def texts(source: str | None, split: str, rows: int | None) -> list[str]:
-        found = load_texts(source) if source else load_corpus(d.data_task, split)
+    def sample(found: list[str], rows: int | None) -> list[str]:
         keep = sample_indices(len(found), rows, d.seed)
         return found if keep is None else [found[i] for i in keep]
 
@@ -177,12 +180,23 @@ def build_task(inputs: TaskInputs) -> Task:
     tokenizer = load_tokenizer(d.model_path, d.tokenizer, config)
     collator = mlm_collator(tokenizer)
     check_length(d.max_length, config, "training.max_length", tokenizer)
+    if d.train_file:
+        train_texts, eval_texts = load_texts(d.train_file), load_texts(d.eval_file)
+    else:
+        train_texts = load_corpus(d.data_task, "train")
+        try:
+            eval_texts = load_corpus(d.data_task, "eval")
+        except ObertError:  # BookCorpus and Wikipedia have no validation split: hold some out
+            held = min(d.max_eval_rows or HELD_OUT, len(train_texts) // 10)
+            d.log(f"[obert] {d.data_task} has no validation split: the last {held} training "
+                  "documents are held out for evaluation")
+            train_texts, eval_texts = train_texts[:-held], train_texts[-held:]
     if not has_mlm_head(config):
         d.log(f"[obert] note: {d.model_path} has no masked-LM head: a new one is trained "
               "(a teacher needs a trained one)")
     model = load_mlm(d.model_path)
-    train_ds = TokenBlocks(texts(d.train_file, "train", d.max_train_rows), tokenizer, d.max_length)
-    eval_ds = TokenBlocks(texts(d.eval_file, "eval", d.max_eval_rows), tokenizer, d.max_length)
+    train_ds = TokenBlocks(sample(train_texts, d.max_train_rows), tokenizer, d.max_length)
+    eval_ds = TokenBlocks(sample(eval_texts, d.max_eval_rows), tokenizer, d.max_length)
     eval_batches = fixed_masking(eval_ds, collator, d.eval_batch_size, d.seed)
 
     def load_teacher(path: str):
