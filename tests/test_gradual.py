@@ -105,13 +105,22 @@ def test_recipe_set_overrides(tmp_path, data_files):
 
 
 def test_shipped_recipes_validate():
-    from obert.training.recipe import load_recipe
+    from obert.training.recipe import load_recipe, read_recipe_doc
+    from obert.training.stages import load_staged
 
     files = sorted((ROOT / "recipes").glob("*.yaml"))
-    assert len(files) >= 14
+    assert len(files) >= 18
+    staged = 0
     for f in files:
-        r = load_recipe(f)
-        assert r.pruning is not None and r.distillation is not None, f
+        if "stages" in read_recipe_doc(f):
+            s = load_staged(f)
+            recipes = [s.stage_recipe(i) for i, st in enumerate(s.stages) if st.kind == "training"]
+            assert any(r.pruning is not None for r in recipes), f
+            staged += 1
+        else:
+            r = load_recipe(f)
+            assert r.pruning is not None and r.distillation is not None, f
+    assert staged >= 4
 
 
 # -- training with the callback ----------------------------------------------------------------
