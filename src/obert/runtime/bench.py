@@ -89,6 +89,27 @@ def _output(model, inputs):
 
 
 @torch.no_grad()
+def interleaved(models: dict, inputs: dict, *, rounds: int, iters: int, log=None) -> dict:
+    """Time each model (the first is the baseline) on ``inputs`` in ``rounds`` interleaved rounds
+    of ``iters`` calls; per model: median ms per batch, sequences per second, and the median of
+    the per-round speed-ups over the baseline (rounds cancel the machine's drift)."""
+    seconds = {name: [] for name in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            seconds[name].append(_time(lambda m=m: m(**inputs), iters))
+        if log is not None:
+            base = seconds[next(iter(models))][-1]
+            log(f"round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {base / ts[-1]:.2f}x" for n, ts in list(seconds.items())[1:]))
+    base = seconds[next(iter(models))]
+    batch = len(next(iter(inputs.values())))
+    return {name: {"ms_per_batch": 1e3 * statistics.median(ts),
+                   "sequences_per_s": batch / statistics.median(ts),
+                   "speedup": statistics.median(b / t for b, t in zip(base, ts))}
+            for name, ts in seconds.items()}
+
+
+@torch.no_grad()
 def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
                 int8: bool | None = None, min_sparsity: float | None = None,
                 choose: str = "speed") -> dict:
@@ -113,16 +134,7 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
         errors["obert int8 sparse"] = float((out - ref).abs().max())
         if out.dim() == 2:
             errors["obert int8 sparse argmax agreement"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    seconds = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, m in variants.items():
-            seconds[name].append(_time(lambda m=m: m(**inputs), iters))
-    base = seconds["torch fp32 dense"]
-    rows = {}
-    for name, ts in seconds.items():
-        rows[name] = {"ms_per_batch": 1e3 * statistics.median(ts),
-                      "sequences_per_s": batch / statistics.median(ts),
-                      "speedup": statistics.median(b / t for b, t in zip(base, ts))}
+    rows = interleaved(variants, inputs, rounds=rounds, iters=iters)
     return {"rows": rows, "compile": reports, "max_abs_diff": errors,
             "native_kernels": kernels.native_available(), "kernels": kernels.isa(),
             "kernel_paths": kernels.available_isas()}
