@@ -187,7 +187,11 @@ def test_upstream_pruning_then_sparse_transfer(tmp_path, mlm_dir, data_files):
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "transfer")
     for t in find_targets(clf):
         assert torch.equal(t.module.weight == 0, zeros[t.name.removeprefix("bert.")]), t.name
-    assert json.loads((tmp_path / "transfer" / "sparsity.json").read_text())["layers"].keys()
+    record = json.loads((tmp_path / "transfer" / "sparsity.json").read_text())
+    source = json.loads((up / "sparsity.json").read_text())
+    assert record["mask_locked_from"] == str(up) and record["method"] == "obert"
+    assert {k.removeprefix("bert."): v for k, v in record["layers"].items()} == \
+        {k.removeprefix("bert."): v for k, v in source["layers"].items()}
 
 
 def test_masked_lm_teacher_needs_its_head(tmp_path, mlm_dir):
@@ -253,3 +257,12 @@ def test_a_corpus_without_validation_split_holds_documents_out(monkeypatch, mlm_
     task = build_task(inputs)
     assert any("the last 10 training documents are held out" in m for m in logged)
     assert task.evaluate(task.model)["num_tokens"] > 0
+
+
+def test_long_documents_fill_several_blocks(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    words = " ".join(r["text"] for r in make_rows(30, 2))  # one long document
+    n = len(tok(words)["input_ids"])
+    data = TokenBlocks([words], tok, 16)
+    assert n > 64 and len(data) == n // 16  # every whole block of the document, none cut off
+    assert [t for b in data.blocks for t in b] == tok(words)["input_ids"][: 16 * (n // 16)]

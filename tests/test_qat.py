@@ -141,3 +141,16 @@ def test_quantization_section_is_checked(tmp_path, data_files, tiny_model_dir):
     doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning=None, quantization={"start_epoch": 4})
     with pytest.raises(ObertError, match="must come before the end of training"):
         load_recipe(doc=doc)
+
+
+def test_quantization_of_a_model_without_int8_layers_is_refused_before_training(
+        tmp_path, data_files, tiny_model_dir):
+    from obert.errors import ObertError
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning=None, distillation=None,
+                      quantization={"start_epoch": 1})
+    with pytest.raises(ObertError, match="has no block4-sparse layer"):
+        run_recipe(load_recipe(doc=doc), progress=False)
+    assert not (tmp_path / "out").exists()

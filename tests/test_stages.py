@@ -124,3 +124,40 @@ def test_staged_recipes_are_checked_before_anything_runs(staged, capsys):
         path, doc, capsys, "--set", "stages.transfer.training.lr=0")
     assert "no stage named 'nope'" in _refused(path, doc, capsys, "--set", "stages.nope.training.lr=1")
     assert not run.exists()  # nothing ran
+
+
+def test_a_stage_run_again_runs_every_later_stage_again(tmp_path, capsys):
+    """--resume skips a finished stage only while nothing before it ran again (its input would
+    be stale otherwise)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("bert")
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(src)
+    make_tokenizer(tmp_path).save_pretrained(src)
+    doc = {"output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "a", "model": {"path": str(src)}, "drop_layers": {"keep": [0, 1]}},
+        {"name": "b", "drop_layers": {"keep": [0]}}]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["train", "--recipe", str(path)]) == 0
+    change = ["--set", "stages.a.drop_layers.keep=[1, 2]"]
+    assert main(["train", "--recipe", str(path), "--resume", *change]) == 2
+    assert "other settings: pass --overwrite to run it again" in capsys.readouterr().err
+    assert main(["train", "--recipe", str(path), "--resume", "--overwrite", *change]) == 0
+    out = capsys.readouterr().out
+    assert "'b': drop layers" in out and "skipped" not in out  # b ran again on a's new output
+    original = AutoModelForSequenceClassification.from_pretrained(src)
+    final = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "02-b")
+    assert torch.equal(final.bert.encoder.layer[0].output.dense.weight,
+                       original.bert.encoder.layer[1].output.dense.weight)
+
+
+def test_a_compile_stage_after_question_answering_is_refused(staged, capsys):
+    path, doc, _ = staged
+    bad = copy.deepcopy(doc)
+    bad["stages"][2]["model"]["task_type"] = "question-answering"
+    err = _refused(path, bad, capsys)
+    assert "compiles a question-answering model: the sparse runtime compiles classifiers" in err

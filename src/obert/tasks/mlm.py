@@ -99,7 +99,10 @@ class TokenBlocks(torch.utils.data.Dataset):
     """Blocks of token ids (``input_ids`` and ``attention_mask``), the masked-LM examples."""
 
     def __init__(self, texts: list[str], tokenizer, max_length: int) -> None:
-        enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        # Whole documents (a long one fills several blocks): no truncation before grouping, and
+        # no warning about lengths beyond the model's (the blocks are max_length long).
+        with quiet_libraries():
+            enc = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         self.blocks = group_blocks(enc, max_length)
 
     def __len__(self) -> int:
@@ -187,7 +190,10 @@ def build_task(inputs: TaskInputs) -> Task:
         try:
             eval_texts = load_corpus(d.data_task, "eval")
         except ObertError:  # BookCorpus and Wikipedia have no validation split: hold some out
-            held = min(d.max_eval_rows or HELD_OUT, len(train_texts) // 10)
+            held = max(1, min(d.max_eval_rows or HELD_OUT, len(train_texts) // 10))
+            if len(train_texts) <= held:
+                raise ObertError(f"{d.data_task}: {len(train_texts)} document(s) and no validation "
+                                 "split: too few to hold some out for evaluation")
             d.log(f"[obert] {d.data_task} has no validation split: the last {held} training "
                   "documents are held out for evaluation")
             train_texts, eval_texts = train_texts[:-held], train_texts[-held:]

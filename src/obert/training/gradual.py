@@ -195,7 +195,13 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         lock_cb = MaskLockCallback(locked)
     qat_cb = None
     if recipe.quantization is not None:
+        from obert.runtime.compile import int8_layers
         from obert.training.qat import QATCallback  # imports the runtime: only when asked
+
+        if prune is None and not int8_layers(model, include, exclude):
+            raise ObertError(f"quantization: {recipe.model.path} has no block4-sparse layer (at "
+                             "least 50% in blocks of 4) for the int8 kernels: add a pruning "
+                             "section with structure block4, or start from such a model")
 
         qat_cb = QATCallback(recipe.quantization.start_epoch, inputs=recipe.quantization.inputs,
                              include=include, exclude=exclude,
@@ -274,7 +280,9 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         (folder / "recipe.yaml").write_text(dump_recipe(recipe))
         plot_history(history, task.metric, folder / "training.png")
 
-    card = model_card(Path(recipe.output_dir).name, what=recipe_steps(recipe, lock_cb is not None),
+    card = model_card(Path(recipe.output_dir).name,
+                      what=recipe_steps(recipe, lock_cb is not None,
+                                        len(qat_cb.layers) if qat_cb is not None else None),
                       source=recipe.model.path, recipe_text=dump_recipe(recipe),
                       sparsity=sparsity if prune is not None or lock_cb is not None else None,
                       metrics=metrics)
@@ -287,8 +295,9 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     return metrics
 
 
-def recipe_steps(recipe: Recipe, locked: bool) -> list[str]:
-    """What a recipe run did, in words (the model card's list)."""
+def recipe_steps(recipe: Recipe, locked: bool, int8_layers: int | None = None) -> list[str]:
+    """What a recipe run did, in words (the model card's list); ``int8_layers``: how many layers
+    quantisation-aware training quantised."""
     tr, p, d = recipe.training, recipe.pruning, recipe.distillation
     steps = [f"{recipe.model.task_type} training for {tr.epochs:g} epochs (lr {tr.lr:g}, "
              f"{tr.lr_schedule} schedule, batch {tr.batch_size}, length {tr.max_length})"]
@@ -298,10 +307,14 @@ def recipe_steps(recipe: Recipe, locked: bool) -> list[str]:
                      f"{p.start_epoch:g} and {p.end_epoch:g}, every {p.frequency:g} epoch(s)")
     if locked:
         steps.append("the starting model's zeros kept (mask locked: sparse transfer)")
-    if recipe.quantization is not None:
-        steps.append(f"quantisation-aware training from epoch {recipe.quantization.start_epoch:g} "
-                     "to the sparse runtime's int8 scheme (weights per row, inputs per token); "
-                     "weights saved on the int8 grid (quantization.json)")
+    if recipe.quantization is not None and int8_layers:
+        steps.append(f"quantisation-aware training of {int8_layers} layers from epoch "
+                     f"{recipe.quantization.start_epoch:g} to the sparse runtime's int8 scheme "
+                     "(weights per row, inputs per token); their weights saved on the int8 grid "
+                     "(quantization.json)")
+    elif recipe.quantization is not None:
+        steps.append("quantisation-aware training asked for, but no layer was block4-sparse "
+                     "enough for the int8 kernels: nothing was quantised")
     if d is not None and d.hardness > 0:
         steps.append(f"distillation from `{d.teacher}` (hardness {d.hardness:g}, "
                      f"temperature {d.temperature:g})")

@@ -63,7 +63,9 @@ class DropLayersSection(_Section):
 
 class CompileSection(_Section):
     dtype: Literal["float32", "int8"] = "float32"
-    choose: Literal["speed", "sparsity"] = "speed"
+    # default: speed, or sparsity after quantisation-aware training (every trained int8 layer
+    # then runs int8, so the compiled model computes what was evaluated)
+    choose: Literal["speed", "sparsity"] | None = None
     min_sparsity: float | None = Field(None, ge=0, le=1)
 
 
@@ -112,6 +114,11 @@ class StagedRecipe(_Section):
         for s in self.stages[:-1]:
             if s.kind == "compile":
                 raise ValueError(f"stage '{s.name}' compiles: only the last stage can")
+        trained = [s for s in self.stages if s.kind == "training"]
+        if self.stages[-1].kind == "compile" and trained and trained[-1].model is not None and \
+                trained[-1].model.task_type not in ("classification", "masked-lm"):
+            raise ValueError(f"stage '{self.stages[-1].name}' compiles a {trained[-1].model.task_type} "
+                             "model: the sparse runtime compiles classifiers and encoders")
         return self
 
     def stage_dirs(self) -> list[str]:
@@ -194,35 +201,43 @@ def run_stages(staged: StagedRecipe, *, resume: bool = False, overwrite: bool = 
     training stage continues from its checkpoints. A finished output is replaced only with
     ``overwrite``.
     """
+    from obert.distributed import barrier, rank
     from obert.training.gradual import run_recipe
     from obert.training.layers import drop_layers_dir
 
     results = []
+    rerun = False  # a stage ran again: every later stage's input changed
     for i, (stage, out) in enumerate(zip(staged.stages, staged.stage_dirs())):
         record = stage_record(staged, i)
         state = finished(out, record)
         head = f"[obert] stage {i + 1}/{len(staged.stages)} '{stage.name}'"
-        if state and resume:
+        if state and resume and not rerun:
             log(f"{head}: finished in {out}, skipped")
             results.append({})
             continue
-        if state is not None and not overwrite:
+        replace = overwrite or (rerun and state is not None)  # our own output of a stale input
+        if state is not None and not replace:
             why = "holds its finished output" if state else "holds an output made under other settings"
-            raise ObertError(f"stage '{stage.name}': {out} {why}: pass --resume to skip finished "
-                             "stages, or --overwrite to run it again")
+            hint = "pass --overwrite to run it again" if resume else \
+                "pass --resume to skip finished stages, or --overwrite to run it again"
+            raise ObertError(f"stage '{stage.name}': {out} {why}: {hint}")
         log(f"{head}: {stage.kind.replace('_', ' ')} -> {out}")
         files = {STAGE_FILE: record}
         if stage.kind == "training":
-            results.append(run_recipe(staged.stage_recipe(i), resume=resume, overwrite=overwrite,
+            results.append(run_recipe(staged.stage_recipe(i), resume=resume, overwrite=replace,
                                       keep_checkpoints=keep_checkpoints, progress=progress,
                                       force_recipe=force_recipe, inputs=inputs, extra_files=files))
+        elif rank() != 0:  # one process writes the output of a stage that does not train
+            results.append({})
         elif stage.kind == "drop_layers":
             d = stage.drop_layers
             drop_layers_dir(record["source"], out, keep=d.keep, num_layers=d.num_layers,
-                            overwrite=overwrite, extra_files=files, log=log)
+                            overwrite=replace, extra_files=files, log=log)
             results.append({})
         else:
-            results.append(compile_stage(record["source"], out, stage.compile, files, overwrite))
+            results.append(compile_stage(record["source"], out, stage.compile, files, replace))
+        barrier()  # the next stage reads this one's output, on every process
+        rerun = True
     return results
 
 
@@ -242,10 +257,15 @@ def compile_stage(source: str, out: str, c: CompileSection, files: dict, overwri
             tok = load_tokenizer(source, None, net.config)
         except ObertError:
             tok = None
-        report = compile_runtime(net, dtype=c.dtype, min_sparsity=c.min_sparsity, choose=c.choose)
+        trained_int8 = (Path(source) / "quantization.json").is_file()
+        choose = c.choose or ("sparsity" if trained_int8 else "speed")
+        report = compile_runtime(net, dtype=c.dtype, min_sparsity=c.min_sparsity, choose=choose)
         if not report.sparse_layers and not report.slower_layers:
             raise ObertError(f"no Linear layer of {source} reaches the sparsity threshold: "
                              "nothing to compile")
+        if c.dtype == "int8" and "int8" not in report.kinds.values():
+            raise ObertError(f"compile dtype int8 quantises block4 layers, and {source} has none "
+                             "(prune with structure block4)")
         save_compiled(net, out, tok, overwrite=overwrite,
                       extra={"README.md": compiled_card(out.name, source, report, c.dtype),
                              STAGE_FILE: json.dumps(files[STAGE_FILE], indent=2)})
