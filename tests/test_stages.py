@@ -161,3 +161,19 @@ def test_a_compile_stage_after_question_answering_is_refused(staged, capsys):
     bad["stages"][2]["model"]["task_type"] = "question-answering"
     err = _refused(path, bad, capsys)
     assert "compiles a question-answering model: the sparse runtime compiles classifiers" in err
+
+
+def test_drop_stages_name_layers_the_model_will_have(staged, capsys):
+    path, doc, run = staged
+    bad = copy.deepcopy(doc)
+    bad["stages"][1]["drop_layers"] = {"num_layers": 5}  # the starting model has 4
+    assert "stages.drop.drop_layers.num_layers: must be between 1 and the model's 4 layers, got 5" \
+        in _refused(path, bad, capsys)
+    bad["stages"][1]["drop_layers"] = {"keep": [0, 4]}
+    assert "stages.drop.drop_layers.keep: layer 4: the model has layers 0 to 3" in \
+        _refused(path, bad, capsys)
+    bad["stages"].insert(2, {"name": "again", "drop_layers": {"keep": [2]}})  # after keep [0, 3]: 2 left
+    bad["stages"][1]["drop_layers"] = {"keep": [0, 3]}
+    assert "stages.again.drop_layers.keep: layer 2: the model has layers 0 to 1" in \
+        _refused(path, bad, capsys)
+    assert not run.exists()

@@ -26,6 +26,7 @@ checkpoints. ``--set stages.NAME.section.key=value`` overrides a field of one st
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -172,7 +173,35 @@ def load_staged(path: str | Path, overrides: list[str] | None = None,
             prefix = f"stages.{stage.name}."
             raise ObertError(_format_error(exc, f"{where}: stage '{stage.name}'",
                                            {k.removeprefix(prefix) for k in overridden})) from None
+    check_layer_counts(staged, where)
     return staged
+
+
+def check_layer_counts(staged: StagedRecipe, where: str) -> None:
+    """Drop stages name layers the model will have, from the starting model's config on: a
+    training stage keeps the count, a drop stage sets it (a model whose config cannot be read
+    here, e.g. on an unreachable hub, is checked when its stage runs)."""
+    from obert.model.loading import load_config
+    from obert.model.surgery import check_keep, evenly_spaced
+
+    layers = None
+    for stage in staged.stages:
+        if stage.model is not None and stage.model.path:
+            try:
+                layers = getattr(load_config(stage.model.path), "num_hidden_layers", None)
+            except ObertError:
+                layers = None
+        d = stage.drop_layers
+        if d is None or layers is None:
+            continue
+        try:
+            kept = check_keep(d.keep, layers) if d.keep is not None else evenly_spaced(layers, d.num_layers)
+        except ObertError as exc:
+            field = "keep" if d.keep is not None else "num_layers"
+            msg = re.sub(r"^--(keep|num-layers) ?", "", str(exc))  # the CLI's wording, here a field
+            msg = f"layer {msg}" if msg[:1].isdigit() or msg[:1] == "-" else msg
+            raise ObertError(f"{where}: stages.{stage.name}.drop_layers.{field}: {msg}") from None
+        layers = len(kept)
 
 
 def stage_record(staged: StagedRecipe, i: int) -> dict:
