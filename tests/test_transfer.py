@@ -112,3 +112,17 @@ def test_finetune_of_a_pruned_model_keeps_its_zeros(tmp_path, data_files, pruned
         else:
             assert sum(int((w == 0).sum()) for w in after.values()) == 0
             assert not (out / "sparsity.json").exists()
+
+
+def test_block4_pruning_from_an_unstructured_mask_is_refused(tmp_path, data_files, tiny_model_dir,
+                                                             pruned_dir):
+    from obert.errors import ObertError
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, str(pruned_dir), pruning__structure="block4",
+                      pruning__init_sparsity=0.6, pruning__fisher_block_size=16,
+                      distillation={"teacher": tiny_model_dir, "hardness": 0.5, "temperature": 2.0})
+    with pytest.raises(ObertError, match="has zeros that are not whole blocks of 4"):
+        run_recipe(load_recipe(doc=doc), progress=False)
+    assert not (tmp_path / "out").exists()

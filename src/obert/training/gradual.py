@@ -184,6 +184,13 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
     include, exclude = (prune.include, prune.exclude) if prune is not None else (None, None)
     find_targets(model, include, exclude)  # fail before training
     locked = pruned_masks(model, include, exclude) if tr.lock_mask else None
+    if locked is not None and prune is not None and prune.structure == "block4":
+        loose = [n for n, m in locked.items() if m.shape[-1] % 4 or
+                 bool((m.reshape(m.shape[0], -1, 4).any(-1) & ~m.reshape(m.shape[0], -1, 4).all(-1)).any())]
+        if loose:  # its zeros would stay inside kept blocks: the result would not be block4
+            raise ObertError(f"pruning.structure block4: {recipe.model.path} has zeros that are not "
+                             f"whole blocks of 4 (in {loose[0]}): prune it unstructured, or set "
+                             "training.lock_mask: false to let training refill them")
     if locked is not None and rank() == 0:
         _print(f"[obert] {lock_note(recipe.model.path, locked)} (training.lock_mask: false "
                "refills them)")
