@@ -396,11 +396,7 @@ def compile_model(
             batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
         report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches,
                                  choose=choose, tokens=choose_tokens)
-        if not report.sparse_layers and not report.slower_layers:
-            raise ObertError(f"no Linear layer of {model} reaches the sparsity threshold: nothing to compile")
-        if dtype == "int8" and "int8" not in report.kinds.values():
-            raise ObertError(f"--dtype int8 quantises block4 layers, and {model} has none (prune with "
-                             "--structure block4): compile it as float32")
+        report.check(model, dtype)
         save_compiled(net, out, tok, overwrite=overwrite,
                       extra={"README.md": compiled_card(out.name, model, report, dtype)})
         rounding = f"; int8 weights by {'OBS rounding' if report.int8_rounding == 'obs' else 'rounding to nearest'}" \

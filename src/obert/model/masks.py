@@ -96,11 +96,16 @@ def read_sparsity_record(model_dir) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def locked_record(masks: MaskSet, source: str) -> dict:
-    """``sparsity.json`` of a model trained with the mask of the pruned model ``source`` locked:
-    how that mask was made (from the source's record, where it has one) and where it came from."""
+def inherited_record(masks: MaskSet, source: str, **extra) -> dict:
+    """``sparsity.json`` of a model whose zeros came from the pruned model ``source`` (layers
+    dropped, or trained with the mask locked): ``masks``' sparsity, and how the source's masks
+    were made (from its record, where it has one)."""
     before = read_sparsity_record(source)
     return sparsity_record(masks, method=str(before.get("method", "unknown")),
                            structure=before.get("structure"), scope=before.get("scope"),
-                           source=source, settings=before.get("settings"), steps=[],
-                           mask_locked_from=source)
+                           source=source, settings=before.get("settings"), steps=[], **extra)
+
+
+def locked_record(masks: MaskSet, source: str) -> dict:
+    """``sparsity.json`` of a model trained with the mask of the pruned model ``source`` locked."""
+    return inherited_record(masks, source, mask_locked_from=source)

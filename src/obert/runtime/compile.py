@@ -74,6 +74,17 @@ class CompileReport:
         """Fraction of the target Linear work (dense multiply-adds) handled by sparse kernels."""
         return self.compiled_dense_macs / max(self.linear_macs, 1)
 
+    def check(self, source: str, dtype: str, *, dtype_name: str = "--dtype",
+              structure_name: str = "--structure") -> None:
+        """One line when compiling ``source`` left nothing to run sparse, or nothing int8 under
+        ``dtype="int8"`` (the names say where the user sets dtype and structure)."""
+        if not self.sparse_layers and not self.slower_layers:
+            raise ObertError(f"no Linear layer of {source} reaches the sparsity threshold: "
+                             "nothing to compile")
+        if dtype == "int8" and "int8" not in self.kinds.values():
+            raise ObertError(f"{dtype_name} int8 quantises block4 layers, and {source} has none "
+                             f"(prune with {structure_name} block4): compile it as float32")
+
     def summary(self) -> str:
         total = len(self.sparse_layers) + len(self.dense_layers)
         where = "on the PyTorch fallback (no native kernels here: slow)" \

@@ -11,19 +11,9 @@ from obert.card import model_card
 from obert.errors import ObertError
 from obert.io import check_output, claim_output, save_model_dir
 from obert.model.loading import CLASSIFIER, ENCODER, QA, load_as_saved, load_tokenizer
-from obert.model.masks import MaskSet, read_sparsity_record, sparsity_record
+from obert.model.masks import MaskSet, inherited_record
 from obert.model.surgery import drop_layers, evenly_spaced, num_layers as count_layers
 from obert.model.targets import find_targets
-
-
-def kept_sparsity(net, source: str) -> dict:
-    """The ``sparsity.json`` of a pruned model after layer dropping: the kept layers' zeros, and
-    how the source's masks were made."""
-    before = read_sparsity_record(source)
-    return sparsity_record(MaskSet.from_zeros(find_targets(net)),
-                           method=str(before.get("method", "unknown")),
-                           structure=before.get("structure"), scope=before.get("scope"),
-                           source=source, settings=before.get("settings"), steps=[])
 
 
 def drop_layers_dir(model: str, out: str | Path, *, keep: list[int] | None = None,
@@ -50,7 +40,7 @@ def drop_layers_dir(model: str, out: str | Path, *, keep: list[int] | None = Non
         files: dict = {"layers.json": {"source_model": model, "num_layers_before": total,
                                        "kept_layers": kept}}
         if (Path(model) / "sparsity.json").is_file():  # a pruned model stays described
-            files["sparsity.json"] = kept_sparsity(net, model)
+            files["sparsity.json"] = inherited_record(MaskSet.from_zeros(find_targets(net)), model)
         files["README.md"] = model_card(
             Path(out).name, what=[f"kept transformer layers {', '.join(map(str, kept))} of {total} "
                                   "(`obert drop-layers`), the rest of the model unchanged"],

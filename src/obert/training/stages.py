@@ -289,12 +289,7 @@ def compile_stage(source: str, out: str, c: CompileSection, files: dict, overwri
         trained_int8 = (Path(source) / "quantization.json").is_file()
         choose = c.choose or ("sparsity" if trained_int8 else "speed")
         report = compile_runtime(net, dtype=c.dtype, min_sparsity=c.min_sparsity, choose=choose)
-        if not report.sparse_layers and not report.slower_layers:
-            raise ObertError(f"no Linear layer of {source} reaches the sparsity threshold: "
-                             "nothing to compile")
-        if c.dtype == "int8" and "int8" not in report.kinds.values():
-            raise ObertError(f"compile dtype int8 quantises block4 layers, and {source} has none "
-                             "(prune with structure block4)")
+        report.check(source, c.dtype, dtype_name="compile.dtype", structure_name="pruning.structure:")
         save_compiled(net, out, tok, overwrite=overwrite,
                       extra={"README.md": compiled_card(out.name, source, report, c.dtype),
                              STAGE_FILE: json.dumps(files[STAGE_FILE], indent=2)})
