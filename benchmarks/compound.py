@@ -10,7 +10,8 @@ cubic steps from 50% at epoch 0 to 80% at epoch 1.5, then 1.5 epochs with the ma
 for +QAT, quantisation-aware training over those 1.5 epochs); oBERT m=128, lr 1e-4 rewound.
 
 * l6-b4-qat: 6 layers, 80% block4 + QAT, compiled int8
-* l3-b4-qat: 3 layers (layers 0, 2 and 5: --num-layers 3), 80% block4 + QAT, compiled int8
+* l3-b4-qat: 3 layers (layers 0, 2 and 5: --num-layers 3), one epoch of dense KD to recover
+  from the drop, then 80% block4 + QAT, compiled int8
 * l6-unstr / l3-unstr: the same with unstructured pruning, compiled float32 (what each step buys)
 * transfer: upstream pruning to 80% on the masked-LM objective over the training texts (labels
   removed; a masked-LM head trained first, since MiniLM ships without one), then sparse transfer
@@ -82,7 +83,11 @@ def staged_doc(variant: str, dense: Path, work: Path) -> dict:
         qat = variant.endswith("qat")
         stages = []
         if layers == "l3":
-            stages.append({"name": "drop", "model": start, "drop_layers": {"num_layers": 3}})
+            # A 3-layer model is far from its teacher: one epoch of dense KD before pruning
+            # starts from a model that computes the task again (pruning's saliencies assume it).
+            stages += [{"name": "drop", "model": start, "drop_layers": {"num_layers": 3}},
+                       {"name": "recover", **{k: copy.deepcopy(base[k]) for k in ("data", "distillation")},
+                        "training": {**base["training"], "epochs": 1, "lr_schedule": "linear"}}]
         stages.append(gradual_stage(base, "prune", "block4" if structure == "b4" else "unstructured",
                                     qat, None if stages else start))
         # int8: every QAT layer compiled int8, so the compiled model is the evaluated one

@@ -96,8 +96,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES],
+                    help="out x in, e.g. 1536x384 (other than the default: print only)")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES,
+                    help="(other than the default: print only)")
     ap.add_argument("--no-docs", action="store_true", help="print only")
     args = ap.parse_args()
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
+    args.no_docs |= shapes != SHAPES or args.sparsities != SPARSITIES
     from obert.runtime import kernels
     from obert.runtime.bench import cpu_info
     from obert.io import write_json
@@ -109,8 +115,8 @@ def main() -> None:
     results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for n_out, n_in in SHAPES:
-            for sp in SPARSITIES:
+        for n_out, n_in in shapes:
+            for sp in args.sparsities:
                 r = measure(n_out, n_in, sp, args.tokens, args.rounds, args.calls)
                 r["threads"] = threads
                 results.append(r)

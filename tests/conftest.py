@@ -69,9 +69,10 @@ def tiny_model(family: str = "bert", seed: int = 0):
     return AutoModelForSequenceClassification.from_config(tiny_config(family))
 
 
-def block4_pruned_dir(model_dir, out, sparsity: float = 0.7, seed: int = 4):
+def block4_pruned_dir(model_dir, out, sparsity: float = 0.7, seed: int = 4, group: int = 4):
     """Save a copy of the classifier in ``model_dir`` with ``sparsity`` of every block weight
-    zero in groups of 4 consecutive inputs (a compilable model); returns ``(out, model)``."""
+    zero in groups of ``group`` consecutive inputs (4: a model the int8 kernels take); returns
+    ``(out, model)``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from obert import find_targets
@@ -80,7 +81,7 @@ def block4_pruned_dir(model_dir, out, sparsity: float = 0.7, seed: int = 4):
     torch.manual_seed(seed)
     for t in find_targets(model):
         w = t.module.weight.data
-        w.mul_((torch.rand(w.shape[0], w.shape[1] // 4) >= sparsity).repeat_interleave(4, 1))
+        w.mul_((torch.rand(w.shape[0], w.shape[1] // group) >= sparsity).repeat_interleave(group, 1))
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out, model.eval()

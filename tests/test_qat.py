@@ -149,8 +149,10 @@ def test_quantization_of_a_model_without_int8_layers_is_refused_before_training(
     from obert.training.gradual import run_recipe
     from obert.training.recipe import load_recipe
 
-    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning=None, distillation=None,
+    # Unstructured zeros: no layer is dense or pruned in whole blocks of 4.
+    unstructured, _ = block4_pruned_dir(tiny_model_dir, tmp_path / "unstructured", group=1)
+    doc = tiny_recipe(tmp_path, data_files, str(unstructured), pruning=None, distillation=None,
                       quantization={"start_epoch": 1})
-    with pytest.raises(ObertError, match="has no block4-sparse layer"):
+    with pytest.raises(ObertError, match="has no layer the int8 kernels take"):
         run_recipe(load_recipe(doc=doc), progress=False)
     assert not (tmp_path / "out").exists()

@@ -206,8 +206,8 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         from obert.training.qat import QATCallback  # imports the runtime: only when asked
 
         if prune is None and not int8_layers(model, include, exclude):
-            raise ObertError(f"quantization: {recipe.model.path} has no block4-sparse layer (at "
-                             "least 50% in blocks of 4) for the int8 kernels: add a pruning "
+            raise ObertError(f"quantization: {recipe.model.path} has no layer the int8 kernels "
+                             "take (dense, or pruned in whole blocks of 4): add a pruning "
                              "section with structure block4, or start from such a model")
 
         qat_cb = QATCallback(recipe.quantization.start_epoch, inputs=recipe.quantization.inputs,
@@ -320,8 +320,8 @@ def recipe_steps(recipe: Recipe, locked: bool, int8_layers: int | None = None) -
                      "(weights per row, inputs per token); their weights saved on the int8 grid "
                      "(quantization.json)")
     elif recipe.quantization is not None:
-        steps.append("quantisation-aware training asked for, but no layer was block4-sparse "
-                     "enough for the int8 kernels: nothing was quantised")
+        steps.append("quantisation-aware training asked for, but no layer was dense or pruned in "
+                     "blocks of 4 for the int8 kernels: nothing was quantised")
     if d is not None and d.hardness > 0:
         steps.append(f"distillation from `{d.teacher}` (hardness {d.hardness:g}, "
                      f"temperature {d.temperature:g})")

@@ -1,7 +1,7 @@
 """Quantisation-aware training to the sparse runtime's int8 scheme.
 
-The layers ``obert compile --dtype int8`` quantises (block4-sparse targets above the int8
-threshold: ``runtime.compile.int8_layers``) are trained with fake quantisation that is exactly
+The layers ``obert compile --dtype int8`` quantises (targets that are dense or pruned in whole
+blocks of 4: ``runtime.compile.int8_layers``) are trained with fake quantisation that is exactly
 the runtime's arithmetic, so the compiled model computes what was trained:
 
 * weights: per output row, symmetric, ``q = clamp(round(w / s_n), -127, 127)`` with
@@ -61,7 +61,7 @@ class QATCallback(TrainerCallback):
             self.log(f"[obert] quantisation-aware training of {len(self.layers)} int8 layers "
                      f"from epoch {self.start_epoch:g}")
         else:
-            self.log("[obert] note: no layer is block4-sparse enough for the int8 kernels: "
+            self.log("[obert] note: no layer is dense or pruned in blocks of 4 for the int8 kernels: "
                      "nothing to quantise (prune with structure block4)")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
