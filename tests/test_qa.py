@@ -109,3 +109,50 @@ def test_load_qa_formats(tmp_path, monkeypatch):
         load_qa(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ObertError, match="unknown question-answering task"):
         load_qa(task="hotpot")
+
+
+def test_qa_block4_qat_stage_compiles_to_the_same_start_and_end_logits(tmp_path):
+    """A question-answering model pruned in blocks of 4 and trained quantisation-aware, then
+    compiled int8 by a compile stage: the compiled model computes the evaluated model's start
+    and end logits; its QDQ ONNX export has both outputs and computes them too."""
+    import onnx
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    from obert.cli.main import main
+    from obert.runtime import load_compiled
+    from obert.runtime.fake_quant import fake_quantize, remove
+    from obert.runtime.onnx_export import check_onnx
+    from obert.training.stages import load_staged, run_stages
+
+    doc = tiny_qa_recipe(tmp_path)
+    train = {k: doc[k] for k in ("model", "data", "training", "pruning", "distillation")}
+    train["pruning"]["structure"] = "block4"
+    train["quantization"] = {"start_epoch": 1}
+    staged = load_staged(None, doc={"output_dir": str(tmp_path / "run"), "stages": [
+        {"name": "prune", **train}, {"name": "compile", "compile": {"dtype": "int8"}}]})
+    run_stages(staged, resume=False, overwrite=False, progress=False, log=lambda s: None)
+    trained_dir, compiled_dir = (tmp_path / "run" / "01-prune", tmp_path / "run" / "02-compile")
+    layers = json.loads((trained_dir / "quantization.json").read_text())["layers"]
+    runtime = json.loads((compiled_dir / "obert_runtime.json").read_text())
+    assert layers and sum(spec["int8"] for spec in runtime["layers"].values()) == len(layers)
+
+    qat = AutoModelForQuestionAnswering.from_pretrained(trained_dir).eval()
+    compiled = load_compiled(compiled_dir)
+    ids = torch.randint(5, qat.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    with torch.no_grad():
+        fake_quantize(qat, layers)  # what the QAT run evaluated
+        want = qat(input_ids=ids, attention_mask=mask)
+        remove(qat)
+        got = compiled(input_ids=ids, attention_mask=mask)
+    for name in ("start_logits", "end_logits"):
+        w, g = getattr(want, name), getattr(got, name)
+        assert float((g - w).abs().max()) < 1e-4 * max(1.0, float(w.abs().max())), name
+
+    onnx_path = tmp_path / "qa.onnx"
+    assert main(["export", str(trained_dir), "--out", str(onnx_path)]) == 0
+    assert [o.name for o in onnx.load(str(onnx_path)).graph.output] == ["start_logits", "end_logits"]
+    assert check_onnx(qat, onnx_path, int8_layers=layers) < 1e-4 * max(
+        1.0, float(want.start_logits.abs().max()), float(want.end_logits.abs().max()))

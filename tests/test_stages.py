@@ -155,14 +155,6 @@ def test_a_stage_run_again_runs_every_later_stage_again(tmp_path, capsys):
                        original.bert.encoder.layer[1].output.dense.weight)
 
 
-def test_a_compile_stage_after_question_answering_is_refused(staged, capsys):
-    path, doc, _ = staged
-    bad = copy.deepcopy(doc)
-    bad["stages"][2]["model"]["task_type"] = "question-answering"
-    err = _refused(path, bad, capsys)
-    assert "compiles a question-answering model: the sparse runtime compiles classifiers" in err
-
-
 def test_drop_stages_name_layers_the_model_will_have(staged, capsys):
     path, doc, run = staged
     bad = copy.deepcopy(doc)

@@ -407,7 +407,7 @@ def compile_model(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="Model directory (a classifier or encoder; pruned or trained quantisation-aware)"),
+    model: str = typer.Argument(..., help="Model directory (a classifier, QA model or encoder; pruned or trained quantisation-aware)"),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file"),
 ) -> None:

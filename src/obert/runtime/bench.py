@@ -41,18 +41,20 @@ def cpu_info() -> dict:
 
 
 def load_model(path: str):
-    """A sequence classifier, or a bare encoder (pre-training heads are left out), in eval mode."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    """A sequence classifier, an extractive question-answering model, or a bare encoder
+    (pre-training heads are left out), in eval mode."""
+    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    from obert.model.loading import CLASSIFIER, ENCODER, load_config, load_weights, require_kind
+    from obert.model.loading import CLASSIFIER, ENCODER, QA, load_config, load_weights, require_kind
 
     from obert.runtime.compile import RUNTIME_FILE
 
     if (Path(path) / RUNTIME_FILE).is_file():
         raise ObertError(f"'{path}' is a compiled obert model (load it with obert.runtime."
                          "load_compiled); give the pruned model it was compiled from")
-    kind = require_kind(load_config(path), path, (CLASSIFIER, ENCODER), "the sparse runtime")
-    cls = AutoModelForSequenceClassification if kind == CLASSIFIER else AutoModel
+    kind = require_kind(load_config(path), path, (CLASSIFIER, QA, ENCODER), "the sparse runtime")
+    cls = {CLASSIFIER: AutoModelForSequenceClassification, QA: AutoModelForQuestionAnswering}.get(
+        kind, AutoModel)
     return load_weights(cls, path).float().eval()
 
 
@@ -84,7 +86,11 @@ def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> dict:
 
 
 def _output(model, inputs):
+    """The logits (a QA model's start and end logits stacked on a last axis of 2), or the last
+    hidden states."""
     out = model(**inputs)
+    if hasattr(out, "start_logits"):
+        return torch.stack([out.start_logits, out.end_logits], -1)
     return out.logits if hasattr(out, "logits") else out[0]
 
 

@@ -2,7 +2,8 @@
 
 The model goes through ``torch.onnx.export`` (the torch.export-based exporter) inside a small
 wrapper that takes positional ``input_ids``/``attention_mask`` and returns the logits (transformers
-5 models take keyword arguments and return output objects). Batch and sequence length are
+5 models take keyword arguments and return output objects): ``start_logits`` and ``end_logits``
+for a question-answering model, ``logits`` otherwise (a bare encoder's last hidden states). Batch and sequence length are
 dynamic. ``check_onnx`` runs the file in ONNX Runtime on random tokens and compares with the
 PyTorch model. Pruned weights export as ordinary (zero-filled) initialisers: ONNX Runtime runs
 them dense, which is what ``obert bench`` measures as the "what users would run instead" baseline.
@@ -27,14 +28,24 @@ from torch import nn
 from obert.errors import ObertError, first_line
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """The exported graph's outputs: a question-answering model's two logits, else one."""
+    from obert.model.loading import QA, model_kind
+
+    return ["start_logits", "end_logits"] if model_kind(model.config) == QA else ["logits"]
+
+
 class _Logits(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.names = output_names(model)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask) -> tuple[torch.Tensor, ...]:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.logits if hasattr(out, "logits") else out[0]
+        if self.names == ["logits"]:
+            return (out.logits if hasattr(out, "logits") else out[0],)
+        return tuple(getattr(out, n) for n in self.names)
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int = 16, batch: int = 2) -> Path:
@@ -52,7 +63,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, seq_len: int = 16, batch:
             warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
             program = torch.onnx.export(_Logits(model), (ids, mask), dynamo=True, verbose=False,
                                         input_names=["input_ids", "attention_mask"],
-                                        output_names=["logits"],
+                                        output_names=output_names(model),
                                         dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}))
         program.save(str(tmp))
     except ImportError as exc:
@@ -127,8 +138,9 @@ def export_qdq(model: nn.Module, path: str | Path, layers: list[str], *, seq_len
 
 def check_onnx(model: nn.Module, path: str | Path, *, batch: int = 3, seq_len: int = 11,
                threads: int | None = None, int8_layers: list[str] | None = None) -> float:
-    """Max |ONNX Runtime - PyTorch| on random tokens (with some padding); ``int8_layers``: the
-    layers a QDQ export quantises (PyTorch then quantises their inputs as the kernels do)."""
+    """Max |ONNX Runtime - PyTorch| over the outputs, on random tokens (with some padding);
+    ``int8_layers``: the layers a QDQ export quantises (PyTorch then quantises their inputs as
+    the kernels do)."""
     from obert.runtime.fake_quant import fake_quantize, remove
 
     import onnxruntime as ort
@@ -149,5 +161,5 @@ def check_onnx(model: nn.Module, path: str | Path, *, batch: int = 3, seq_len: i
             ref = _Logits(model.eval())(ids, mask)
     finally:
         remove(model)
-    got = sess.run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    return float((torch.from_numpy(got) - ref).abs().max())
+    got = sess.run(output_names(model), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    return max(float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref))

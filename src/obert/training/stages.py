@@ -115,11 +115,6 @@ class StagedRecipe(_Section):
         for s in self.stages[:-1]:
             if s.kind == "compile":
                 raise ValueError(f"stage '{s.name}' compiles: only the last stage can")
-        trained = [s for s in self.stages if s.kind == "training"]
-        if self.stages[-1].kind == "compile" and trained and trained[-1].model is not None and \
-                trained[-1].model.task_type not in ("classification", "masked-lm"):
-            raise ValueError(f"stage '{self.stages[-1].name}' compiles a {trained[-1].model.task_type} "
-                             "model: the sparse runtime compiles classifiers and encoders")
         return self
 
     def stage_dirs(self) -> list[str]:
