@@ -185,6 +185,22 @@ def reference_inverse(grads, block_size, damp):
     return torch.stack(out)
 
 
+class Crashed(Exception):
+    """A training run killed by ``crash_at``."""
+
+
+def crash_at(step: int):
+    """A Trainer callback that kills the run at the end of optimizer step ``step``."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Crashed()
+
+    return Crash()
+
+
 def tiny_recipe(tmp_path, data_files, model_dir, **over) -> dict:
     doc = {
         "model": {"path": model_dir},

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe, train_with_pruning_callback
+from conftest import Crashed, crash_at, tiny_recipe, train_with_pruning_callback
 from obert.errors import ObertError
 from obert.training.schedule import PruningSchedule, cubic_sparsity, lr_factor
 
@@ -169,21 +169,6 @@ def test_gradual_run_end_to_end(tmp_path, data_files, model_dir):
     assert lr[14] == pytest.approx(1e-3 * (1 - 0.9 * 1 / 6)) and lr[20] == pytest.approx(1e-3 * (1 - 0.9 * 1 / 6))
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(step: int):
-    from transformers import TrainerCallback
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                raise _Crash()
-
-    return Crash()
-
-
 def test_resume_reaches_the_same_masks_and_metrics(tmp_path, data_files, model_dir):
     from obert.training.gradual import checkpoint_dir, run_recipe
     from obert.training.recipe import load_recipe
@@ -193,8 +178,8 @@ def test_resume_reaches_the_same_masks_and_metrics(tmp_path, data_files, model_d
     run_recipe(full, progress=False)
     cut = load_recipe(doc=tiny_recipe(tmp_path, data_files, model_dir,
                                       output_dir=str(tmp_path / "cut")))
-    with pytest.raises(_Crash):  # killed in epoch 3, after the 2nd pruning step and a checkpoint
-        run_recipe(cut, progress=False, extra_callbacks=[_crash_at(15)])
+    with pytest.raises(Crashed):  # killed in epoch 3, after the 2nd pruning step and a checkpoint
+        run_recipe(cut, progress=False, extra_callbacks=[crash_at(15)])
     assert not Path(cut.output_dir).exists()  # nothing half-written
     assert (checkpoint_dir(cut) / "checkpoint-12" / "obert_complete").is_file()
     with pytest.raises(ObertError, match="--resume"):

@@ -156,3 +156,45 @@ def test_quantization_of_a_model_without_int8_layers_is_refused_before_training(
     with pytest.raises(ObertError, match="has no layer the int8 kernels take"):
         run_recipe(load_recipe(doc=doc), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_locked_transfer_with_qat_resumes_mid_quantisation_to_the_same_model(
+        tmp_path, data_files, tiny_model_dir):
+    """Sparse transfer (mask locked) with QAT from epoch 1, killed in the quantised phase and
+    resumed from a checkpoint taken during it: the same zeros, weights and metrics as a run
+    that was never killed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import Crashed, crash_at
+    from obert import find_targets
+    from obert.training.gradual import checkpoint_dir, run_recipe
+    from obert.training.recipe import load_recipe
+
+    src, before = block4_pruned_dir(tiny_model_dir, tmp_path / "b4", sparsity=0.7)
+    zeros = {t.name: t.module.weight == 0 for t in find_targets(before)}
+
+    def recipe(name):
+        return load_recipe(doc=tiny_recipe(
+            tmp_path, data_files, str(src), pruning=None, training__epochs=2,
+            training__save_every_epochs=0.5, quantization={"start_epoch": 1},
+            distillation={"teacher": tiny_model_dir, "hardness": 0.5, "temperature": 2.0},
+            output_dir=str(tmp_path / name)))
+
+    run_recipe(recipe("full"), progress=False)
+    cut = recipe("cut")
+    with pytest.raises(Crashed):  # 6 steps per epoch: QAT from step 6, checkpoint at step 9
+        run_recipe(cut, progress=False, extra_callbacks=[crash_at(10)])
+    assert (checkpoint_dir(cut) / "checkpoint-9" / "obert_complete").is_file()
+    run_recipe(cut, resume=True, progress=False)
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full")
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cut")
+    for ta, tb in zip(find_targets(a), find_targets(b)):
+        wa, wb = ta.module.weight.detach(), tb.module.weight.detach()
+        assert bool((wb[zeros[tb.name]] == 0).all()), tb.name  # the lock held across the kill
+        torch.testing.assert_close(wb, wa, rtol=0, atol=1e-6)
+        levels = wb / row_scales(wb)[:, None]
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)  # on the grid
+    ma, mb = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("full", "cut"))
+    assert ma["accuracy"] == mb["accuracy"] and ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+    assert json.loads((tmp_path / "cut" / "quantization.json").read_text())["layers"] == \
+        json.loads((tmp_path / "full" / "quantization.json").read_text())["layers"]
