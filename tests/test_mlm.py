@@ -259,6 +259,42 @@ def test_a_corpus_without_validation_split_holds_documents_out(monkeypatch, mlm_
     assert task.evaluate(task.model)["num_tokens"] > 0
 
 
+def test_a_text_file_without_eval_file_holds_its_last_documents_out(tmp_path, mlm_dir, data_files):
+    from obert.tasks.base import TaskInputs
+    from obert.tasks.mlm import build_task
+    from obert.training.recipe import load_recipe
+
+    rows = make_rows(100, 3)
+    whole, head, tail = tmp_path / "all.jsonl", tmp_path / "head.txt", tmp_path / "tail.txt"
+    whole.write_text("".join(json.dumps(r) + "\n" for r in rows))  # labels ignored
+    head.write_text("".join(r["text"] + "\n" for r in rows[:-5]))
+    tail.write_text("".join(r["text"] + "\n" for r in rows[-5:]))
+
+    def task(train, held, logged):
+        return build_task(TaskInputs(
+            model_path=str(mlm_dir), tokenizer=None, reinit_head=False, data_task=None,
+            train_file=str(train), eval_file=held and str(held), max_train_rows=None,
+            max_eval_rows=5, max_length=16, doc_stride=8, seed=0, eval_batch_size=8,
+            progress=False, log=logged.append))
+
+    logged = []
+    held_out = task(whole, None, logged)
+    assert any("all.jsonl has no evaluation text: the last 5 training documents are held out" in m
+               for m in logged)
+    split = task(head, tail, [])
+    assert len(held_out.train_dataset) == len(split.train_dataset)
+    assert held_out.evaluate(held_out.model) == split.evaluate(split.model)
+    # Only masked-LM holds text out: a classifier needs its evaluation file.
+    doc = {"model": {"path": str(mlm_dir), "task_type": "masked-lm"},
+           "data": {"train_file": str(whole)}, "training": {"epochs": 1, "lr": 1e-4, "batch_size": 8},
+           "output_dir": str(tmp_path / "out")}
+    load_recipe(doc=doc)
+    doc["model"]["task_type"] = "classification"
+    doc["data"]["train_file"] = data_files[0]
+    with pytest.raises(ObertError, match="give data.eval_file with data.train_file"):
+        load_recipe(doc=doc)
+
+
 def test_long_documents_fill_several_blocks(tmp_path):
     tok = make_tokenizer(tmp_path)
     words = " ".join(r["text"] for r in make_rows(30, 2))  # one long document

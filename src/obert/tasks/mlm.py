@@ -3,7 +3,9 @@
 * Data: plain text, one document per line (``.txt``), the ``text`` column of ``.jsonl``/``.csv``
   files (other columns, labels included, are ignored), or ``datasets`` corpora by name
   (``wikitext:wikitext-103-raw-v1``: name and configuration; several joined with ``+``; their
-  train and validation splits).
+  train and validation splits). Without evaluation text (no ``eval_file``, or a corpus without a
+  validation split) the last training documents are held out: ``max_eval_rows``, at most 2,000
+  and a tenth of the documents.
 * Examples: documents tokenised with their special tokens, concatenated and cut into blocks of
   ``max_length`` tokens (as Hugging Face's ``run_mlm`` groups texts), so no position is padding.
 * Masking: 15% of the non-special tokens, of which 80% become ``[MASK]``, 10% a random token and
@@ -184,19 +186,23 @@ def build_task(inputs: TaskInputs) -> Task:
     collator = mlm_collator(tokenizer)
     check_length(d.max_length, config, "training.max_length", tokenizer)
     if d.train_file:
-        train_texts, eval_texts = load_texts(d.train_file), load_texts(d.eval_file)
+        train_texts = load_texts(d.train_file)
+        eval_texts = load_texts(d.eval_file) if d.eval_file else None
+        source = d.train_file
     else:
-        train_texts = load_corpus(d.data_task, "train")
+        train_texts, source = load_corpus(d.data_task, "train"), d.data_task
         try:
             eval_texts = load_corpus(d.data_task, "eval")
-        except ObertError:  # BookCorpus and Wikipedia have no validation split: hold some out
-            held = max(1, min(d.max_eval_rows or HELD_OUT, len(train_texts) // 10))
-            if len(train_texts) <= held:
-                raise ObertError(f"{d.data_task}: {len(train_texts)} document(s) and no validation "
-                                 "split: too few to hold some out for evaluation")
-            d.log(f"[obert] {d.data_task} has no validation split: the last {held} training "
-                  "documents are held out for evaluation")
-            train_texts, eval_texts = train_texts[:-held], train_texts[-held:]
+        except ObertError:  # BookCorpus and Wikipedia have no validation split
+            eval_texts = None
+    if eval_texts is None:  # hold the last documents out
+        held = max(1, min(d.max_eval_rows or HELD_OUT, len(train_texts) // 10))
+        if len(train_texts) <= held:
+            raise ObertError(f"{source}: {len(train_texts)} document(s) and no evaluation text: "
+                             "too few to hold some out for evaluation")
+        d.log(f"[obert] {source} has no evaluation text: the last {held} training documents are "
+              "held out for evaluation")
+        train_texts, eval_texts = train_texts[:-held], train_texts[-held:]
     if not has_mlm_head(config):
         d.log(f"[obert] note: {d.model_path} has no masked-LM head: a new one is trained "
               "(a teacher needs a trained one)")

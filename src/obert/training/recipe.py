@@ -2,6 +2,7 @@
 
     model:        {path, task_type: classification | question-answering}
     data:         {task | train_file + eval_file, max_train_rows, max_eval_rows}
+                  (masked-lm: eval_file may be left out, the last documents are held out)
     training:     {epochs, lr, batch_size, max_length, doc_stride, lr_schedule, final_lr_ratio,
                    weight_decay, seed, fp16, save_every_epochs, eval_every_epochs, ...}
     pruning:      {init_sparsity, final_sparsity, start_epoch, end_epoch, frequency, include,
@@ -64,7 +65,7 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _source(self):
-        if self.task is None and (self.train_file is None or self.eval_file is None):
+        if self.task is None and self.train_file is None:  # eval_file: checked by the task type
             raise ValueError("give data.task, or both data.train_file and data.eval_file")
         if self.task is not None and (self.train_file is not None or self.eval_file is not None):
             raise ValueError("give data.task or data.train_file and data.eval_file, not both")
@@ -155,6 +156,10 @@ class Recipe(_Section):
             if self.pruning is not None and q.start_epoch < self.pruning.end_epoch:
                 raise ValueError(f"quantization.start_epoch ({q.start_epoch:g}) must not come "
                                  f"before pruning.end_epoch ({self.pruning.end_epoch:g})")
+        if self.data.train_file is not None and self.data.eval_file is None and \
+                self.model.task_type != "masked-lm":
+            raise ValueError("give data.eval_file with data.train_file (only masked-lm holds out "
+                             "training documents for evaluation)")
         if self.model.task_type == "question-answering" and tr.doc_stride >= tr.max_length:
             raise ValueError(f"training.doc_stride ({tr.doc_stride}) must be shorter than "
                              f"training.max_length ({tr.max_length})")
