@@ -85,6 +85,32 @@ def test_dropped_bert_computes_the_kept_layers_in_order():
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
 
 
+def test_modernbert_layers_follow_their_types_and_layer_0_is_kept(tmp_path):
+    """ModernBERT builds layers by position (alternating attention types from ``layer_types``;
+    the first layer without an attention norm): the types follow the kept layers, the result
+    reloads computing the same logits, and a drop without layer 0 is refused untouched."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    config = ModernBertConfig(num_hidden_layers=6, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=4, vocab_size=100, num_labels=2, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                              global_attn_every_n_layers=3)
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(config).eval()
+    types = list(model.config.layer_types)
+    with pytest.raises(ObertError, match=r"cannot hold layers 1, 3, 5 as they are: .*attn_norm.* "
+                                         r"\(its first layer is built differently: keep layer 0\)"):
+        drop_layers(model, [1, 3, 5])
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
+    drop_layers(model, [0, 3, 4])
+    assert model.config.layer_types == [types[0], types[3], types[4]]
+    model.save_pretrained(tmp_path / "m")
+    reloaded = ModernBertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(5, 100, (2, 9))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                               rtol=0, atol=0)
+
+
 def test_drop_layers_refuses_bad_lists():
     model = _model("bert", "cls")
     for keep, says in (([], "names no layer"), ([0, 4], "--keep 4: the model has layers 0 to 3"),
