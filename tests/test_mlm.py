@@ -291,7 +291,7 @@ def test_a_text_file_without_eval_file_holds_its_last_documents_out(tmp_path, ml
     load_recipe(doc=doc)
     doc["model"]["task_type"] = "classification"
     doc["data"]["train_file"] = data_files[0]
-    with pytest.raises(ObertError, match="give data.eval_file with data.train_file"):
+    with pytest.raises(ObertError, match="give data.task, or data.eval_file with data.train_file"):
         load_recipe(doc=doc)
 
 

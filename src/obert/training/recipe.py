@@ -158,8 +158,8 @@ class Recipe(_Section):
                                  f"before pruning.end_epoch ({self.pruning.end_epoch:g})")
         if self.data.train_file is not None and self.data.eval_file is None and \
                 self.model.task_type != "masked-lm":
-            raise ValueError("give data.eval_file with data.train_file (only masked-lm holds out "
-                             "training documents for evaluation)")
+            raise ValueError("give data.task, or data.eval_file with data.train_file (only "
+                             "masked-lm holds out training documents for evaluation)")
         if self.model.task_type == "question-answering" and tr.doc_stride >= tr.max_length:
             raise ValueError(f"training.doc_stride ({tr.doc_stride}) must be shorter than "
                              f"training.max_length ({tr.max_length})")
@@ -226,7 +226,7 @@ def _format_error(exc: ValidationError, where: str, overridden: set[str],
     file."""
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in rename(tuple(err["loc"]))) or "recipe"
+        loc = ".".join(str(x) for x in rename(tuple(err["loc"])))  # empty: the whole recipe
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -234,7 +234,7 @@ def _format_error(exc: ValidationError, where: str, overridden: set[str],
         shown = f" (got {got!r})" if (got is None or isinstance(got, (int, float, str))) \
             and err["type"] != "extra_forbidden" else ""
         source = "--set " if any(loc == k or loc.startswith(k + ".") for k in overridden) else ""
-        parts.append(f"{source}{loc}: {msg}{shown}")
+        parts.append(f"{source}{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     more = f" (and {len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
     return f"{where}: {'; '.join(parts)}{more}"
 
