@@ -51,6 +51,9 @@ def main(work: str, global_batch: int) -> None:
         torch.save({"masks": pruning.masks.masks, "steps": [h["step"] for h in pruning.history],
                     "weights": {t.name: t.module.weight.detach() for t in pruning.masks.targets}},
                    work / f"result-{world}.pt")
+    from obert.distributed import finish
+
+    finish()  # as obert's CLI does: no process-group teardown at interpreter exit
 
 
 if __name__ == "__main__":

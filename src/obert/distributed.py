@@ -30,6 +30,15 @@ def process_group() -> tuple[int, int]:
     return (dist.get_world_size(), dist.get_rank()) if _initialized() else (1, 0)
 
 
+def finish() -> None:
+    """Leave the process group once every process is done (a no-op without one): destroyed at
+    interpreter exit instead, its communication threads can abort the process."""
+    if _initialized():
+        if world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every process (nothing to wait for on one)."""
     if _initialized() and world_size() > 1:

@@ -570,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, handler)
     if rv == 130:  # Typer turns Ctrl-C into this return value
         return _fail("interrupted", 130)
+    from obert.distributed import finish
+
+    finish()  # a torchrun job that succeeded leaves its process group cleanly
     return rv if isinstance(rv, int) else 0
 
 
