@@ -198,3 +198,35 @@ def test_locked_transfer_with_qat_resumes_mid_quantisation_to_the_same_model(
     assert ma["accuracy"] == mb["accuracy"] and ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
     assert json.loads((tmp_path / "cut" / "quantization.json").read_text())["layers"] == \
         json.loads((tmp_path / "full" / "quantization.json").read_text())["layers"]
+
+
+def test_compile_takes_the_trained_int8_layers_whatever_their_zeros(tiny_model_dir):
+    """Weights on the int8 grid of rows with an outlier round many small weights to zero, which
+    breaks the blocks of 4; compile still quantises the layers QAT trained (``trained_int8``) and
+    computes what the fake-quantised model computes."""
+    from transformers import AutoModelForSequenceClassification
+
+    from obert import find_targets
+    from obert.runtime import compile as compile_runtime
+    from obert.runtime.linear import is_block4
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    names = [t.name for t in find_targets(model)]
+    with torch.no_grad():
+        for t in find_targets(model):
+            t.module.weight[:, 0] = 40 * t.module.weight.abs().max()  # an outlier per row
+        bake(model, names)
+    assert not any(is_block4(t.module.weight) for t in find_targets(model))
+    ids = torch.randint(5, model.config.vocab_size, (3, 10))
+    with torch.no_grad():
+        fake_quantize(model, names)
+        want = model(input_ids=ids).logits
+        remove(model)
+        import copy
+
+        untrained = copy.deepcopy(model)
+        assert not compile_runtime(untrained, dtype="int8", choose="sparsity").int8_layers
+        report = compile_runtime(model, dtype="int8", choose="sparsity", trained_int8=names)
+        assert sorted(report.int8_layers) == sorted(names)
+        got = model(input_ids=ids).logits
+    assert float((got - want).abs().max()) < 1e-4 * max(1.0, float(want.abs().max()))

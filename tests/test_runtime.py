@@ -882,3 +882,20 @@ def test_compile_without_native_kernels_says_the_fallback_is_slow(monkeypatch):
     assert report.kernels == "pytorch-fallback" and "PyTorch fallback (no native kernels here: slow)" in report.summary()
     with pytest.raises(Exception, match="choose must be one of speed, sparsity"):
         compile(_pruned_tiny_model(0.9), choose="fastest")
+
+
+def test_int8_takes_dense_layers_only_on_the_native_kernels(monkeypatch):
+    """int8 takes a dense layer (a dense weight is block4 too) where the native kernels run; on
+    the PyTorch fallback only layers from 50% sparsity; float32 stays at 70%."""
+    from obert.runtime import kernels
+    from obert.runtime.compile import layer_kind
+
+    torch.manual_seed(0)
+    dense = torch.randn(8, 16)
+    half = pruned_linear(8, 16, 0.5, 4, seed=1).weight.detach()
+    assert 1.0 - float((half != 0).float().mean()) >= 0.5
+    monkeypatch.setattr(kernels, "native_available", lambda: True)
+    assert layer_kind(dense, "int8") == (True, True) and layer_kind(dense, "float32") == (False, False)
+    monkeypatch.setattr(kernels, "native_available", lambda: False)
+    assert layer_kind(dense, "int8") == (False, True) and layer_kind(half, "int8") == (True, True)
+    assert layer_kind(dense, "int8", min_sparsity=0.0) == (True, True)

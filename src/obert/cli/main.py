@@ -340,7 +340,7 @@ def drop_layers(
 def compile_model(
     model: str = typer.Argument(..., help="Pruned model directory (or hub id)"),
     out: Path = typer.Option(..., "--out", help="Output directory of the compiled model (new, or an obert output with --overwrite)"),
-    dtype: str = typer.Option("float32", help="float32, or int8 (block4 layers; others float32)"),
+    dtype: str = typer.Option("float32", help="float32, or int8 (layers dense or pruned in blocks of 4; others float32)"),
     min_sparsity: Optional[float] = typer.Option(None, parser=number(ge=0, le=1), help="Compile layers at least this sparse (default: per kernel)"),
     calibration_file: Optional[str] = typer.Option(None, help="int8: text (.jsonl/.csv, as for training) whose activations calibrate OBS rounding of the weights"),
     task: Optional[str] = typer.Option(None, help="int8: GLUE task whose train split calibrates (needs the hub)"),
@@ -358,7 +358,7 @@ def compile_model(
     from obert.runtime import compile as compile_runtime, save_compiled
     from obert.runtime.bench import load_model
     from obert.runtime.calibrate import text_batches
-    from obert.runtime.compile import compiled_card
+    from obert.runtime.compile import compiled_card, trained_layers
 
     if dtype not in ("float32", "int8"):
         raise ObertError(f"--dtype must be float32 or int8, got '{dtype}'")
@@ -395,7 +395,7 @@ def compile_model(
                 calibration_rows, seed)
             batches = text_batches(tok, rows.texts, rows.pairs, max_length=max_length)
         report = compile_runtime(net, dtype=dtype, min_sparsity=min_sparsity, calibration=batches,
-                                 choose=choose, tokens=choose_tokens)
+                                 choose=choose, tokens=choose_tokens, trained_int8=trained_layers(model))
         report.check(model, dtype)
         save_compiled(net, out, tok, overwrite=overwrite,
                       extra={"README.md": compiled_card(out.name, model, report, dtype)})
@@ -413,18 +413,16 @@ def export(
 ) -> None:
     """ONNX export, checked in ONNX Runtime; a quantisation-aware-trained model exports in QDQ
     form (int8 weights, inputs quantised per token as obert's int8 kernels do)."""
-    import json
-
     from obert.io import atomic_file, check_file_output
     from obert.runtime.bench import load_model
+    from obert.runtime.compile import trained_layers
     from obert.runtime.onnx_export import check_onnx, export_onnx, export_qdq
 
     out = check_file_output(out, inputs=[model], overwrite=overwrite, option="--out")
     if out.suffix.lower() != ".onnx":
         raise ObertError(f"--out {out}: give a .onnx file name")
     net = load_model(model)
-    record = Path(model) / "quantization.json"
-    layers = json.loads(record.read_text()).get("layers", []) if record.is_file() else []
+    layers = trained_layers(model) or []
     with atomic_file(out) as tmp:
         if layers:
             export_qdq(net, tmp, layers)
@@ -444,7 +442,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, parser=COUNT, help="CPU threads (default: PyTorch's)"),
     rounds: int = typer.Option(5, parser=COUNT, help="Interleaved timing rounds"),
     iters: int = typer.Option(3, parser=COUNT, help="Timed calls per variant and round"),
-    int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="Measure the int8 block4 path (default: when block4)"),
+    int8: Optional[bool] = typer.Option(None, "--int8/--no-int8", help="Measure the int8 path (default: when some layer is dense or block4)"),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Also measure dense ONNX Runtime fp32 and int8"),
     choose: str = typer.Option("speed", help="How compile picks sparse layers: speed (timed here) or sparsity"),
     plot: Optional[Path] = typer.Option(None, help="Write a chart (PNG)"),
@@ -542,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(command.callback, "settings_model"):
                 attach_settings(command.callback)
         rv = app(args=argv, standalone_mode=False)
+        if rv in (0, None):
+            from obert.distributed import finish
+
+            finish()  # a torchrun job that succeeded leaves its process group cleanly
     except NoArgsIsHelpError:
         return 2  # the help is already printed: it is the message
     except (KeyboardInterrupt, Abort):  # older click reports Ctrl-C as Abort
@@ -570,9 +572,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, handler)
     if rv == 130:  # Typer turns Ctrl-C into this return value
         return _fail("interrupted", 130)
-    from obert.distributed import finish
-
-    finish()  # a torchrun job that succeeded leaves its process group cleanly
     return rv if isinstance(rv, int) else 0
 
 

@@ -147,12 +147,11 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
 
 
 def _has_block4_layers(model) -> bool:
-    """Whether some prunable Linear of ``model`` is block4-pruned (int8 kernels apply)."""
-    from obert.model.targets import find_targets
-    from obert.runtime.linear import is_block4
+    """Whether ``compile(dtype="int8")`` would quantise some layer of ``model`` (dense, or
+    pruned in blocks of 4)."""
+    from obert.runtime.compile import int8_layers
 
-    return any(t.module.weight.shape[1] % 4 == 0 and bool((t.module.weight == 0).any())
-               and is_block4(t.module.weight) for t in find_targets(model))
+    return bool(int8_layers(model))
 
 
 def bench_onnxruntime(model_dir: str, *, batch: int, seq_len: int, threads: int, iters: int,

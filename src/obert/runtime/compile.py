@@ -4,8 +4,8 @@
 ``min_sparsity`` for a ``SparseLinear``, if the sparse kernel beats dense torch on this CPU
 (``choose.py``: timed per layer, cached per CPU); denser or slower layers stay dense. By
 default the threshold is where the kernels can start to win (docs/benchmarks.md): 70% for
-float32; none for int8 block4 (the int8 kernels beat dense float32 torch even on dense weights,
-1.1-1.9x with AVX2 and 1.9-3x with AVX-512 VNNI). The report says which kernel path runs, which layers run sparse
+float32; none for int8 block4 (the native int8 kernels beat dense float32 torch even on dense
+weights, 1.1-1.2x with AVX2 and 1.9-3x with AVX-512 VNNI; the PyTorch fallback needs 50%). The report says which kernel path runs, which layers run sparse
 and why the others do not, and how much of the Linear work now runs sparsely, so a fall-back to
 dense is never silent. The choice is the compiling CPU's: a compiled model keeps it when loaded
 elsewhere (compile again on the machine that serves it to choose for that one).
@@ -41,6 +41,7 @@ from obert.runtime.norm import AddNorm, is_output_block
 
 FP32_MIN_SPARSITY = 0.7
 INT8_MIN_SPARSITY = 0.0  # every block4 layer: a dense one is block4 too, and int8 beats fp32
+FALLBACK_INT8_MIN_SPARSITY = 0.5  # without the native kernels (PyTorch fallback): only sparse ones
 
 RUNTIME_FILE = "obert_runtime.json"
 WEIGHTS_FILE = "sparse_model.safetensors"
@@ -83,8 +84,9 @@ class CompileReport:
             raise ObertError(f"no Linear layer of {source} reaches the sparsity threshold: "
                              "nothing to compile")
         if dtype == "int8" and "int8" not in self.kinds.values():
-            raise ObertError(f"{dtype_name} int8 quantises block4 layers, and {source} has none "
-                             f"(prune with {structure_name} block4): compile it as float32")
+            raise ObertError(f"{dtype_name} int8 quantises layers that are dense or pruned in "
+                             f"blocks of 4, and {source} has none (prune with {structure_name} "
+                             "block4): compile it as float32")
 
     def summary(self) -> str:
         total = len(self.sparse_layers) + len(self.dense_layers)
@@ -138,7 +140,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
             include: list[str] | None = None, exclude: list[str] | None = None,
             group: int | None = None, fuse: bool = True, attention: bool = True,
             calibration: Iterable[dict] | None = None, smooth: float = 0.5, choose: str = "speed",
-            tokens: int = DEFAULT_TOKENS, chooser: Chooser | None = None) -> CompileReport:
+            tokens: int = DEFAULT_TOKENS, chooser: Chooser | None = None,
+            trained_int8: list[str] | None = None) -> CompileReport:
     """Swap sparse Linear layers of ``model`` (in place, eval mode) for ``SparseLinear``.
 
     ``fuse``: fold a GELU that follows a compiled layer into its kernel (see ``_fuse_activations``)
@@ -147,8 +150,10 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     (``norm.AddNorm``). ``attention``: switch the model's attention to obert's CPU kernel
     (``attention.use_fast_attention``; cases it does not cover still run PyTorch's SDPA).
 
-    ``dtype="int8"`` quantises the block4-structured layers (others run sparse in float32; the
-    report lists them under ``float32_layers``). ``min_sparsity``: one threshold for every layer
+    ``dtype="int8"`` quantises the layers that are dense or block4-structured (others run sparse
+    in float32 where they reach its threshold; the report lists them under ``float32_layers``),
+    and every layer of ``trained_int8`` (what quantisation-aware training put on the int8 grid,
+    ``quantization.json``), whatever its pattern of zeros. ``min_sparsity``: one threshold for every layer
     instead of the per-kernel defaults. ``calibration`` (int8): batches of model inputs (dicts
     with ``input_ids`` and optionally ``attention_mask``, ...) whose Linear inputs give each int8
     layer's Hessian for OBS rounding of its weights (``quantize.obs_quantize``) instead of
@@ -177,6 +182,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
         nnz = int((w != 0).sum())
         report.sparsity[t.name] = 1.0 - nnz / macs
         sparse, int8 = layer_kind(w, dtype, group, min_sparsity)
+        if dtype == "int8" and t.name in (trained_int8 or ()) and w.shape[1] % 4 == 0:
+            sparse = int8 = True  # on the grid already: rounding zeros may break the blocks
         if sparse:
             plan.append((t, nnz, int8))
         else:
@@ -227,7 +234,9 @@ def _build(target, int8: bool, group: int | None, hessian: torch.Tensor | None =
            smooth: torch.Tensor | None = None) -> SparseLinear:
     """The sparse form of a target layer (int8: rounded to nearest unless given its Hessian)."""
     if int8:
-        return SparseLinear.from_linear(target.module, dtype="int8", smooth=smooth, hessian=hessian)
+        # group 4 given: a trained int8 layer's rounding zeros need not fill whole blocks
+        return SparseLinear.from_linear(target.module, dtype="int8", group=4, smooth=smooth,
+                                        hessian=hessian)
     return SparseLinear.from_linear(target.module, group=group)
 
 
@@ -321,9 +330,28 @@ def layer_kind(w: torch.Tensor, dtype: str, group: int | None = None,
     kernel's default threshold, float32 weights only."""
     nnz = int((w != 0).sum())
     int8 = dtype == "int8" and group in (None, 4) and w.shape[1] % 4 == 0 and is_block4(w)
-    threshold = min_sparsity if min_sparsity is not None else \
-        (INT8_MIN_SPARSITY if int8 else FP32_MIN_SPARSITY)
+    if min_sparsity is not None:
+        threshold = min_sparsity
+    elif int8:  # the measured win of int8 at any sparsity is the native kernels'
+        threshold = INT8_MIN_SPARSITY if kernels.native_available() else FALLBACK_INT8_MIN_SPARSITY
+    else:
+        threshold = FP32_MIN_SPARSITY
     return 1.0 - nnz / w.numel() >= threshold and w.dtype == torch.float32, int8
+
+
+def trained_layers(path: str | Path) -> list[str] | None:
+    """The layers quantisation-aware training put on the int8 grid (``quantization.json`` beside
+    the model at ``path``), or None when it was not trained so."""
+    record = Path(path) / "quantization.json"
+    if not record.is_file():
+        return None
+    try:
+        layers = json.loads(record.read_text())["layers"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ObertError(f"{record}: not a quantization record ({exc})") from None
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        raise ObertError(f"{record}: 'layers' must be a list of layer names")
+    return layers
 
 
 def int8_layers(model: nn.Module, include: list[str] | None = None,

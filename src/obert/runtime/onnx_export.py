@@ -32,7 +32,8 @@ def output_names(model: nn.Module) -> list[str]:
     """The exported graph's outputs: a question-answering model's two logits, else one."""
     from obert.model.loading import QA, model_kind
 
-    return ["start_logits", "end_logits"] if model_kind(model.config) == QA else ["logits"]
+    qa = model_kind(model.config) == QA or type(model).__name__.endswith("ForQuestionAnswering")
+    return ["start_logits", "end_logits"] if qa else ["logits"]
 
 
 class _Logits(nn.Module):

@@ -4,8 +4,8 @@
   files (other columns, labels included, are ignored), or ``datasets`` corpora by name
   (``wikitext:wikitext-103-raw-v1``: name and configuration; several joined with ``+``; their
   train and validation splits). Without evaluation text (no ``eval_file``, or a corpus without a
-  validation split) the last training documents are held out: ``max_eval_rows``, at most 2,000
-  and a tenth of the documents.
+  validation split) the last training documents are held out: ``max_eval_rows`` (default
+  2,000), at most a tenth of the documents.
 * Examples: documents tokenised with their special tokens, concatenated and cut into blocks of
   ``max_length`` tokens (as Hugging Face's ``run_mlm`` groups texts), so no position is padding.
 * Masking: 15% of the non-special tokens, of which 80% become ``[MASK]``, 10% a random token and

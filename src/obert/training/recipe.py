@@ -66,7 +66,7 @@ class DataSection(_Section):
     @model_validator(mode="after")
     def _source(self):
         if self.task is None and self.train_file is None:  # eval_file: checked by the task type
-            raise ValueError("give data.task, or both data.train_file and data.eval_file")
+            raise ValueError("give data.task, or data.train_file and data.eval_file")
         if self.task is not None and (self.train_file is not None or self.eval_file is not None):
             raise ValueError("give data.task or data.train_file and data.eval_file, not both")
         return self

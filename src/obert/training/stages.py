@@ -272,7 +272,7 @@ def compile_stage(source: str, out: str, c: CompileSection, files: dict, overwri
     from obert.model.loading import load_tokenizer
     from obert.runtime import compile as compile_runtime, save_compiled
     from obert.runtime.bench import load_model
-    from obert.runtime.compile import compiled_card
+    from obert.runtime.compile import compiled_card, trained_layers
 
     out = check_output(out, inputs=[source], overwrite=overwrite)
     with claim_output(out):
@@ -281,9 +281,10 @@ def compile_stage(source: str, out: str, c: CompileSection, files: dict, overwri
             tok = load_tokenizer(source, None, net.config)
         except ObertError:
             tok = None
-        trained_int8 = (Path(source) / "quantization.json").is_file()
-        choose = c.choose or ("sparsity" if trained_int8 else "speed")
-        report = compile_runtime(net, dtype=c.dtype, min_sparsity=c.min_sparsity, choose=choose)
+        trained = trained_layers(source)
+        choose = c.choose or ("sparsity" if trained is not None else "speed")
+        report = compile_runtime(net, dtype=c.dtype, min_sparsity=c.min_sparsity, choose=choose,
+                                 trained_int8=trained)
         report.check(source, c.dtype, dtype_name="compile.dtype", structure_name="pruning.structure:")
         save_compiled(net, out, tok, overwrite=overwrite,
                       extra={"README.md": compiled_card(out.name, source, report, c.dtype),
