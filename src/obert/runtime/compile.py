@@ -5,8 +5,8 @@
 (``choose.py``: timed per layer, cached per CPU); denser or slower layers stay dense. By
 default the threshold is where the kernels can start to win (docs/benchmarks.md): 70% for
 float32; none for int8 block4 (the native int8 kernels beat dense float32 torch even on dense
-weights, 1.1-1.2x with AVX2 and 1.9-3x with AVX-512 VNNI; the PyTorch fallback needs 50%). The report says which kernel path runs, which layers run sparse
-and why the others do not, and how much of the Linear work now runs sparsely, so a fall-back to
+weights, 1.1-1.2x with AVX2 and 1.9-3x with AVX-512 VNNI; the PyTorch fallback needs 50%). The
+report says which kernel path runs, which layers run sparse and why the others do not, and how much of the Linear work now runs sparsely, so a fall-back to
 dense is never silent. The choice is the compiling CPU's: a compiled model keeps it when loaded
 elsewhere (compile again on the machine that serves it to choose for that one).
 
@@ -153,8 +153,8 @@ def compile(model: nn.Module, *, min_sparsity: float | None = None, dtype: str =
     ``dtype="int8"`` quantises the layers that are dense or block4-structured (others run sparse
     in float32 where they reach its threshold; the report lists them under ``float32_layers``),
     and every layer of ``trained_int8`` (what quantisation-aware training put on the int8 grid,
-    ``quantization.json``), whatever its pattern of zeros. ``min_sparsity``: one threshold for every layer
-    instead of the per-kernel defaults. ``calibration`` (int8): batches of model inputs (dicts
+    ``quantization.json``), whatever its pattern of zeros. ``min_sparsity``: one threshold for
+    every layer instead of the per-kernel defaults. ``calibration`` (int8): batches of model inputs (dicts
     with ``input_ids`` and optionally ``attention_mask``, ...) whose Linear inputs give each int8
     layer's Hessian for OBS rounding of its weights (``quantize.obs_quantize``) instead of
     rounding to nearest, and the per-channel input maxima for smoothing its input with strength
