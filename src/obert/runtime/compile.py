@@ -7,8 +7,9 @@ default the threshold is where the kernels can start to win (docs/benchmarks.md)
 float32; none for int8 block4 (the native int8 kernels beat dense float32 torch even on dense
 weights, 1.1-1.2x with AVX2 and 1.9-3x with AVX-512 VNNI; the PyTorch fallback needs 50%). The
 report says which kernel path runs, which layers run sparse and why the others do not, and
-how much of the Linear work now runs sparsely, so a fall-back to dense is never silent. The choice is the compiling CPU's: a compiled model keeps it when loaded
-elsewhere (compile again on the machine that serves it to choose for that one).
+how much of the Linear work now runs sparsely, so a fall-back to dense is never silent. The
+choice is the compiling CPU's: a compiled model keeps it when loaded elsewhere (compile again
+on the machine that serves it to choose for that one).
 
 Saved form (``save_compiled``): ``config.json`` (+ tokenizer files when given), ``sparse_model.safetensors``
 holding the dense parameters of everything else and, per compiled layer, only its non-zeros and
