@@ -121,6 +121,7 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
                 choose: str = "speed") -> dict:
     """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
     from obert.runtime import compile, kernels
+    from obert.runtime.compile import int8_layers
 
     inputs = _inputs(model, batch, seq_len)
     variants = {"torch fp32 dense": model}
@@ -130,7 +131,7 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
     reports = {"obert fp32 sparse": report.as_dict()}
     ref = _output(model, inputs)
     errors = {"obert fp32 sparse": float((_output(sparse, inputs) - ref).abs().max())}
-    block4 = _has_block4_layers(model)
+    block4 = bool(int8_layers(model))  # compile(dtype="int8") would quantise some layer
     if int8 or (int8 is None and block4):
         q = copy.deepcopy(model)
         reports["obert int8 sparse"] = compile(q, min_sparsity=min_sparsity, dtype="int8",
@@ -144,14 +145,6 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
     return {"rows": rows, "compile": reports, "max_abs_diff": errors,
             "native_kernels": kernels.native_available(), "kernels": kernels.isa(),
             "kernel_paths": kernels.available_isas()}
-
-
-def _has_block4_layers(model) -> bool:
-    """Whether ``compile(dtype="int8")`` would quantise some layer of ``model`` (dense, or
-    pruned in blocks of 4)."""
-    from obert.runtime.compile import int8_layers
-
-    return bool(int8_layers(model))
 
 
 def bench_onnxruntime(model_dir: str, *, batch: int, seq_len: int, threads: int, iters: int,
