@@ -10,19 +10,22 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
+    from obert.core.mfac import MFAC
     from obert.core.obs import fisher_inverse_blocks, prune_update, saliency
     from obert.errors import ObertError
     from obert.model.masks import MaskSet
     from obert.model.targets import find_targets
     from obert.pruning.driver import prune_model
     from obert.pruning.methods import PruneConfig
+    from obert.training.optim import MFACOptimizer
 
 __version__ = "0.1.0"
-_EXPORTS = {"MaskSet": "obert.model.masks", "ObertError": "obert.errors",
+_EXPORTS = {"MFAC": "obert.core.mfac", "MFACOptimizer": "obert.training.optim",
+            "MaskSet": "obert.model.masks", "ObertError": "obert.errors",
             "PruneConfig": "obert.pruning.methods", "fisher_inverse_blocks": "obert.core.obs",
             "prune_update": "obert.core.obs", "saliency": "obert.core.obs",
             "prune_model": "obert.pruning.driver", "find_targets": "obert.model.targets"}
-__all__ = ["MaskSet", "ObertError", "PruneConfig", "find_targets", "fisher_inverse_blocks",
+__all__ = ["MFAC", "MFACOptimizer", "MaskSet", "ObertError", "PruneConfig", "find_targets", "fisher_inverse_blocks",
            "prune_model", "prune_update", "saliency", "__version__"]
 
 

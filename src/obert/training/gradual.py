@@ -35,6 +35,7 @@ from obert.model.loading import check_finite, quiet_libraries
 from obert.model.masks import MaskSet, locked_record, sparsity_record
 from obert.training.recipe import Recipe, dump_recipe
 from obert.training.schedule import steps_per_epoch
+from obert.training.optim import MFACOptimizer
 from obert.model.targets import find_targets
 from obert.training.trainer import LRSchedule, ObertTrainer
 from obert.tasks import TASKS
@@ -244,6 +245,8 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         temperature=dist_cfg.temperature if dist_cfg else 1.0,
         lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
                                recipe.schedule() if recipe.pruning else None),
+        optimizer_cls_and_kwargs=(MFACOptimizer, {"lr": tr.lr, **tr.mfac.model_dump()})
+        if tr.optimizer == "mfac" else None,
     )
     recorder.trainer = trainer
     if resume_from is not None:

@@ -4,7 +4,8 @@
     data:         {task | train_file + eval_file, max_train_rows, max_eval_rows}
                   (masked-lm: eval_file may be left out, the last documents are held out)
     training:     {epochs, lr, batch_size, max_length, doc_stride, lr_schedule, final_lr_ratio,
-                   weight_decay, seed, fp16, save_every_epochs, eval_every_epochs, ...}
+                   weight_decay, seed, fp16, save_every_epochs, eval_every_epochs, optimizer:
+                   adamw | mfac, mfac: {num_grads, damp, momentum}, ...}
     pruning:      {init_sparsity, final_sparsity, start_epoch, end_epoch, frequency, include,
                    exclude, method, structure, scope, num_recomputations, grad_batch_size, and
                    the method's own settings (obert: num_grads, fisher_block_size, damp, update,
@@ -31,6 +32,7 @@ from obert.errors import ObertError
 from obert.model.targets import compile_patterns
 from obert.pruning.settings import PruneSettings, Settings
 from obert.tasks import TASKS
+from obert.training.optim import MFACSettings
 
 
 class _Section(Settings):
@@ -93,6 +95,17 @@ class TrainingSection(_Section):
     # A sparse starting model (at least 1% of its prunable weights exactly zero) keeps its zeros
     # through training: sparse transfer, or gradual pruning continuing from them.
     lock_mask: bool = True
+    # adamw: the Trainer's AdamW; mfac: obert.training.optim.MFACOptimizer (settings in ``mfac``)
+    optimizer: Literal["adamw", "mfac"] = "adamw"
+    mfac: MFACSettings | None = None
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self):
+        if self.mfac is not None and self.optimizer != "mfac":
+            raise ValueError("training.mfac holds the settings of training.optimizer: mfac")
+        if self.optimizer == "mfac" and self.mfac is None:
+            self.mfac = MFACSettings()
+        return self
 
 
 class PruningSection(_Section, PruneSettings):
