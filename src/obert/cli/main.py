@@ -91,11 +91,16 @@ def settings_options(model, methods: dict | None = None, taken: set[str] = froze
                                  "already uses: rename it")
             owners.setdefault(name, []).append(method)
     for name, who in owners.items():
-        field = methods[who[0]].Settings.model_fields[name]
-        default = "" if field.default is None else f"; default {field.default:g}" \
-            if isinstance(field.default, float) else f"; default {field.default}"
-        params.append(_option(name, field, None, f"{'/'.join(who)}: {field.description}{default}"))
+        fields = [methods[m].Settings.model_fields[name] for m in who]
+        shown = [_shown(f.default) for f in fields]
+        default = "" if fields[0].default is None else f"; default {shown[0]}" \
+            if len(set(shown)) == 1 else "; default " + ", ".join(f"{d} ({m})" for d, m in zip(shown, who))
+        params.append(_option(name, fields[0], None, f"{'/'.join(who)}: {fields[0].description}{default}"))
     return params
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def with_settings(model):

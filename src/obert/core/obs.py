@@ -81,8 +81,10 @@ class StreamingFisher:
 
     ``update(chunk)`` takes ``[k, d]`` (any k >= 1); ``inverse()`` equals
     ``fisher_inverse_blocks`` of all gradients stacked, without holding them all.
-    Memory: ``d * B`` numbers in ``dtype``.
+    Memory: ``d * B`` numbers in ``dtype``. ``summable``: partial sums from several processes add.
     """
+
+    summable = True
 
     def __init__(self, d: int, block_size: int, damp: float, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
@@ -106,20 +108,53 @@ class StreamingFisher:
         return invert_fisher(self.gram, self.num_grads, self.damp)
 
 
-def woodbury_fisher_inverse(grads: Tensor, block_size: int, damp: float) -> Tensor:
-    """The same inverse by m rank-one Sherman-Morrison updates (the paper's streaming form).
+class StreamingWoodbury:
+    """The same inverse built by rank-one Sherman-Morrison updates as gradients arrive
+    (WoodFisher's recursion; the number of gradients ``m`` must be known up front):
 
     ``F_0^-1 = I / damp``; ``F_i^-1 = F_{i-1}^-1 - (F_{i-1}^-1 g)(F_{i-1}^-1 g)^T / (m + g^T F_{i-1}^-1 g)``.
-    Slower than the Gram form (m sequential steps); kept as the reference the paper used.
+
+    Sequential in the gradients (``O(d B)`` each), so it cannot be summed across processes.
+    Memory: ``d * B`` numbers in ``dtype``.
     """
+
+    summable = False
+
+    def __init__(self, d: int, block_size: int, damp: float, num_grads: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        if damp <= 0:
+            raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
+        self.block_size = block_size
+        self.expected = num_grads
+        self.num_grads = 0
+        nb = _check_blocks(d, block_size)
+        self.finv = torch.eye(block_size, dtype=dtype, device=device).repeat(nb, 1, 1) / damp
+
+    def update(self, grads: Tensor) -> None:
+        if grads.dim() == 1:
+            grads = grads.unsqueeze(0)
+        if self.num_grads + grads.shape[0] > self.expected:
+            raise ObertError(f"more than the {self.expected} gradients announced")
+        nb = self.finv.shape[0]
+        for g in grads.to(self.finv.dtype).reshape(grads.shape[0], nb, self.block_size):
+            fg = torch.bmm(self.finv, g.unsqueeze(-1))  # [nb, B, 1]
+            denom = self.expected + torch.bmm(g.unsqueeze(1), fg)  # [nb, 1, 1]
+            self.finv.sub_(torch.bmm(fg, fg.transpose(1, 2)) / denom)
+        self.num_grads += grads.shape[0]
+
+    def inverse(self) -> Tensor:
+        if self.num_grads != self.expected:
+            raise ObertError(f"{self.num_grads} of the {self.expected} gradients announced arrived")
+        return self.finv
+
+
+def woodbury_fisher_inverse(grads: Tensor, block_size: int, damp: float) -> Tensor:
+    """``fisher_inverse_blocks`` by m rank-one Sherman-Morrison updates (``StreamingWoodbury``).
+    Slower than the Gram form (m sequential steps): the reference the paper used."""
     m, d = grads.shape
-    nb = _check_blocks(d, block_size)
-    finv = torch.eye(block_size, dtype=grads.dtype, device=grads.device).repeat(nb, 1, 1) / damp
-    for g in grads.reshape(m, nb, block_size):
-        fg = torch.bmm(finv, g.unsqueeze(-1))  # [nb, B, 1]
-        denom = m + torch.bmm(g.unsqueeze(1), fg)  # [nb, 1, 1]
-        finv -= torch.bmm(fg, fg.transpose(1, 2)) / denom
-    return finv
+    acc = StreamingWoodbury(d, block_size, damp, m, dtype=grads.dtype, device=grads.device)
+    acc.update(grads)
+    return acc.inverse()
 
 
 def _group_diag_blocks(finv: Tensor, group_size: int) -> Tensor:

@@ -26,7 +26,7 @@ from obert.device import GiB, available_memory
 from obert.distributed import all_reduce_sum, process_group
 from obert.errors import ObertError
 from obert.model.masks import MaskSet
-from obert.core.obs import StreamingFisher
+from obert.core.obs import StreamingFisher, StreamingWoodbury
 from obert.model.targets import Target
 
 def padded_size(numel: int, block_size: int) -> int:
@@ -216,7 +216,8 @@ def gradient_chunks(model: nn.Module, targets: list[Target], masks: MaskSet, bat
 def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                    loader_factory: Callable[[int], Iterator], *, num_grads: int, block_size: int,
                    damp: float, seed: int = 0, max_memory_gb: float | None = None,
-                   progress: bool = True, log: Callable[[str], None] = print) -> FisherResult:
+                   woodbury: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = print) -> FisherResult:
     """Inverse damped empirical Fisher blocks of every target from ``num_grads`` mini-batch gradients.
 
     The block-Fisher estimator on the gradient stream (``gradient_chunks``): gradients are taken
@@ -228,11 +229,16 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     On several processes (DDP) the ``num_grads`` batches of that order are dealt round-robin to
     the ranks; each accumulates its share of ``G_b^T G_b`` and the sums are all-reduced before
     inversion, so every rank inverts the same Fisher a single process would.
+
+    ``woodbury``: build each inverse by WoodFisher's rank-one recursion instead
+    (``StreamingWoodbury``; the same matrix up to rounding). Its partial results cannot be
+    summed, so on several processes every rank takes all ``num_grads`` batches.
     """
     device = next(model.parameters()).device
     # float64 models (exactness tests) keep float64 Fisher blocks; everything else uses float32.
     dtype = torch.float64 if targets[0].module.weight.dtype == torch.float64 else torch.float32
     world, my_rank = process_group()  # gradients are dealt across ranks only when they can be summed
+    deal = world if not woodbury else 1
     sizes = [padded_size(t.numel, block_size) for t in targets]
     budget = int(max_memory_gb * GiB) if max_memory_gb else int(0.8 * available_memory(device))
     plan = plan_memory(sizes, block_size, num_grads, budget, elem_bytes=dtype.itemsize)
@@ -245,11 +251,14 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     times = {"grad_seconds": 0.0}
     with gradients_of(model, targets):
         for gi, group in enumerate(plan.groups):
-            accs = {i: StreamingFisher(sizes[i], block_size, damp, dtype=dtype, device=device)
+            accs = {i: StreamingWoodbury(sizes[i], block_size, damp, num_grads, dtype=dtype,
+                                         device=device) if woodbury else
+                    StreamingFisher(sizes[i], block_size, damp, dtype=dtype, device=device)
                     for i in group}
             desc = "gradients" + (f" (pass {gi + 1}/{len(plan.groups)})" if len(plan.groups) > 1 else "")
-            batches = itertools.islice(batch_stream(loader_factory, num_grads, seed), my_rank, None, world)
-            mine = len(range(my_rank, num_grads, world))
+            first = my_rank if deal > 1 else 0
+            batches = itertools.islice(batch_stream(loader_factory, num_grads, seed), first, None, deal)
+            mine = len(range(first, num_grads, deal))
             batches = tqdm(batches, total=mine, desc=desc, disable=not progress, leave=False)
             for rows in gradient_chunks(model, targets, masks, batches, group, sizes, plan.chunk,
                                         dtype, device, times):
@@ -258,7 +267,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                     accs[i].update(g)
                 result.fisher_seconds += time.perf_counter() - t1
             t1 = time.perf_counter()
-            if world > 1:
+            if deal > 1:
                 for acc in accs.values():
                     all_reduce_sum(acc.gram)
                     acc.num_grads = num_grads

@@ -66,7 +66,7 @@ class PruneSettings(Settings):
     model_config = ConfigDict(extra="allow")
     _options: BaseModel = PrivateAttr(default_factory=NoSettings)
 
-    method: str = Field("obert", description="obert or magnitude (or a method registered in "
+    method: str = Field("obert", description="obert, woodfisher or magnitude (or a method registered in "
                                               "obert.pruning.methods.METHODS)")
     structure: str = Field("unstructured", description="unstructured or block4 (4 consecutive input "
                                                        "weights)")
@@ -181,10 +181,11 @@ class PruneConfig(PruneSettings):
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"is not a setting of {values.get('method', 'obert')}"
+            if not field:  # a check of several settings together: its message says it all
+                raise ObertError(msg) from None
             got = "" if "got " in msg or "input" not in err or err["type"] in (
                 "extra_forbidden", "foreign_setting") else f", got {err['input']!r}"
-            name = option_name(field) if field else "pruning settings"
-            raise ObertError(f"{name} {msg[:1].lower() + msg[1:]}{got}") from None
+            raise ObertError(f"{option_name(field)} {msg[:1].lower() + msg[1:]}{got}") from None
 
     def as_dict(self) -> dict:
         return self.model_dump()

@@ -2,8 +2,8 @@
 
 from obert.pruning.methods.base import Method, PruneConfig
 from obert.pruning.methods.magnitude import Magnitude
-from obert.pruning.methods.obert import OBert, OBertSettings
+from obert.pruning.methods.obert import OBert, OBertSettings, WoodFisher
 
-METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude}
+METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude, "woodfisher": WoodFisher}
 
-__all__ = ["METHODS", "Magnitude", "Method", "OBert", "OBertSettings", "PruneConfig"]
+__all__ = ["METHODS", "Magnitude", "Method", "OBert", "OBertSettings", "PruneConfig", "WoodFisher"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -50,9 +51,26 @@ class OBertSettings(Settings):
         return value
 
 
+class WoodFisherSettings(OBertSettings):
+    """WoodFisher (Singh & Alistarh, NeurIPS 2020): single-weight OBS whose block inverses are
+    built by the rank-one Woodbury recursion, pruned weights updated independently."""
+
+    update: str = Field("independent", description="independent (WoodFisher: the sum of "
+                                                    "single-weight updates) or joint")
+
+    @model_validator(mode="after")
+    def _single_weights(self, info: ValidationInfo):
+        structure = (info.context or {}).get("structure", "unstructured")
+        if structure != "unstructured":
+            raise ValueError(f"woodfisher prunes single weights: use structure unstructured, "
+                             f"not {structure} (obert prunes groups)")
+        return self
+
+
 class OBert(Method):
     Settings = OBertSettings
     needs_gradients = True
+    woodbury: ClassVar[bool] = False  # build the inverse by the rank-one recursion (WoodFisher)
 
     def __init__(self, config, estimate: FisherResult | None = None) -> None:
         super().__init__(config, estimate)
@@ -64,7 +82,7 @@ class OBert(Method):
         o = self.options
         return collect_fisher(model, targets, masks, loader_factory, num_grads=o.num_grads,
                               block_size=o.fisher_block_size, damp=o.damp, seed=seed,
-                              max_memory_gb=o.max_memory_gb, log=log)
+                              max_memory_gb=o.max_memory_gb, woodbury=self.woodbury, log=log)
 
     def estimate_key(self) -> dict:
         return self.options.model_dump(mode="json", exclude={"update"})  # the update does not change the Fisher
@@ -109,3 +127,11 @@ class OBert(Method):
 
     def timings(self) -> dict[str, float]:
         return dict(self._times)
+
+
+class WoodFisher(OBert):
+    """OBS of single weights on the Woodbury-built block Fisher inverse (the oBERT paper's
+    WoodFisher baseline): oBERT's scores and updates, WoodFisher's estimator and defaults."""
+
+    Settings = WoodFisherSettings
+    woodbury = True

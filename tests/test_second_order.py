@@ -1,0 +1,91 @@
+"""The second-order family beside oBERT: WoodFisher (Woodbury-built inverses), against oBERT's
+estimator on the same gradients and end to end through `obert prune` and a recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import encoded_rows, tiny_model, tiny_recipe
+
+from obert import PruneConfig, find_targets
+from obert.cli.main import main
+from obert.core.obs import StreamingWoodbury, fisher_inverse_blocks
+from obert.errors import ObertError
+from obert.model.masks import MaskSet
+from obert.pruning.fisher import gradient_batches
+from obert.pruning.methods import METHODS
+
+
+@pytest.mark.parametrize("m,d,B,chunks", [(7, 30, 10, [7]), (9, 40, 8, [2, 3, 4]), (20, 50, 50, [1] * 20)])
+def test_streaming_woodbury_equals_the_gram_inverse(m, d, B, chunks):
+    torch.manual_seed(m)
+    grads = torch.randn(m, d, dtype=torch.float64)
+    acc = StreamingWoodbury(d, B, 1e-3, m, dtype=torch.float64)
+    start = 0
+    for c in chunks:
+        acc.update(grads[start:start + c])
+        start += c
+    torch.testing.assert_close(acc.inverse(), fisher_inverse_blocks(grads, B, 1e-3), rtol=1e-9, atol=1e-6)
+    with pytest.raises(ObertError, match="more than the"):
+        acc.update(grads[:1])
+    early = StreamingWoodbury(d, B, 1e-3, m, dtype=torch.float64)
+    early.update(grads[:1])
+    with pytest.raises(ObertError, match="1 of the"):
+        early.inverse()
+
+
+def _scores(method: str, tmp_path, **own) -> tuple[dict, list]:
+    torch.manual_seed(0)
+    model = tiny_model("bert").double()
+    targets = find_targets(model)
+    cfg = PruneConfig(0.5, method=method, grad_batch_size=8, num_grads=6, fisher_block_size=16,
+                      damp=1e-4, **own)
+    m = METHODS[method](cfg)
+    loaders = gradient_batches(encoded_rows(tmp_path, model), 8)
+    return m.scores(model, targets, MaskSet(targets), loaders, step=0), (m, targets)
+
+
+def test_woodfisher_scores_and_updates_equal_obert_single_weights(tmp_path):
+    """Same gradients, same damping and blocks: WoodFisher's recursion gives oBERT's group-1
+    saliencies and (with the independent update) the same weights."""
+    wf, (wm, wt) = _scores("woodfisher", tmp_path)
+    ob, (om, ot) = _scores("obert", tmp_path, update="independent")
+    assert wm.options.update == "independent"  # WoodFisher's own default
+    for name in ob:
+        torch.testing.assert_close(wf[name], ob[name], rtol=1e-8, atol=1e-12)
+    prune = {t.name: wf[t.name].reshape(t.module.weight.shape) < wf[t.name].median() for t in wt}
+    wm.update(wt, prune)
+    om.update(ot, prune)
+    for a, b in zip(wt, ot):
+        torch.testing.assert_close(a.module.weight, b.module.weight, rtol=1e-8, atol=1e-10)
+        assert bool((a.module.weight[prune[a.name]] == 0).all())
+
+
+def test_woodfisher_refuses_groups():
+    with pytest.raises(ObertError, match="woodfisher prunes single weights"):
+        PruneConfig(0.5, method="woodfisher", structure="block4")
+
+
+def test_woodfisher_through_obert_prune(tmp_path, tiny_model_dir, data_files):
+    out = tmp_path / "wf"
+    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", "woodfisher",
+                 "--sparsity", "0.6",
+                 "--num-grads", "8", "--grad-batch-size", "8", "--fisher-block-size", "16",
+                 "--max-length", "16", "--out", str(out)]) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["method"] == "woodfisher" and record["global_sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert record["settings"]["update"] == "independent"
+
+
+def test_woodfisher_through_a_recipe(tmp_path, data_files, tiny_model_dir):
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="woodfisher",
+                      pruning__num_grads=8, pruning__fisher_block_size=16, training__epochs=3,
+                      pruning__end_epoch=2)
+    run_recipe(load_recipe(doc=doc), progress=False)
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert record["method"] == "woodfisher" and record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
