@@ -35,6 +35,25 @@ def test_static_matches_explicit_inverse(m, d, damp):
         torch.testing.assert_close(sub[k], ref[idx[k]][:, idx[k]], rtol=1e-9, atol=1e-9 * scale)
 
 
+def test_group_blocks_and_stored_factor():
+    """``group_blocks(g)``: the g x g diagonal sub-blocks of consecutive groups (batched over
+    Fisher blocks); ``from_factor`` rebuilds the same object from a stored ``V``."""
+    torch.manual_seed(3)
+    grads = torch.randn(2, 9, 12, dtype=torch.float64)
+    f = MFAC(grads, 1e-2)
+    got = f.group_blocks(4)
+    assert got.shape == (2, 3, 4, 4)
+    for b in range(2):
+        ref = explicit(grads[b], 1e-2)
+        for q in range(3):
+            torch.testing.assert_close(got[b, q], ref[4 * q:4 * q + 4, 4 * q:4 * q + 4], rtol=1e-9, atol=1e-9)
+    again = MFAC.from_factor(f.v, 1e-2)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    assert torch.equal(again.ihvp(x), f.ihvp(x)) and torch.equal(again.diag(), f.diag())
+    with pytest.raises(ObertError, match="group size 5"):
+        f.group_blocks(5)
+
+
 def test_static_blocks_equal_one_mfac_per_block():
     """A batch ``[nb, m, B]`` is nb independent Fishers: the same as nb separate objects."""
     torch.manual_seed(0)

@@ -40,8 +40,8 @@ def _scores(method: str, tmp_path, **own) -> tuple[dict, list]:
     torch.manual_seed(0)
     model = tiny_model("bert").double()
     targets = find_targets(model)
-    cfg = PruneConfig(0.5, method=method, grad_batch_size=8, num_grads=6, fisher_block_size=16,
-                      damp=1e-4, **own)
+    cfg = PruneConfig(0.5, method=method, grad_batch_size=8,
+                      **{"num_grads": 6, "fisher_block_size": 16, "damp": 1e-4, **own})
     m = METHODS[method](cfg)
     loaders = gradient_batches(encoded_rows(tmp_path, model), 8)
     return m.scores(model, targets, MaskSet(targets), loaders, step=0), (m, targets)
@@ -89,3 +89,69 @@ def test_woodfisher_through_a_recipe(tmp_path, data_files, tiny_model_dir):
     run_recipe(load_recipe(doc=doc), progress=False)
     record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert record["method"] == "woodfisher" and record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+# -- M-FAC pruning -------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure,update", [("unstructured", "joint"), ("unstructured", "independent"),
+                                              ("block4", "joint"), ("block4", "independent")])
+def test_mfac_equals_obert_on_the_same_blocks(tmp_path, structure, update):
+    """With oBERT's block size, M-FAC's matrix-free scores and OBS updates are oBERT's (which are
+    tested against explicit inverses), for single weights and groups of 4."""
+    own = dict(structure=structure, update=update)
+    mf, (mm, mt) = _scores("mfac", tmp_path, **own)
+    ob, (om, ot) = _scores("obert", tmp_path, **own)
+    for name in ob:
+        torch.testing.assert_close(mf[name], ob[name], rtol=1e-7, atol=1e-12)
+    g = om.config.group_size
+    prune = {t.name: (mf[t.name] < mf[t.name].median()).repeat_interleave(g)
+             .reshape(t.module.weight.shape) for t in mt}
+    mm.update(mt, prune)
+    om.update(ot, prune)
+    for a, b in zip(mt, ot):
+        torch.testing.assert_close(a.module.weight, b.module.weight, rtol=1e-7, atol=1e-9)
+        assert bool((a.module.weight[prune[a.name]] == 0).all())
+
+
+def test_mfac_paged_in_small_chunks_equals_one_chunk(tmp_path):
+    """A memory budget of one block per step (blocks paged through memory) gives the curvature
+    and the weights of one step holding every block; layers smaller than B are one block."""
+    import obert.pruning.paged as paged
+
+    one_block = 4 * 6 * 256 * 8 + 2 * 36 * 8  # a block of 256 weights, 6 float64 gradients
+    assert paged.blocks_per_chunk(6, 256, int(1.5 * one_block), 8) == 1
+    big, (bm, bt) = _scores("mfac", tmp_path, fisher_block_size=256)
+    small, (sm, st) = _scores("mfac", tmp_path, fisher_block_size=256,
+                              max_memory_gb=1.5 * one_block / 1024**3)
+    assert set(sm._est.chunk_blocks.values()) == {1} and min(bm._est.chunk_blocks.values()) > 8
+    assert {bm._est.blocks[t.name] for t in bt} == {256}
+    assert all(bm._est.sizes[t.name] // 256 > 1 for t in bt)  # several blocks per layer
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
+    prune = {t.name: big[t.name].reshape(t.module.weight.shape) < big[t.name].median() for t in bt}
+    bm.update(bt, prune)
+    sm.update(st, prune)
+    for a, b in zip(bt, st):
+        torch.testing.assert_close(a.module.weight, b.module.weight, rtol=1e-12, atol=1e-12)
+
+
+def test_mfac_checks_memory_and_disk_before_taking_gradients(tmp_path, monkeypatch):
+    import shutil as sh
+
+    with pytest.raises(ObertError, match="one M-FAC block of 256 weights and 6 gradients needs"):
+        _scores("mfac", tmp_path, fisher_block_size=256, max_memory_gb=1e-6)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(ObertError, match="M-FAC gradients need .* on disk"):
+        _scores("mfac", tmp_path, fisher_block_size=256)
+
+
+@pytest.mark.parametrize("structure,block", [("unstructured", 512), ("block4", 100_000)])
+def test_mfac_through_obert_prune(tmp_path, tiny_model_dir, data_files, structure, block):
+    """Blocks of 512 weights, or whole layers (every layer is smaller than 100,000)."""
+    out = tmp_path / "mf"
+    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", "mfac",
+                 "--structure", structure, "--sparsity", "0.6", "--num-grads", "8",
+                 "--grad-batch-size", "8", "--fisher-block-size", str(block), "--max-length", "16",
+                 "--num-recomputations", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "sparsity.json").read_text())
+    assert record["method"] == "mfac" and record["global_sparsity"] == pytest.approx(0.6, abs=4e-3)
+    assert record["settings"]["fisher_block_size"] == block

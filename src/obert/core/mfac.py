@@ -60,6 +60,25 @@ class MFAC:
         chol = _kernel_cholesky(grads @ grads.transpose(-2, -1), self.num_grads, damp)
         self.v = torch.linalg.solve_triangular(chol, grads, upper=False)  # [.., m, d]
 
+    @classmethod
+    def from_factor(cls, v: Tensor, damp: float) -> MFAC:
+        """The object whose ``V`` is ``v`` (as computed earlier and stored), without the
+        precomputation."""
+        _check_damp(damp)
+        self = cls.__new__(cls)
+        self.damp, self.num_grads, self.v = damp, v.shape[-2], v
+        return self
+
+    def group_blocks(self, group_size: int) -> Tensor:
+        """The ``g x g`` diagonal sub-blocks ``(F^-1)_QQ`` of consecutive groups of ``g`` entries:
+        ``[.., d // g, g, g]``, ``O(m g^2)`` each (the curvature of a group saliency)."""
+        *lead, m, d = self.v.shape
+        if d % group_size:
+            raise ObertError(f"group size {group_size} does not divide {d}")
+        vg = self.v.reshape(*lead, m, d // group_size, group_size).movedim(-3, -1)  # [.., d/g, g, m]
+        eye = torch.eye(group_size, dtype=vg.dtype, device=vg.device)
+        return (eye - vg @ vg.transpose(-2, -1)) / self.damp
+
     def ihvp(self, x: Tensor) -> Tensor:
         """``F^-1 x`` for ``x`` ``[.., d]`` (or ``[.., d, k]``, k vectors at once): ``O(d m)``."""
         vec = x.dim() == self.v.dim() - 1

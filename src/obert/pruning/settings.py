@@ -66,7 +66,7 @@ class PruneSettings(Settings):
     model_config = ConfigDict(extra="allow")
     _options: BaseModel = PrivateAttr(default_factory=NoSettings)
 
-    method: str = Field("obert", description="obert, woodfisher or magnitude (or a method registered in "
+    method: str = Field("obert", description="obert, woodfisher, mfac or magnitude (or a method registered in "
                                               "obert.pruning.methods.METHODS)")
     structure: str = Field("unstructured", description="unstructured or block4 (4 consecutive input "
                                                        "weights)")

@@ -2,8 +2,10 @@
 
 from obert.pruning.methods.base import Method, PruneConfig
 from obert.pruning.methods.magnitude import Magnitude
+from obert.pruning.methods.mfac import MFACPrune, MFACPruneSettings
 from obert.pruning.methods.obert import OBert, OBertSettings, WoodFisher
 
-METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude, "woodfisher": WoodFisher}
+METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude, "woodfisher": WoodFisher,
+                                    "mfac": MFACPrune}
 
-__all__ = ["METHODS", "Magnitude", "Method", "OBert", "OBertSettings", "PruneConfig", "WoodFisher"]
+__all__ = ["METHODS", "MFACPrune", "MFACPruneSettings", "Magnitude", "Method", "OBert", "OBertSettings", "PruneConfig", "WoodFisher"]

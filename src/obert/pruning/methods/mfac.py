@@ -1,0 +1,127 @@
+"""M-FAC pruning: OBS on a block-diagonal empirical Fisher with blocks of thousands of weights,
+whose inverse is never formed (``obert.core.mfac``; the estimator is ``obert.pruning.paged``)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from obert.pruning.methods.base import Method
+from obert.pruning.paged import PagedMFAC, collect_mfac
+from obert.pruning.settings import STRUCTURES, Settings, either
+
+
+class MFACPruneSettings(Settings):
+    """M-FAC's estimate: m gradients, Fisher blocks of B weights (far larger than oBERT's), the
+    OBS update through inverse-Hessian-vector products."""
+
+    num_grads: int = Field(256, gt=0, description="m: mini-batch gradients for the Fisher (paper: 1024)")
+    fisher_block_size: int = Field(10_000, gt=0, description="B (default 10000)")
+    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute)")
+    update: str = Field("joint", description="joint (exact per-block OBS) or independent (paper)")
+    max_memory_gb: float | None = Field(None, gt=0, description="GiB for Fisher blocks (default: 80% "
+                                                                "of free)")
+
+    @field_validator("update")
+    @classmethod
+    def _update(cls, value: str) -> str:
+        if value not in ("joint", "independent"):
+            raise ValueError(f"must be {either(('joint', 'independent'))}, got '{value}'")
+        return value
+
+    @field_validator("fisher_block_size")
+    @classmethod
+    def _whole_groups(cls, value: int, info: ValidationInfo) -> int:
+        group = STRUCTURES[(info.context or {}).get("structure", "unstructured")]
+        if value % group:
+            raise ValueError(f"must be a positive multiple of the group size {group}, got {value}")
+        return value
+
+
+def group_saliency(w: Tensor, curvature: Tensor, group_size: int) -> Tensor:
+    """``rho_Q = 1/2 w_Q^T [(F^-1)_QQ]^-1 w_Q`` from the diagonal (``g = 1``: ``w^2 / (2 [F^-1]_qq)``)
+    or the ``[d // g, g, g]`` group blocks of ``F^-1``."""
+    w = w.to(curvature.dtype)
+    if group_size == 1:
+        return w.square() / (2 * curvature)
+    wq = w.reshape(-1, group_size, 1)
+    return 0.5 * (wq * torch.linalg.solve(curvature, wq)).sum(dim=(-2, -1))
+
+
+class MFACPrune(Method):
+    Settings = MFACPruneSettings
+    needs_gradients = True
+
+    def __init__(self, config, estimate: PagedMFAC | None = None) -> None:
+        super().__init__(config, estimate)
+        self._est: PagedMFAC | None = None
+        self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "score_seconds": 0.0,
+                       "update_seconds": 0.0}
+
+    def estimate(self, model, targets, masks, loader_factory, seed, log=print) -> PagedMFAC:
+        o = self.options
+        return collect_mfac(model, targets, masks, loader_factory, num_grads=o.num_grads,
+                            block_size=o.fisher_block_size, damp=o.damp,
+                            group_size=self.config.group_size, seed=seed,
+                            max_memory_gb=o.max_memory_gb, log=log)
+
+    def estimate_key(self) -> dict:
+        return self.options.model_dump(mode="json", exclude={"update"})
+
+    def _flat(self, t) -> Tensor:
+        """Weight flattened row-major, zero-padded to whole blocks of the estimate."""
+        w = t.module.weight.detach().reshape(-1)
+        return F.pad(w, (0, self._est.sizes[t.name] - w.numel()))
+
+    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
+        g = self.config.group_size
+        if step == 0 and self.given_estimate is not None:
+            self._est = self.given_estimate
+        else:
+            self._est = self.estimate(model, targets, masks, loader_factory,
+                                      seed=self.config.seed + 7919 * step)
+            for k, v in self._est.timings().items():
+                self._times[k] += v
+        t0 = time.perf_counter()
+        out = {t.name: group_saliency(self._flat(t).to(self._est.device),
+                                      self._est.curvature[t.name], g)[: t.numel // g]
+               for t in targets}
+        self._times["score_seconds"] += time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def update(self, targets, prune) -> None:
+        assert self._est is not None, "scores() must run before update()"
+        est, g = self._est, self.config.group_size
+        joint = self.options.update == "joint"
+        t0 = time.perf_counter()
+        for t in tqdm(targets, desc="OBS update", leave=False):
+            w = self._flat(t).to(est.device, est.dtype)
+            p = F.pad(prune[t.name].reshape(-1), (0, w.numel() - t.numel)).to(est.device)
+            new = torch.empty_like(w)
+            bsz = est.blocks[t.name]
+            for cols, f in est.chunks(t.name):
+                wc, pc = w[cols].reshape(-1, bsz), p[cols].reshape(-1, bsz)
+                if joint:
+                    new[cols] = f.prune_update(wc, pc).reshape(-1)
+                    continue
+                curv = est.curvature[t.name]
+                if g == 1:
+                    z = wc * pc / curv[cols].reshape(-1, bsz)
+                else:
+                    blocks = curv[cols.start // g: cols.stop // g]
+                    z = torch.linalg.solve(blocks, (wc * pc).reshape(-1, g, 1)).reshape(wc.shape) * pc
+                new[cols] = (wc - f.ihvp(z)).masked_fill(pc, 0.0).reshape(-1)
+            t.module.weight.copy_(new[: t.numel].reshape(t.module.weight.shape))
+        if est is not self.given_estimate:
+            est.close()
+        self._est = None
+        self._times["update_seconds"] += time.perf_counter() - t0
+
+    def timings(self) -> dict[str, float]:
+        return dict(self._times)
