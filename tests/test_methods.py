@@ -118,7 +118,7 @@ def test_a_registered_methods_setting_is_checked_and_documented(largest_first, t
     assert capsys.readouterr().err.strip() == "error: --order must be largest or smallest, got 'middle'"
     # Another method's settings are refused by name, not silently ignored.
     assert main(base + ["--method", "largest-first", "--damp", "1e-3"]) == 2
-    assert "--damp is a setting of obert or woodfisher, not of largest-first" in capsys.readouterr().err
+    assert "--damp is a setting of obert, woodfisher or mfac, not of largest-first" in capsys.readouterr().err
     assert main(base + ["--order", "largest"]) == 2
     assert "--order is a setting of largest-first, not of obert" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -154,12 +154,12 @@ def test_an_unregistered_method_is_refused_by_the_cli_and_recipes(tmp_path, tiny
                                                                     capsys):
     assert main(["prune", tiny_model_dir, "--method", "largest-first", "--sparsity", "0.5",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "--method must be obert, magnitude or woodfisher, got 'largest-first'" in capsys.readouterr().err
+    assert "--method must be obert, magnitude, woodfisher, mfac or movement, got 'largest-first'" in capsys.readouterr().err
     doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="largest-first")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
     assert main(["train", "--recipe", str(recipe)]) == 2
-    assert "pruning.method: must be obert, magnitude or woodfisher, got 'largest-first'" in capsys.readouterr().err
+    assert "pruning.method: must be obert, magnitude, woodfisher, mfac or movement, got 'largest-first'" in capsys.readouterr().err
 
 
 def test_pruning_settings_are_defined_once(largest_first):
@@ -189,7 +189,7 @@ def test_pruning_settings_are_defined_once(largest_first):
             if owners == [method]:
                 assert opt.help.startswith(f"{method}: {field.description}")
     # A shared setting whose default differs per method names each default.
-    assert options["update"].help.endswith("default joint (obert), independent (woodfisher)")
+    assert options["update"].help.endswith("default joint (obert), independent (woodfisher), joint (mfac)")
     for name, field in PruneSettings.model_fields.items():
         assert PruningSection.model_fields[name].default == field.default
         assert PruningSection.model_fields[name].description == field.description

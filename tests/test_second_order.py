@@ -155,3 +155,74 @@ def test_mfac_through_obert_prune(tmp_path, tiny_model_dir, data_files, structur
     record = json.loads((out / "sparsity.json").read_text())
     assert record["method"] == "mfac" and record["global_sparsity"] == pytest.approx(0.6, abs=4e-3)
     assert record["settings"]["fisher_block_size"] == block
+
+
+# -- movement pruning ----------------------------------------------------------------------------
+def test_movement_scores_accumulate_minus_w_times_grad():
+    """Hand-computed: after steps with gradients g1, g2 at weights w1, w2 the score is
+    -(w1 g1 + w2 g2), summed per group for block4; pruned weights keep their score."""
+    from obert.pruning.methods.movement import Movement
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 2, bias=False)
+    targets = find_targets(torch.nn.Sequential(lin), include=["0"])
+    masks = MaskSet(targets)
+    m = Movement(PruneConfig(0.5, method="movement", structure="block4"))
+    m.on_train_begin(None, targets, masks)
+    with pytest.raises(ObertError, match="none has run yet"):
+        m.scores(None, targets, masks, None, 0)
+    expect = torch.zeros(2, 8)
+    for _ in range(2):
+        lin.weight.grad = torch.randn(2, 8)
+        expect -= lin.weight.detach() * lin.weight.grad
+        m.on_gradients(None, targets, masks)
+        with torch.no_grad():
+            lin.weight.add_(torch.randn(2, 8))  # the optimizer moves the weight
+    got = m.scores(None, targets, masks, None, 0)[targets[0].name]
+    torch.testing.assert_close(got, expect.reshape(-1, 4).sum(1))
+    again = Movement(PruneConfig(0.5, method="movement", structure="block4"))
+    again.load_state_dict(m.state_dict())
+    again.on_train_begin(None, targets, masks)
+    assert torch.equal(again.scores(None, targets, masks, None, 0)[targets[0].name], got)
+
+
+def test_movement_is_gradual_only(tmp_path, tiny_model_dir, data_files, capsys):
+    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", "movement",
+                 "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
+    assert "movement learns its scores while training" in capsys.readouterr().err
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="movement",
+                      pruning__start_epoch=0)
+    with pytest.raises(ObertError, match="start pruning after some"):
+        load_recipe(doc=doc)
+
+
+def test_movement_recipe_resumes_to_the_same_masks(tmp_path, data_files, tiny_model_dir):
+    """Gradual movement pruning through a recipe; killed after a checkpoint and resumed (scores
+    restored from the checkpoint), it ends with the masks of the uninterrupted run."""
+    from conftest import Crashed, crash_at
+    from safetensors.torch import load_file
+
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    def recipe(name, structure):
+        return load_recipe(doc=tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="movement",
+                                           pruning__structure=structure, output_dir=str(tmp_path / name)))
+
+    full = recipe("full", "block4")
+    run_recipe(full, progress=False)
+    record = json.loads((tmp_path / "full" / "sparsity.json").read_text())
+    assert record["method"] == "movement" and record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    cut = recipe("cut", "block4")
+    with pytest.raises(Crashed):
+        run_recipe(cut, progress=False, extra_callbacks=[crash_at(15)])
+    run_recipe(cut, resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    for k in a:
+        if "encoder.layer" in k and k.endswith("weight") and a[k].dim() == 2:
+            assert torch.equal(a[k] == 0, b[k] == 0), k
+            groups = (a[k] == 0).reshape(a[k].shape[0], -1, 4)
+            assert torch.all(groups.all(-1) | ~groups.any(-1))

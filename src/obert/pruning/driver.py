@@ -78,6 +78,9 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     of ``config.method``.
     """
     if method is None:
+        if METHODS[config.method].gradual_only:
+            raise ObertError(f"{config.method} learns its scores while training: use it for "
+                             "gradual pruning (a recipe's pruning section), not one-shot")
         method = METHODS[config.method](config)
     else:
         method.config = config

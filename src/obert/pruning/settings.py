@@ -66,8 +66,8 @@ class PruneSettings(Settings):
     model_config = ConfigDict(extra="allow")
     _options: BaseModel = PrivateAttr(default_factory=NoSettings)
 
-    method: str = Field("obert", description="obert, woodfisher, mfac or magnitude (or a method registered in "
-                                              "obert.pruning.methods.METHODS)")
+    method: str = Field("obert", description="obert, woodfisher, mfac, magnitude or movement (or a "
+                                              "method registered in obert.pruning.methods.METHODS)")
     structure: str = Field("unstructured", description="unstructured or block4 (4 consecutive input "
                                                        "weights)")
     scope: str = Field("global", description="global (one threshold) or uniform (same sparsity per "

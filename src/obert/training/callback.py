@@ -42,6 +42,7 @@ from obert.model.targets import find_targets
 
 MASKS_FILE = "obert_masks.safetensors"
 STATE_FILE = "obert_pruning.json"
+METHOD_FILE = "obert_method.safetensors"  # what the method learned (movement scores, ...)
 
 
 class OBertPruningCallback(TrainerCallback):
@@ -101,6 +102,9 @@ class OBertPruningCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._prune_due(state, model, optimizer, until=state.global_step)
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.method.on_gradients(model, self.masks.targets, self.masks)
+
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.masks.apply()
         self.method.on_optimizer_step(model, self.masks.targets, self.masks)
@@ -153,6 +157,11 @@ class OBertPruningCallback(TrainerCallback):
         save_file({n: m.to(torch.uint8).cpu().contiguous() for n, m in self.masks.masks.items()},
                   str(tmp))
         tmp.replace(folder / MASKS_FILE)
+        learned = self.method.state_dict()
+        if learned:
+            tmp = folder / f".{METHOD_FILE}.tmp"
+            save_file({k: v.cpu().contiguous() for k, v in learned.items()}, str(tmp))
+            tmp.replace(folder / METHOD_FILE)
         write_json(folder / STATE_FILE, {"history": self.history})
 
     def load_checkpoint(self, folder: str | Path) -> None:
@@ -162,6 +171,8 @@ class OBertPruningCallback(TrainerCallback):
             self._resume_masks = {n: m.bool() for n, m in load_file(str(folder / MASKS_FILE)).items()}
         if (folder / STATE_FILE).is_file():
             self.history = json.loads((folder / STATE_FILE).read_text())["history"]
+        if (folder / METHOD_FILE).is_file():
+            self.method.load_state_dict(load_file(str(folder / METHOD_FILE)))
 
 
 class MaskLockCallback(TrainerCallback):

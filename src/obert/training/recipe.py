@@ -124,6 +124,15 @@ class PruningSection(_Section, PruneSettings):
     exclude: list[str] | None = None
 
     @model_validator(mode="after")
+    def _learned_scores_need_training(self):
+        from obert.pruning.methods import METHODS
+
+        if METHODS[self.method].gradual_only and self.start_epoch <= 0:
+            raise ValueError(f"{self.method} learns its scores while training: start pruning "
+                             "after some (pruning.start_epoch > 0)")
+        return self
+
+    @model_validator(mode="after")
     def _patterns(self):
         for name in ("include", "exclude"):
             try:

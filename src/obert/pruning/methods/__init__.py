@@ -3,9 +3,10 @@
 from obert.pruning.methods.base import Method, PruneConfig
 from obert.pruning.methods.magnitude import Magnitude
 from obert.pruning.methods.mfac import MFACPrune, MFACPruneSettings
+from obert.pruning.methods.movement import Movement
 from obert.pruning.methods.obert import OBert, OBertSettings, WoodFisher
 
 METHODS: dict[str, type[Method]] = {"obert": OBert, "magnitude": Magnitude, "woodfisher": WoodFisher,
-                                    "mfac": MFACPrune}
+                                    "mfac": MFACPrune, "movement": Movement}
 
-__all__ = ["METHODS", "MFACPrune", "MFACPruneSettings", "Magnitude", "Method", "OBert", "OBertSettings", "PruneConfig", "WoodFisher"]
+__all__ = ["METHODS", "MFACPrune", "MFACPruneSettings", "Magnitude", "Method", "Movement", "OBert", "OBertSettings", "PruneConfig", "WoodFisher"]

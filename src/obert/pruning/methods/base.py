@@ -26,14 +26,17 @@ class Method(ABC):
 
     Lifecycle. One-shot pruning (``prune_model``) calls ``scores`` then ``update`` per
     recomputation step. Gradual pruning (``OBertPruningCallback``) keeps one instance for the
-    whole run: ``on_train_begin`` once, ``on_optimizer_step`` after every optimizer step (for
-    methods that learn their scores while training), ``scores``/``update`` at each pruning step
-    (``config`` is then that step's: its sparsity and seed), and ``on_train_end``. A new method is
-    one subclass and one entry in ``obert.pruning.methods.METHODS``.
+    whole run: ``on_train_begin`` once, ``on_gradients`` before and ``on_optimizer_step`` after
+    every optimizer step (for methods that learn their scores while training),
+    ``scores``/``update`` at each pruning step (``config`` is then that step's: its sparsity and
+    seed), and ``on_train_end``. What such a method learns is its ``state_dict`` (tensors), saved
+    in the run's checkpoints and restored by ``load_state_dict`` before ``on_train_begin``. A new
+    method is one subclass and one entry in ``obert.pruning.methods.METHODS``.
     """
 
     Settings: ClassVar[type[BaseModel]] = NoSettings
     needs_gradients: ClassVar[bool] = False  # scores() reads training batches from loader_factory
+    gradual_only: ClassVar[bool] = False  # its scores are learned while training: no one-shot
 
     def __init__(self, config: PruneConfig, estimate: object | None = None) -> None:
         """``estimate``: what ``estimate()`` returned on the model as it is now, for the first
@@ -61,8 +64,19 @@ class Method(ABC):
     def on_train_begin(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
         """Gradual pruning starts (masks attached, nothing pruned by this run yet)."""
 
+    def on_gradients(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
+        """Before every optimizer step of a gradual run: the step's gradients are in ``.grad``
+        (clipped; pruned weights' gradients are 0) and the weights are those they were taken at."""
+
     def on_optimizer_step(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
         """After every optimizer step of a gradual run (pruned weights already held at zero)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What the method learned during a gradual run (empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore ``state_dict()`` (a resumed run; called before ``on_train_begin``)."""
 
     def on_train_end(self, model: nn.Module, targets: list[Target], masks: MaskSet) -> None:
         """Gradual pruning is over (the last pruning step is done)."""
