@@ -226,3 +226,155 @@ def test_movement_recipe_resumes_to_the_same_masks(tmp_path, data_files, tiny_mo
             assert torch.equal(a[k] == 0, b[k] == 0), k
             groups = (a[k] == 0).reshape(a[k].shape[0], -1, 4)
             assert torch.all(groups.all(-1) | ~groups.any(-1))
+
+
+# -- N:M semi-structured -------------------------------------------------------------------------
+def kkt_prune(w, fisher, pruned):
+    """Brute-force OBS: ``min 1/2 dw^T F dw`` subject to ``(w + dw)_P = 0``, by solving the KKT
+    system of the explicit (float64) Fisher. Returns (cost, new weights)."""
+    d = w.numel()
+    p = pruned.nonzero().squeeze(1)
+    e = torch.zeros(len(p), d, dtype=torch.float64)
+    e[torch.arange(len(p)), p] = 1
+    kkt = torch.zeros(d + len(p), d + len(p), dtype=torch.float64)
+    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = fisher, e.T, e
+    rhs = torch.cat([torch.zeros(d, dtype=torch.float64), -w[p]])
+    dw = torch.linalg.solve(kkt, rhs)[:d]
+    return float(0.5 * dw @ fisher @ dw), w + dw
+
+
+def test_nm_patterns():
+    from math import comb
+
+    from obert.core.obs import nm_patterns
+
+    for m, k in [(4, 2), (8, 4), (4, 0), (8, 1)]:
+        p = nm_patterns(m, k)
+        assert p.shape == (comb(m, k), m) and bool((p.sum(1) == k).all())
+        assert len({tuple(r.tolist()) for r in p}) == comb(m, k)
+
+
+@pytest.mark.parametrize("m,k", [(4, 2), (8, 4), (8, 3)])
+def test_pattern_saliency_is_the_brute_force_obs_cost(m, k):
+    from obert.core.obs import nm_patterns, pattern_saliency
+
+    torch.manual_seed(m + k)
+    groups = 5
+    grads = torch.randn(groups, 20, m, dtype=torch.float64)
+    fisher = 1e-2 * torch.eye(m, dtype=torch.float64) + grads.transpose(1, 2) @ grads / 20
+    w = torch.randn(groups, m, dtype=torch.float64)
+    patterns = nm_patterns(m, k)
+    got = pattern_saliency(w, torch.linalg.inv(fisher), patterns, chunk=2)
+    for gi in range(groups):
+        for pi, pat in enumerate(patterns):
+            cost, _ = kkt_prune(w[gi], fisher[gi], pat)
+            assert float(got[gi, pi]) == pytest.approx(cost, rel=1e-8, abs=1e-12)
+
+
+def _grads_and_fisher(model, targets, tmp_path, num_grads, block_size, damp):
+    """The explicit per-block Fisher of every target from the gradients oBERT would take."""
+    from conftest import reference_inverse
+
+    from obert.pruning.fisher import batch_stream
+
+    loaders = gradient_batches(encoded_rows(tmp_path, model), 8)
+    rows = {t.name: [] for t in targets}
+    model.eval()
+    for batch in batch_stream(loaders, num_grads, 0):
+        model.zero_grad()
+        model(**batch).loss.backward()
+        for t in targets:
+            rows[t.name].append(t.module.weight.grad.reshape(-1).clone())
+    return {t.name: torch.linalg.inv(reference_inverse(torch.stack(rows[t.name]), block_size, damp))
+            for t in targets}
+
+
+@pytest.mark.parametrize("method,block", [("obert", 4), ("obert", 16), ("mfac", 16)])
+def test_nm_pruning_is_the_joint_obs_optimum(tmp_path, method, block):
+    """2:4 one-shot: every group of 4 keeps exactly 2; with one group per Fisher block (B = 4) the
+    pattern of each group is the brute-force best and the weights the constrained optimum; with
+    B = 16 the weights are the joint optimum for the chosen patterns of each block."""
+    from obert.pruning.driver import prune_model
+
+    torch.manual_seed(0)
+    model = tiny_model("bert").double()
+    targets = find_targets(model)[:2]
+    before = {t.name: t.module.weight.detach().clone().reshape(-1) for t in targets}
+    fisher = _grads_and_fisher(model, targets, tmp_path, 6, block, 1e-3)
+    cfg = PruneConfig(0.5, method=method, structure="2:4", grad_batch_size=8, num_grads=6,
+                      fisher_block_size=block, damp=1e-3)
+    prune_model(model, targets, cfg, gradient_batches(encoded_rows(tmp_path, model), 8),
+                log=lambda s: None)
+    from obert.core.obs import nm_patterns
+
+    patterns = nm_patterns(4, 2)
+    for t in targets:
+        w = t.module.weight.detach().reshape(-1)
+        zero = (w == 0).reshape(-1, 4)
+        assert bool((zero.sum(1) == 2).all())
+        for b in range(w.numel() // block):
+            sl = slice(b * block, (b + 1) * block)
+            f = fisher[t.name][b]
+            if block == 4:  # the best pattern by brute force
+                costs = [kkt_prune(before[t.name][sl], f, p)[0] for p in patterns]
+                assert torch.equal(zero[b], patterns[int(torch.tensor(costs).argmin())])
+            _, best = kkt_prune(before[t.name][sl], f, zero.reshape(-1)[sl])
+            torch.testing.assert_close(w[sl], best, rtol=1e-6, atol=1e-8)
+
+
+def test_nm_magnitude_keeps_the_largest_of_each_group_and_masks_grow(tmp_path):
+    from obert.pruning.driver import prune_model
+
+    torch.manual_seed(1)
+    model = tiny_model("bert")
+    targets = find_targets(model)
+    w0 = {t.name: t.module.weight.detach().clone() for t in targets}
+    masks, report = prune_model(model, targets, PruneConfig(0.25, method="magnitude", structure="4:8"),
+                                log=lambda s: None)
+    for t in targets:
+        g = w0[t.name].reshape(-1, 8).abs()
+        smallest = g.argsort(1)[:, :2]
+        zero = (t.module.weight.reshape(-1, 8) == 0)
+        assert bool(zero.gather(1, smallest).all()) and bool((zero.sum(1) == 2).all())
+    masks, report = prune_model(model, targets, PruneConfig(0.5, method="magnitude", structure="4:8"),
+                                masks=masks, log=lambda s: None)
+    for t in targets:
+        zero = (t.module.weight.reshape(-1, 8) == 0)
+        assert bool((zero.sum(1) == 4).all())
+        assert bool(zero.reshape(-1)[(w0[t.name].reshape(-1, 8).abs().argsort(1)[:, :2]
+                                      + 8 * torch.arange(zero.shape[0])[:, None]).reshape(-1)].all())
+    assert report.steps[-1]["sparsity"] == pytest.approx(0.5)
+
+
+def test_nm_bad_sparsities_are_refused(tmp_path, tiny_model_dir, data_files, capsys):
+    with pytest.raises(ObertError, match="2:4 keeps 2 of every 4 weights: sparsity at most 0.5"):
+        PruneConfig(0.6, structure="2:4")
+    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--structure", "4:8",
+                 "--method", "magnitude", "--sparsity", "0.3", "--out", str(tmp_path / "o")]) == 2
+    assert "one of 0.125, 0.25, 0.375, 0.5" in capsys.readouterr().err
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__structure="2:4",
+                      pruning__fisher_block_size=16)
+    with pytest.raises(ObertError, match="final_sparsity: 2:4 keeps 2 of every 4 weights, so it must be 0.5"):
+        load_recipe(doc=doc)
+    with pytest.raises(ObertError, match="woodfisher prunes single weights"):
+        PruneConfig(0.5, method="woodfisher", structure="2:4")
+
+
+def test_nm_gradual_recipe_ends_2_of_4(tmp_path, data_files, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from obert.training.gradual import run_recipe
+    from obert.training.recipe import load_recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__structure="2:4",
+                      pruning__init_sparsity=0.25, pruning__final_sparsity=0.5,
+                      pruning__fisher_block_size=16, training__epochs=3, pruning__end_epoch=2)
+    run_recipe(load_recipe(doc=doc), progress=False)
+    record = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    assert [s["sparsity"] for s in record["steps"]] == pytest.approx([0.25, 0.5])
+    w = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for k, v in w.items():
+        if "encoder.layer" in k and k.endswith("weight") and v.dim() == 2:
+            assert bool(((v == 0).reshape(-1, 4).sum(1) == 2).all()), k

@@ -13,6 +13,8 @@ computes in the dtype of its inputs: exact in float64, fast in float32.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -157,7 +159,7 @@ def woodbury_fisher_inverse(grads: Tensor, block_size: int, damp: float) -> Tens
     return acc.inverse()
 
 
-def _group_diag_blocks(finv: Tensor, group_size: int) -> Tensor:
+def group_diag_blocks(finv: Tensor, group_size: int) -> Tensor:
     """The ``g x g`` diagonal sub-blocks ``(F^-1)_QQ`` of each Fisher block: ``[nb, B//g, g, g]``."""
     nb, bsz, _ = finv.shape
     if group_size <= 0 or bsz % group_size:
@@ -179,10 +181,43 @@ def saliency(weights: Tensor, finv: Tensor, group_size: int = 1) -> Tensor:
     w = weights.reshape(nb, bsz).to(finv.dtype)
     if group_size == 1:
         return (w.square() / (2 * finv.diagonal(dim1=-2, dim2=-1))).reshape(-1)
-    diag = _group_diag_blocks(finv, group_size)  # [nb, ng, g, g]
+    diag = group_diag_blocks(finv, group_size)  # [nb, ng, g, g]
     wq = w.reshape(nb, bsz // group_size, group_size, 1)
     sol = torch.linalg.solve(diag, wq)  # [(F^-1)_QQ]^-1 w_Q
     return (0.5 * (wq * sol).sum(dim=(-2, -1))).reshape(-1)
+
+
+def nm_patterns(m: int, k: int, device: torch.device | str = "cpu") -> Tensor:
+    """Every way to prune ``k`` of ``m`` consecutive weights: ``[C(m, k), m]`` bool, True = pruned
+    (lexicographic order of the pruned positions)."""
+    rows = [[j in combo for j in range(m)] for combo in itertools.combinations(range(m), k)]
+    return torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(rows), m)
+
+
+def pattern_saliency(weights: Tensor, group_finv: Tensor, patterns: Tensor,
+                     chunk: int = 16384) -> Tensor:
+    """OBS saliency of pruning each pattern inside each group of ``M`` consecutive weights:
+    ``rho_P = 1/2 * w_P^T [(F^-1)_PP]^-1 w_P`` (N:M semi-structured pruning: every pattern of a
+    group prunes the same number ``k`` of its ``M`` weights).
+
+    ``weights`` ``[G, M]``, ``group_finv`` ``[G, M, M]`` (the ``M x M`` diagonal blocks of
+    ``F^-1``), ``patterns`` ``[P, M]`` bool with ``k`` True per row. Returns ``[G, P]``; ``G`` is
+    processed ``chunk`` groups at a time (``G P k^2`` numbers otherwise).
+    """
+    num, m = patterns.shape
+    k = int(patterns[0].sum())
+    if k == 0:
+        return weights.new_zeros(weights.shape[0], num, dtype=group_finv.dtype)
+    idx = patterns.nonzero()[:, 1].reshape(num, k).to(weights.device)  # pruned positions
+    out = []
+    for g0 in range(0, weights.shape[0], chunk):
+        w = weights[g0:g0 + chunk].to(group_finv.dtype)
+        f = group_finv[g0:g0 + chunk]
+        sub = f[:, idx[:, :, None], idx[:, None, :]]  # [g, P, k, k]
+        wp = w[:, idx]  # [g, P, k]
+        sol = torch.linalg.solve(sub, wp.unsqueeze(-1)).squeeze(-1)
+        out.append(0.5 * (wp * sol).sum(-1))
+    return torch.cat(out)
 
 
 def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bool = True,
@@ -220,12 +255,22 @@ def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bo
         if group_size == 1:
             z = wp / finv.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
         else:
-            diag = _group_diag_blocks(finv, group_size)
-            z = torch.linalg.solve(diag, wp.reshape(nb, ng, group_size, 1)).reshape(nb, bsz, 1)
+            z = group_solve(group_diag_blocks(finv, group_size), wp.reshape(nb, ng, group_size),
+                            p.reshape(nb, ng, group_size)).reshape(nb, bsz, 1)
         z = z * p.unsqueeze(-1)
     new = w - torch.bmm(finv, z).squeeze(-1)
     new = new.masked_fill(p.bool(), 0.0)
     return new.reshape(weights.shape).to(weights.dtype)
+
+
+def group_solve(blocks: Tensor, w: Tensor, pruned: Tensor) -> Tensor:
+    """``z_P = [(F^-1_QQ)_PP]^-1 w_P`` inside every group Q (0 off its pruned part P):
+    ``blocks`` ``[.., g, g]`` are the groups' ``F^-1_QQ``, ``w`` and ``pruned`` ``[.., g]``. A
+    whole group pruned (block4) solves with ``F^-1_QQ``; part of one (N:M) with its sub-block."""
+    p = pruned.to(blocks.dtype)
+    sub = blocks * p.unsqueeze(-1) * p.unsqueeze(-2)
+    sub.diagonal(dim1=-2, dim2=-1).add_(1 - p)  # identity off P, where the right-hand side is 0
+    return torch.linalg.solve(sub, (w.to(blocks.dtype) * p).unsqueeze(-1)).squeeze(-1)
 
 
 def _spd_solve(a: Tensor, b: Tensor) -> Tensor:

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from obert.errors import ObertError
 from obert.model.masks import MaskSet
+from obert.core.obs import nm_patterns
 from obert.pruning.methods import METHODS, Method, PruneConfig
+from obert.pruning.settings import nm_of
 from obert.model.targets import Target
 
 
@@ -43,6 +45,19 @@ def select_groups(scores: dict[str, Tensor], sparsity: float, scope: str) -> dic
         out[n] = chosen[start:start + size].to(scores[n].device)
         start += size
     return out
+
+
+def choose_patterns(scores: Tensor, pruned_before: Tensor, patterns: Tensor, name: str) -> Tensor:
+    """Per group, the lowest-scored pattern that prunes every weight pruned before (masks only
+    grow): ``scores`` ``[G, P]``, ``pruned_before`` ``[G, M]``, ``patterns`` ``[P, M]``; returns
+    the per-weight prune mask, flat ``[G * M]``."""
+    allowed = ~(pruned_before.to(scores.device).unsqueeze(1) & ~patterns.unsqueeze(0)).any(-1)
+    if not bool(allowed.any(1).all()):
+        k = int(patterns[0].sum())
+        raise ObertError(f"{name} has groups of {patterns.shape[1]} with more than {k} weights "
+                         "pruned already: an N:M structure cannot keep them pruned")
+    best = scores.double().masked_fill(~allowed, float("inf")).argmin(1)
+    return patterns[best].reshape(-1)
 
 
 def peak_rss_gib() -> float:
@@ -77,6 +92,7 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     to prune with (a gradual run keeps one; it then prunes with this ``config``), else a new one
     of ``config.method``.
     """
+    method_given = method
     if method is None:
         if METHODS[config.method].gradual_only:
             raise ObertError(f"{config.method} learns its scores while training: use it for "
@@ -87,6 +103,12 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     if method.needs_gradients and loader_factory is None:
         raise ObertError(f"{config.method} needs training batches for its gradients")
     g = config.group_size
+    nm = nm_of(config.structure)
+    if nm is not None and method_given is None and \
+            abs(config.sparsity * nm[1] - round(config.sparsity * nm[1])) > 1e-6:
+        raise ObertError(f"--sparsity with {config.structure} is a number of pruned weights in "
+                         f"every {nm[1]}: one of " +
+                         ", ".join(f"{k / nm[1]:g}" for k in range(1, nm[1] - nm[0] + 1)))
     for t in targets:
         if t.module.weight.shape[-1] % g:
             raise ObertError(f"{t.name}: input size {t.module.weight.shape[-1]} is not a multiple "
@@ -99,14 +121,24 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     start = masks.stats()["global_sparsity"]  # gradual pruning continues from earlier masks
     for r in range(1, config.num_recomputations + 1):
         target = start + (config.sparsity - start) * r / config.num_recomputations
-        scores = method.scores(model, targets, masks, loader_factory, step=r - 1)
-        for t in targets:  # already-pruned groups stay pruned
-            kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
-            scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
-        chosen = select_groups(scores, target, config.scope)
+        if nm is not None:  # exactly k of every M weights, by the best pattern of each group
+            k = round(target * nm[1])
+            target = k / nm[1]
+            patterns = nm_patterns(nm[1], k)
+            pscores = method.pattern_scores(model, targets, masks, loader_factory, r - 1, patterns)
+            chosen = {t.name: choose_patterns(pscores[t.name], ~masks.masks[t.name].reshape(-1, g),
+                                              patterns.to(pscores[t.name].device), t.name)
+                      for t in targets}
+        else:
+            scores = method.scores(model, targets, masks, loader_factory, step=r - 1)
+            for t in targets:  # already-pruned groups stay pruned
+                kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
+                scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
+            chosen = {n: c.repeat_interleave(g) for n, c in
+                      select_groups(scores, target, config.scope).items()}
         # Weights pruned before (possibly inside groups that stay) are constrained to zero too.
-        prune = {t.name: chosen[t.name].repeat_interleave(g).reshape(t.module.weight.shape)
-                 .to(t.module.weight.device) | ~masks.masks[t.name] for t in targets}
+        prune = {t.name: chosen[t.name].reshape(t.module.weight.shape).to(t.module.weight.device)
+                 | ~masks.masks[t.name] for t in targets}
         method.update(targets, prune)
         for t in targets:
             masks.set(t.name, ~prune[t.name])

@@ -19,7 +19,17 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from obert.errors import ObertError
 
-STRUCTURES = {"unstructured": 1, "block4": 4}  # structure -> group size along the input dim
+# structure -> group size along the input dimension: pruned whole (block4), or N of every M
+# consecutive weights kept (N:M semi-structured, the layout of GPU sparse tensor cores)
+STRUCTURES = {"unstructured": 1, "block4": 4, "2:4": 4, "4:8": 8}
+
+
+def nm_of(structure: str) -> tuple[int, int] | None:
+    """``(N, M)`` of an N:M structure (N kept of every M), else None."""
+    if ":" not in structure:
+        return None
+    n, m = structure.split(":")
+    return int(n), int(m)
 
 
 def either(choices) -> str:
@@ -68,8 +78,9 @@ class PruneSettings(Settings):
 
     method: str = Field("obert", description="obert, woodfisher, mfac, magnitude or movement (or a "
                                               "method registered in obert.pruning.methods.METHODS)")
-    structure: str = Field("unstructured", description="unstructured or block4 (4 consecutive input "
-                                                       "weights)")
+    structure: str = Field("unstructured", description="unstructured, block4 (4 consecutive input "
+                                                       "weights) or N:M (2:4, 4:8: N of every M "
+                                                       "consecutive input weights kept)")
     scope: str = Field("global", description="global (one threshold) or uniform (same sparsity per "
                                              "layer)")
     num_recomputations: int = Field(1, gt=0, description="Reach the target in R steps, re-estimating "
@@ -169,6 +180,14 @@ class PruneConfig(PruneSettings):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < 1:
             raise ValueError("must be in [0, 1)")
         return value
+
+    @model_validator(mode="after")
+    def _nm_sparsity(self):
+        nm = nm_of(self.structure)
+        if nm is not None and self.sparsity > 1 - nm[0] / nm[1] + 1e-9:
+            raise ValueError(f"{self.structure} keeps {nm[0]} of every {nm[1]} weights: sparsity "
+                             f"at most {1 - nm[0] / nm[1]:g}, got {self.sparsity:g}")
+        return self
 
     def __init__(self, sparsity: float | None = None, /, **values) -> None:
         if sparsity is not None:

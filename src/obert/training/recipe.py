@@ -30,7 +30,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from obert.errors import ObertError
 from obert.model.targets import compile_patterns
-from obert.pruning.settings import PruneSettings, Settings
+from obert.pruning.settings import PruneSettings, Settings, nm_of
 from obert.tasks import TASKS
 from obert.training.optim import MFACSettings
 
@@ -122,6 +122,14 @@ class PruningSection(_Section, PruneSettings):
     frequency: float = Field(1.0, gt=0)
     include: list[str] | None = None
     exclude: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _nm_final(self):
+        nm = nm_of(self.structure)
+        if nm is not None and abs(self.final_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"pruning.final_sparsity: {self.structure} keeps {nm[0]} of every "
+                             f"{nm[1]} weights, so it must be {1 - nm[0] / nm[1]:g}")
+        return self
 
     @model_validator(mode="after")
     def _learned_scores_need_training(self):

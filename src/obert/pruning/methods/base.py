@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
+import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
@@ -85,6 +86,23 @@ class Method(ABC):
     def scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,
                loader_factory: Callable[[int], Iterator], step: int) -> dict[str, Tensor]:
         """Per target: one score per group of ``group_size`` consecutive weights (lower = prune)."""
+
+    def pattern_scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,
+                       loader_factory: Callable[[int], Iterator], step: int,
+                       patterns: Tensor) -> dict[str, Tensor]:
+        """N:M structures: per target, the score of pruning each pattern (rows of ``patterns``,
+        ``[P, M]`` bool, True = pruned) in each group of ``M`` consecutive weights: ``[groups, P]``
+        (lower = prune; ``update`` follows with the chosen patterns). Default: the sum over the
+        pattern of the single-weight ``scores`` (for methods whose weights count independently)."""
+        config = self.config
+        self.config = config.model_copy(update={"structure": "unstructured"})
+        try:
+            single = self.scores(model, targets, masks, loader_factory, step)
+        finally:
+            self.config = config
+        m = patterns.shape[1]
+        return {name: s.reshape(-1, m).double() @ patterns.T.to(s.device, torch.float64)
+                for name, s in single.items()}
 
     @abstractmethod
     def update(self, targets: list[Target], prune: dict[str, Tensor]) -> None:

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from obert.core.obs import group_solve, pattern_saliency
 from obert.pruning.methods.base import Method
 from obert.pruning.paged import PagedMFAC, collect_mfac
 from obert.pruning.settings import STRUCTURES, Settings, either
@@ -78,8 +79,7 @@ class MFACPrune(Method):
         w = t.module.weight.detach().reshape(-1)
         return F.pad(w, (0, self._est.sizes[t.name] - w.numel()))
 
-    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
-        g = self.config.group_size
+    def _estimate_step(self, model, targets, masks, loader_factory, step) -> None:
         if step == 0 and self.given_estimate is not None:
             self._est = self.given_estimate
         else:
@@ -87,6 +87,25 @@ class MFACPrune(Method):
                                       seed=self.config.seed + 7919 * step)
             for k, v in self._est.timings().items():
                 self._times[k] += v
+
+    def pattern_scores(self, model, targets, masks, loader_factory, step, patterns) -> dict[str, Tensor]:
+        """The joint OBS saliency of each pattern in each group, from the groups' blocks of
+        ``F^-1`` (the estimate keeps them: its group size is the structure's M)."""
+        m = patterns.shape[1]
+        self._estimate_step(model, targets, masks, loader_factory, step)
+        t0 = time.perf_counter()
+        out = {}
+        for t in targets:
+            curv = self._est.curvature[t.name]
+            s = pattern_saliency(self._flat(t).to(curv.device).reshape(-1, m), curv,
+                                 patterns.to(curv.device))
+            out[t.name] = s[: t.numel // m]
+        self._times["score_seconds"] += time.perf_counter() - t0
+        return out
+
+    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
+        g = self.config.group_size
+        self._estimate_step(model, targets, masks, loader_factory, step)
         t0 = time.perf_counter()
         out = {t.name: group_saliency(self._flat(t).to(self._est.device),
                                       self._est.curvature[t.name], g)[: t.numel // g]
@@ -114,8 +133,8 @@ class MFACPrune(Method):
                 if g == 1:
                     z = wc * pc / curv[cols].reshape(-1, bsz)
                 else:
-                    blocks = curv[cols.start // g: cols.stop // g]
-                    z = torch.linalg.solve(blocks, (wc * pc).reshape(-1, g, 1)).reshape(wc.shape) * pc
+                    z = group_solve(curv[cols.start // g: cols.stop // g], wc.reshape(-1, g),
+                                    pc.reshape(-1, g)).reshape(wc.shape)
                 new[cols] = (wc - f.ihvp(z)).masked_fill(pc, 0.0).reshape(-1)
             t.module.weight.copy_(new[: t.numel].reshape(t.module.weight.shape))
         if est is not self.given_estimate:

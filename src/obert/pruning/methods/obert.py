@@ -11,12 +11,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from obert.core.obs import prune_update, saliency
+from obert.core.obs import group_diag_blocks, pattern_saliency, prune_update, saliency
 from obert.pruning.fisher import FisherResult, collect_fisher
 from obert.pruning.methods.base import Method
 from obert.pruning.settings import STRUCTURES, Settings, either
 
-DEFAULT_BLOCK = {"unstructured": 50, "block4": 32}
+DEFAULT_BLOCK = {"unstructured": 50, "block4": 32, "2:4": 32, "4:8": 32}
 
 
 class OBertSettings(Settings):
@@ -93,8 +93,7 @@ class OBert(Method):
         b = self.options.fisher_block_size
         return F.pad(w, (0, (-w.numel()) % b))
 
-    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
-        g = self.config.group_size
+    def _estimate_step(self, model, targets, masks, loader_factory, step) -> None:
         if step == 0 and self.given_estimate is not None:
             self._fisher = self.given_estimate
         else:
@@ -102,11 +101,28 @@ class OBert(Method):
                                          seed=self.config.seed + 7919 * step)
             for k, v in self._fisher.timings().items():
                 self._times[k] += v
+
+    def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
+        g = self.config.group_size
+        self._estimate_step(model, targets, masks, loader_factory, step)
         t0 = time.perf_counter()
         out = {}
         for t in targets:
             s = saliency(self._flat(t), self._fisher.get(t.name), g)
             out[t.name] = s[: t.numel // g]  # drop the zero padding's groups
+        self._times["score_seconds"] += time.perf_counter() - t0
+        return out
+
+    def pattern_scores(self, model, targets, masks, loader_factory, step, patterns) -> dict[str, Tensor]:
+        """The joint OBS saliency of each pattern in each group (``pattern_saliency``)."""
+        m = patterns.shape[1]
+        self._estimate_step(model, targets, masks, loader_factory, step)
+        t0 = time.perf_counter()
+        out = {}
+        for t in targets:
+            blocks = group_diag_blocks(self._fisher.get(t.name), m).reshape(-1, m, m)
+            s = pattern_saliency(self._flat(t).reshape(-1, m), blocks, patterns.to(blocks.device))
+            out[t.name] = s[: t.numel // m]
         self._times["score_seconds"] += time.perf_counter() - t0
         return out
 
