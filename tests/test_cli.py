@@ -105,7 +105,7 @@ def test_bad_input_one_line_error_and_nothing_written(case, tmp_path, data_files
         "sparsity-high": base[:-4] + ["--sparsity", 1.0],
         "sparsity-negative": base + ["--sparsity", -0.2],
         "unknown-method": base + ["--method", "random"],
-        "unknown-structure": base + ["--structure", "2:4"],
+        "unknown-structure": base + ["--structure", "3:5"],
         "no-prunable": base + ["--include", "does-not-exist"],
         "no-labels": ["prune", tiny_model_dir, "--train-file",
                       write_jsonl(tmp_path / "nolabel.jsonl", [{"text": "alpha beta"}] * 4),

@@ -45,23 +45,30 @@ def add_damping(matrix: Tensor, damp: float, relative: bool = False) -> Tensor:
     return matrix
 
 
-def invert_fisher(gram: Tensor, num_grads: int, damp: float) -> Tensor:
-    """``(damp * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (Cholesky, batched).
+def invert_fisher(gram: Tensor, num_grads: int, damp: float, relative: bool = False) -> Tensor:
+    """``(lambda * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (Cholesky,
+    batched); ``lambda = damp``, or with ``relative`` ``damp`` times each block's mean diagonal
+    of ``gram / m`` (at least the smallest positive float, for blocks without gradient).
 
     Works in place on ``gram``'s storage where it can, since these batches are the largest
     tensors obert allocates.
     """
     if damp <= 0:
         raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
-    fisher = add_damping(gram.div_(num_grads), damp)
+    fisher = gram.div_(num_grads)
+    diag = fisher.diagonal(dim1=-2, dim2=-1)
+    lam = (damp * diag.mean(-1)).clamp(min=torch.finfo(fisher.dtype).tiny) if relative else \
+        torch.full(fisher.shape[:1], damp, dtype=fisher.dtype, device=fisher.device)
+    diag.add_(lam.unsqueeze(-1))
     chol, info = torch.linalg.cholesky_ex(fisher)
     if bool((info != 0).any()):
         # float32 rounding can leave a badly conditioned block indefinite. Redo those blocks in
-        # float64 through an eigendecomposition with eigenvalues clamped at damp: the inverse of
-        # the nearest matrix whose spectrum respects the damping.
+        # float64 through an eigendecomposition with eigenvalues clamped at lambda: the inverse
+        # of the nearest matrix whose spectrum respects the damping.
         bad = (info != 0).nonzero().squeeze(1)
         evals, evecs = torch.linalg.eigh(fisher[bad].double())
-        inv_bad = (evecs / evals.clamp(min=damp).unsqueeze(-2)) @ evecs.transpose(-2, -1)
+        floor = lam[bad].double().unsqueeze(-1)
+        inv_bad = (evecs / torch.maximum(evals, floor).unsqueeze(-2)) @ evecs.transpose(-2, -1)
         good = (info == 0).nonzero().squeeze(1)
         fisher[good] = torch.cholesky_inverse(chol[good])
         fisher[bad] = inv_bad.to(fisher.dtype)

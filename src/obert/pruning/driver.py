@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from obert.errors import ObertError
 from obert.model.masks import MaskSet
 from obert.core.obs import nm_patterns
+from obert.pruning.fisher import batch_stream
 from obert.pruning.methods import METHODS, Method, PruneConfig
 from obert.pruning.settings import nm_of
 from obert.model.targets import Target
@@ -45,6 +46,73 @@ def select_groups(scores: dict[str, Tensor], sparsity: float, scope: str) -> dic
         out[n] = chosen[start:start + size].to(scores[n].device)
         start += size
     return out
+
+
+def choose_pruned(method: Method, model: nn.Module, targets: list[Target], masks: MaskSet,
+                  loader_factory, step: int, target: float, config: PruneConfig) -> dict[str, Tensor]:
+    """Per target, the weights to prune (True) to reach ``target``: the lowest-scored groups
+    (``select_groups``), or for N:M the best pattern of every group; weights pruned before
+    (possibly inside groups that stay) are constrained to zero too."""
+    g = config.group_size
+    nm = nm_of(config.structure)
+    if nm is not None:  # exactly k of every M weights, by the best pattern of each group
+        patterns = nm_patterns(nm[1], round(target * nm[1]))
+        pscores = method.pattern_scores(model, targets, masks, loader_factory, step, patterns)
+        chosen = {t.name: choose_patterns(pscores[t.name], ~masks.masks[t.name].reshape(-1, g),
+                                          patterns.to(pscores[t.name].device), t.name)
+                  for t in targets}
+    else:
+        scores = method.scores(model, targets, masks, loader_factory, step=step)
+        for t in targets:  # already-pruned groups stay pruned
+            kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
+            scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
+        chosen = {n: c.repeat_interleave(g) for n, c in
+                  select_groups(scores, target, config.scope).items()}
+    return {t.name: chosen[t.name].reshape(t.module.weight.shape).to(t.module.weight.device)
+            | ~masks.masks[t.name] for t in targets}
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, batches: list[dict]) -> float:
+    """Mean task loss of ``model`` (dropout off) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        losses = [float(model(**{k: v.to(device) for k, v in b.items()}).loss) for b in batches]
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def choose_damping(method: Method, model: nn.Module, targets: list[Target], masks: MaskSet,
+                   loader_factory, step: int, target: float, config: PruneConfig,
+                   log: Callable[[str], None]) -> dict:
+    """Try each of ``method.damping_candidates()`` on this step: prune to ``target`` with it,
+    measure the loss on ``auto_batches`` mini-batches drawn with another seed than the Fisher's,
+    restore the weights; then ``use_damping`` the one with the lowest loss. Returns what to record
+    (the choice and every candidate's loss)."""
+    n = getattr(method.options, "auto_batches", 4)
+    batches = list(batch_stream(loader_factory, n, config.seed + 7919 * step + 104_729))
+    saved = {t.name: t.module.weight.detach().clone() for t in targets}
+    losses = {}
+    method.trial = True
+    try:
+        for damping in method.damping_candidates():
+            method.use_damping(damping)
+            method.update(targets, choose_pruned(method, model, targets, masks, loader_factory,
+                                                 step, target, config))
+            losses[damping] = heldout_loss(model, batches)
+            with torch.no_grad():
+                for t in targets:
+                    t.module.weight.copy_(saved[t.name])
+    finally:
+        method.trial = False
+    best = min(losses, key=lambda d: (losses[d], d))
+    method.use_damping(best)
+    log(f"[obert] --damp auto: {best:g} x mean Fisher diagonal (held-out loss "
+        + ", ".join(f"{d:g}: {v:.4f}" for d, v in losses.items()) + ")")
+    return {"damping": best, "damping_losses": {f"{d:g}": v for d, v in losses.items()}}
 
 
 def choose_patterns(scores: Tensor, pruned_before: Tensor, patterns: Tensor, name: str) -> Tensor:
@@ -121,24 +189,13 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     start = masks.stats()["global_sparsity"]  # gradual pruning continues from earlier masks
     for r in range(1, config.num_recomputations + 1):
         target = start + (config.sparsity - start) * r / config.num_recomputations
-        if nm is not None:  # exactly k of every M weights, by the best pattern of each group
-            k = round(target * nm[1])
-            target = k / nm[1]
-            patterns = nm_patterns(nm[1], k)
-            pscores = method.pattern_scores(model, targets, masks, loader_factory, r - 1, patterns)
-            chosen = {t.name: choose_patterns(pscores[t.name], ~masks.masks[t.name].reshape(-1, g),
-                                              patterns.to(pscores[t.name].device), t.name)
-                      for t in targets}
-        else:
-            scores = method.scores(model, targets, masks, loader_factory, step=r - 1)
-            for t in targets:  # already-pruned groups stay pruned
-                kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
-                scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
-            chosen = {n: c.repeat_interleave(g) for n, c in
-                      select_groups(scores, target, config.scope).items()}
-        # Weights pruned before (possibly inside groups that stay) are constrained to zero too.
-        prune = {t.name: chosen[t.name].reshape(t.module.weight.shape).to(t.module.weight.device)
-                 | ~masks.masks[t.name] for t in targets}
+        if nm is not None:
+            target = round(target * nm[1]) / nm[1]
+        step_info = {}
+        if method.damping_candidates():
+            step_info = choose_damping(method, model, targets, masks, loader_factory, r - 1, target,
+                                       config, log)
+        prune = choose_pruned(method, model, targets, masks, loader_factory, r - 1, target, config)
         method.update(targets, prune)
         for t in targets:
             masks.set(t.name, ~prune[t.name])
@@ -149,7 +206,7 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
                                  "gradients or a singular Fisher: check the model, raise --damp)")
         stats = masks.stats()
         report.steps.append({"step": r, "target_sparsity": target,
-                             "sparsity": stats["global_sparsity"]})
+                             "sparsity": stats["global_sparsity"], **step_info})
         log(f"[obert] step {r}/{config.num_recomputations}: sparsity {stats['global_sparsity']:.4f} "
             f"(target {target:.4f})")
     report.timings = {**{k: v - before.get(k, 0.0) for k, v in method.timings().items()},

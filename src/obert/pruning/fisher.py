@@ -26,7 +26,7 @@ from obert.device import GiB, available_memory
 from obert.distributed import all_reduce_sum, process_group
 from obert.errors import ObertError
 from obert.model.masks import MaskSet
-from obert.core.obs import StreamingFisher, StreamingWoodbury
+from obert.core.obs import StreamingFisher, StreamingWoodbury, invert_fisher
 from obert.model.targets import Target
 
 def padded_size(numel: int, block_size: int) -> int:
@@ -135,6 +135,11 @@ class FisherResult:
 
     finv: dict[str, Tensor] = field(default_factory=dict)
     spilled: dict[str, Path] = field(default_factory=dict)
+    # Kept un-inverted (``collect_fisher(damp=None)``): the Gram sums ``G_b^T G_b`` per target,
+    # inverted into ``finv`` by ``use_damping`` with each damping tried.
+    grams: dict[str, Tensor] = field(default_factory=dict)
+    num_grads: int = 0
+    damping: float | None = None  # the relative damping of ``finv`` when ``grams`` are kept
     grad_seconds: float = 0.0
     fisher_seconds: float = 0.0  # Gram accumulation + inversion
     invert_seconds: float = 0.0  # the inversion part of fisher_seconds
@@ -147,12 +152,25 @@ class FisherResult:
             return self.finv[name]
         return torch.load(self.spilled[name], weights_only=True, map_location=self.device)
 
+    def use_damping(self, relative: float) -> None:
+        """Invert the kept Gram blocks with ``lambda = relative * mean(diag F_b)`` per block."""
+        if not self.grams:
+            raise ObertError("this Fisher estimate was inverted with a fixed damping")
+        t0 = time.perf_counter()
+        self.finv.clear()  # one set of inverses at a time
+        for name, gram in self.grams.items():
+            self.finv[name] = invert_fisher(gram.clone(), self.num_grads, relative, relative=True)
+        self.damping = relative
+        self.invert_seconds += time.perf_counter() - t0
+        self.fisher_seconds += time.perf_counter() - t0
+
     def timings(self) -> dict[str, float]:
         return {"grad_seconds": self.grad_seconds, "fisher_seconds": self.fisher_seconds,
                 "invert_seconds": self.invert_seconds}
 
     def close(self) -> None:
         self.finv.clear()
+        self.grams.clear()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -215,7 +233,7 @@ def gradient_chunks(model: nn.Module, targets: list[Target], masks: MaskSet, bat
 
 def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                    loader_factory: Callable[[int], Iterator], *, num_grads: int, block_size: int,
-                   damp: float, seed: int = 0, max_memory_gb: float | None = None,
+                   damp: float | None, seed: int = 0, max_memory_gb: float | None = None,
                    woodbury: bool = False, progress: bool = True,
                    log: Callable[[str], None] = print) -> FisherResult:
     """Inverse damped empirical Fisher blocks of every target from ``num_grads`` mini-batch gradients.
@@ -230,6 +248,10 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     the ranks; each accumulates its share of ``G_b^T G_b`` and the sums are all-reduced before
     inversion, so every rank inverts the same Fisher a single process would.
 
+    ``damp=None``: keep the Gram sums instead of inverting them (``FisherResult.use_damping``
+    inverts them with a damping relative to each block; all of them and one set of inverses
+    must fit the memory budget at once).
+
     ``woodbury``: build each inverse by WoodFisher's rank-one recursion instead
     (``StreamingWoodbury``; the same matrix up to rounding). Its partial results cannot be
     summed, so on several processes every rank takes all ``num_grads`` batches.
@@ -241,7 +263,17 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
     deal = world if not woodbury else 1
     sizes = [padded_size(t.numel, block_size) for t in targets]
     budget = int(max_memory_gb * GiB) if max_memory_gb else int(0.8 * available_memory(device))
-    plan = plan_memory(sizes, block_size, num_grads, budget, elem_bytes=dtype.itemsize)
+    keep = damp is None
+    if keep and woodbury:
+        raise ObertError("WoodFisher's recursion builds the inverse with its damping: give a "
+                         "fixed --damp")
+    # Kept Gram blocks and their inverses live together: plan with twice the block memory.
+    plan = plan_memory(sizes, block_size, num_grads, budget // (2 if keep else 1),
+                       elem_bytes=dtype.itemsize)
+    if keep and len(plan.groups) > 1:
+        raise ObertError(f"--damp auto keeps the Fisher blocks and their inverses in memory "
+                         f"({_size(2 * plan.fisher_bytes)}), more than the budget of "
+                         f"{_size(budget)}: give a fixed --damp, or raise --max-memory")
     progress = progress and my_rank == 0  # one progress bar and one log line per job, not per rank
     if my_rank == 0:
         log(f"[obert] {plan.describe()}")
@@ -253,7 +285,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
         for gi, group in enumerate(plan.groups):
             accs = {i: StreamingWoodbury(sizes[i], block_size, damp, num_grads, dtype=dtype,
                                          device=device) if woodbury else
-                    StreamingFisher(sizes[i], block_size, damp, dtype=dtype, device=device)
+                    StreamingFisher(sizes[i], block_size, damp or 1.0, dtype=dtype, device=device)
                     for i in group}
             desc = "gradients" + (f" (pass {gi + 1}/{len(plan.groups)})" if len(plan.groups) > 1 else "")
             first = my_rank if deal > 1 else 0
@@ -272,8 +304,12 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
                     all_reduce_sum(acc.gram)
                     acc.num_grads = num_grads
             t2 = time.perf_counter()
-            for i in tqdm(group, desc="invert Fisher blocks", disable=not progress, leave=False):
+            for i in tqdm(group, desc="invert Fisher blocks", disable=not progress or keep, leave=False):
                 name = targets[i].name
+                if keep:
+                    result.grams[name] = accs.pop(i).gram
+                    result.num_grads = num_grads
+                    continue
                 finv = accs.pop(i).inverse()
                 if result._tmp is not None:
                     path = Path(result._tmp.name) / f"{i}.pt"

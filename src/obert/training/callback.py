@@ -145,7 +145,8 @@ class OBertPruningCallback(TrainerCallback):
         masks.apply()
         record = {"step": step, "epoch": state.epoch or 0.0, "schedule_index": k,
                   "target_sparsity": sparsity, "sparsity": masks.stats()["global_sparsity"],
-                  "timings": report.timings}
+                  "timings": report.timings,
+                  **{k: v for k, v in report.steps[-1].items() if k.startswith("damping")}}
         self.history.append(record)
         self.log(f"[obert] pruning step {k + 1}/{len(self.plan)} at optimizer step {step}: "
                  f"sparsity {record['sparsity']:.4f} (target {sparsity:.4f})")

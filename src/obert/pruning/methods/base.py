@@ -44,6 +44,7 @@ class Method(ABC):
         ``scores`` call instead of estimating again (to prune one model to several sparsities)."""
         self.config = config
         self.given_estimate = estimate
+        self.trial = False  # trying one of damping_candidates: the estimate is used again
 
     @property
     def options(self) -> BaseModel:
@@ -86,6 +87,16 @@ class Method(ABC):
     def scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,
                loader_factory: Callable[[int], Iterator], step: int) -> dict[str, Tensor]:
         """Per target: one score per group of ``group_size`` consecutive weights (lower = prune)."""
+
+    def damping_candidates(self) -> tuple[float, ...]:
+        """Dampings to choose from at each pruning step (``--damp auto``; empty: none). The
+        driver tries each (``use_damping``, then ``scores`` and ``update`` with ``trial`` set,
+        which must keep the step's estimate) and keeps the one with the lowest held-out loss."""
+        return ()
+
+    def use_damping(self, damping: float) -> None:
+        """Score and update with this candidate of ``damping_candidates`` from now on."""
+        raise NotImplementedError
 
     def pattern_scores(self, model: nn.Module, targets: list[Target], masks: MaskSet,
                        loader_factory: Callable[[int], Iterator], step: int,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from obert.pruning.methods.base import Method
 from obert.pruning.settings import STRUCTURES, Settings, either
 
 DEFAULT_BLOCK = {"unstructured": 50, "block4": 32, "2:4": 32, "4:8": 32}
+# --damp auto tries these dampings relative to each block's mean Fisher diagonal: wide enough to
+# cover the paper's absolute 1e-7..1e-4 on fine-tuned BERT gradients and beyond.
+AUTO_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class OBertSettings(Settings):
@@ -27,10 +30,26 @@ class OBertSettings(Settings):
     num_grads: int = Field(256, gt=0, description="m: mini-batch gradients for the Fisher (paper: 1024)")
     fisher_block_size: int | None = Field(None, gt=0, validate_default=True,
                                           description="B (default 50; 32 for block4)")
-    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute)")
+    damp: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-7, description="Fisher damping lambda (absolute), or auto: per pruning step, the "
+                          "damping relative to each block's mean Fisher diagonal (from "
+                          f"{', '.join(f'{r:g}' for r in AUTO_GRID)}) whose OBS update leaves the "
+                          "lowest loss on held-out batches")
+    auto_batches: int = Field(4, gt=0, description="held-out mini-batches scoring each damping of "
+                                                   "--damp auto")
     update: str = Field("joint", description="joint (exact per-block OBS) or independent (paper)")
     max_memory_gb: float | None = Field(None, gt=0, description="GiB for Fisher blocks (default: 80% "
                                                                 "of free)")
+
+    @field_validator("damp", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"must be a positive number or auto, got '{value}'") from None
+        return value
 
     @field_validator("update")
     @classmethod
@@ -57,6 +76,8 @@ class WoodFisherSettings(OBertSettings):
 
     update: str = Field("independent", description="independent (WoodFisher: the sum of "
                                                     "single-weight updates) or joint")
+    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute; the recursion "
+                                                "builds the inverse with it)")
 
     @model_validator(mode="after")
     def _single_weights(self, info: ValidationInfo):
@@ -75,13 +96,16 @@ class OBert(Method):
     def __init__(self, config, estimate: FisherResult | None = None) -> None:
         super().__init__(config, estimate)
         self._fisher: FisherResult | None = None
+        self._fisher_step = -1
+        self._damping: float | None = None  # --damp auto: the relative damping in use
         self._times = {"grad_seconds": 0.0, "fisher_seconds": 0.0, "invert_seconds": 0.0,
                        "score_seconds": 0.0, "update_seconds": 0.0}
 
     def estimate(self, model, targets, masks, loader_factory, seed, log=print) -> FisherResult:
         o = self.options
         return collect_fisher(model, targets, masks, loader_factory, num_grads=o.num_grads,
-                              block_size=o.fisher_block_size, damp=o.damp, seed=seed,
+                              block_size=o.fisher_block_size,
+                              damp=None if o.damp == "auto" else o.damp, seed=seed,
                               max_memory_gb=o.max_memory_gb, woodbury=self.woodbury, log=log)
 
     def estimate_key(self) -> dict:
@@ -93,14 +117,30 @@ class OBert(Method):
         b = self.options.fisher_block_size
         return F.pad(w, (0, (-w.numel()) % b))
 
+    def damping_candidates(self) -> tuple[float, ...]:
+        """``--damp auto``: the relative dampings to try at each pruning step (else none)."""
+        return AUTO_GRID if getattr(self.options, "damp", None) == "auto" else ()
+
+    def use_damping(self, relative: float) -> None:
+        """Score and update with the Gram blocks inverted at this relative damping."""
+        self._damping = relative
+
     def _estimate_step(self, model, targets, masks, loader_factory, step) -> None:
-        if step == 0 and self.given_estimate is not None:
-            self._fisher = self.given_estimate
-        else:
-            self._fisher = self.estimate(model, targets, masks, loader_factory,
-                                         seed=self.config.seed + 7919 * step)
-            for k, v in self._fisher.timings().items():
-                self._times[k] += v
+        if self._fisher is None or self._fisher_step != step:
+            # (trials of --damp auto score one estimate with several dampings)
+            self._fisher_step = step
+            if step == 0 and self.given_estimate is not None:
+                self._fisher = self.given_estimate
+            else:
+                self._fisher = self.estimate(model, targets, masks, loader_factory,
+                                             seed=self.config.seed + 7919 * step)
+                for k, v in self._fisher.timings().items():
+                    self._times[k] += v
+        if self._fisher.grams and self._fisher.damping != self._damping:
+            before = self._fisher.invert_seconds
+            self._fisher.use_damping(self._damping)
+            self._times["invert_seconds"] += self._fisher.invert_seconds - before
+            self._times["fisher_seconds"] += self._fisher.invert_seconds - before
 
     def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
         g = self.config.group_size
@@ -136,10 +176,13 @@ class OBert(Method):
             new = prune_update(self._flat(t), self._fisher.get(t.name), mask,
                                joint=o.update == "joint", group_size=g)
             t.module.weight.copy_(new[: t.numel].reshape(t.module.weight.shape))
+        self._times["update_seconds"] += time.perf_counter() - t0
+        if self.trial:
+            return
         if self._fisher is not self.given_estimate:
             self._fisher.close()
         self._fisher = None
-        self._times["update_seconds"] += time.perf_counter() - t0
+        self._fisher_step = -1
 
     def timings(self) -> dict[str, float]:
         return dict(self._times)
