@@ -1,6 +1,8 @@
-"""One-shot pruning benchmark: oBERT vs magnitude on MiniLM fine-tuned on debian-sections.
+"""One-shot pruning benchmark: oBERT vs magnitude and the second-order family on MiniLM
+fine-tuned on debian-sections.
 
     .venv/bin/python benchmarks/one_shot.py [--work runs/bench] [--only-plot]
+    .venv/bin/python benchmarks/one_shot.py --groups family damp   # the method comparison
 
 1. Dense fine-tune as the reference was: 3,000 train rows shuffled with seed 0, 2 epochs, AdamW
    at a constant lr 1e-4, batch 32, max length 128 (cached in WORK/dense).
@@ -9,6 +11,11 @@
    unstructured (B=50) and block4 (B=32), 1 and 4 recomputations; m=256 gradients of batch 16,
    damp 1e-7. With one recomputation every sparsity reuses the dense model's Fisher inverse
    (collected once per block size); the recomputation steps collect fresh gradients.
+3. ``--groups family``: the same one-shot sweep (m=256, batch 16, damp 1e-7, unstructured) for
+   WoodFisher (independent update), M-FAC with blocks of 2,000 and 10,000 weights (joint update)
+   and oBERT, each with 1 and 4 recomputations; and N:M 2:4 at 50% (magnitude, oBERT R=1/4).
+   ``--groups damp``: oBERT (unstructured, R=1, joint) with fixed dampings 1e-8..1e-4 and with
+   ``--damp auto`` at every sparsity.
 Results accumulate in docs/one_shot_results.json (a rerun skips what is done; the dense model's
 weight hash is recorded so results from a different dense model are never mixed), then the
 table goes to runs/one_shot_table.md (pasted into docs/benchmarks.md) and the plot to
@@ -33,8 +40,35 @@ SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
 REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
 
 
-def configs(recomputations: list[int]) -> list[dict]:
+FIXED_DAMPS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4]
+MFAC_BLOCKS = [2000, 10000]
+
+
+def family_configs(recomputations: list[int]) -> list[dict]:
+    """WoodFisher, M-FAC (two block sizes) and oBERT with the same gradients; N:M 2:4 at 50%."""
     out = []
+    for s in SPARSITIES:
+        for R in recomputations:
+            out.append(dict(method="woodfisher", structure="unstructured", sparsity=s, R=R,
+                            update="independent"))
+            out += [dict(method="mfac", structure="unstructured", sparsity=s, R=R, update="joint",
+                         block=b) for b in MFAC_BLOCKS]
+    out.append(dict(method="magnitude", structure="2:4", sparsity=0.5, R=1, update="joint"))
+    out += [dict(method="obert", structure="2:4", sparsity=0.5, R=R, update="joint")
+            for R in recomputations]
+    return out
+
+
+def damp_configs() -> list[dict]:
+    return [dict(method="obert", structure="unstructured", sparsity=s, R=1, update="joint", damp=d)
+            for s in SPARSITIES for d in [*FIXED_DAMPS, "auto"] if d != 1e-7]  # 1e-7: the base run
+
+
+def configs(recomputations: list[int], groups: tuple[str, ...] = ("base",)) -> list[dict]:
+    out = family_configs(recomputations) if "family" in groups else []
+    out += damp_configs() if "damp" in groups else []
+    if "base" not in groups:
+        return out
     for structure in ("unstructured", "block4"):
         for s in SPARSITIES:
             out.append(dict(method="magnitude", structure=structure, sparsity=s, R=1, update="joint"))
@@ -47,7 +81,21 @@ def configs(recomputations: list[int]) -> list[dict]:
 
 
 def key(c: dict) -> str:
-    return f"{c['method']}-{c['structure']}-{c['sparsity']}-R{c['R']}-{c['update']}"
+    extra = (f"-B{c['block']}" if "block" in c else "") + (f"-d{c['damp']}" if "damp" in c else "")
+    return f"{c['method']}-{c['structure']}-{c['sparsity']}-R{c['R']}-{c['update']}{extra}"
+
+
+def prune_config(c: dict, num_grads: int):
+    """The PruneConfig of a benchmark config (m gradients of batch 16, damp 1e-7 unless set)."""
+    from obert.pruning.methods import PruneConfig
+
+    own = {}
+    if c["method"] in ("obert", "woodfisher", "mfac"):
+        own = {"num_grads": num_grads, "damp": c.get("damp", 1e-7), "update": c["update"]}
+        if "block" in c:
+            own["fisher_block_size"] = c["block"]
+    return PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
+                       grad_batch_size=16, num_recomputations=c["R"], **own)
 
 
 def main() -> None:
@@ -56,6 +104,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "docs" / "one_shot_results.json"))
     ap.add_argument("--num-grads", type=int, default=256)
     ap.add_argument("--recomputations", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--groups", nargs="+", choices=["base", "family", "damp"], default=["base"],
+                    help="base: oBERT vs magnitude; family: WoodFisher, M-FAC, N:M; damp: --damp auto")
     ap.add_argument("--only-plot", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new configs after this")
     args = ap.parse_args()
@@ -71,7 +121,6 @@ def main() -> None:
 def run(args, work: Path, results: dict, results_path: Path) -> None:
     from obert.tasks.data import Encoded, label_map_from_config, load_file
     from obert.io import write_json
-    from obert.pruning.methods import PruneConfig
     from obert.training.oneshot import gradient_batches, prune_sweep
     from obert.tasks.classification import evaluate, load_classifier
 
@@ -89,18 +138,14 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         write_json(results_path, results)
     log(f"dense accuracy {results['dense']['accuracy']:.4f}")
 
-    todo = [c for c in configs(args.recomputations) if key(c) not in results]
+    todo = [c for c in configs(args.recomputations, tuple(args.groups)) if key(c) not in results]
     # Cheapest first: magnitude, then obert reusing the dense Fisher, then recomputations
     # (each costs R-1 fresh gradient collections), the reference's sparsities first.
     priority = {0.8: 0, 0.7: 1, 0.5: 2, 0.6: 3, 0.3: 4}
-    todo.sort(key=lambda c: (c["method"] == "obert", c["R"],
-                             priority[c["sparsity"]] if c["R"] > 1 else 0, c["structure"],
-                             c["sparsity"]))
-    obert = {"num_grads": args.num_grads, "damp": 1e-7}  # oBERT's own settings
-    prune_configs = [PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
-                                 grad_batch_size=16, num_recomputations=c["R"],
-                                 **({**obert, "update": c["update"]} if c["method"] == "obert" else {}))
-                     for c in todo]
+    todo.sort(key=lambda c: (c["method"] != "magnitude", c["R"],
+                             priority[c["sparsity"]] if c["R"] > 1 else 0, c["method"],
+                             c["structure"], str(c.get("block")), str(c.get("damp")), c["sparsity"]))
+    prune_configs = [prune_config(c, args.num_grads) for c in todo]
     sweep = prune_sweep(dense, prune_configs, lambda bs: gradient_batches(grads_ds, bs), log=log)
     t_prev = time.perf_counter()
     for c, (cfg, model, masks, report, fisher) in zip(todo, sweep):
@@ -108,7 +153,8 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         acc = evaluate(model, val)["accuracy"]
         results[key(c)] = {**c, "accuracy": acc, "global_sparsity": masks.stats()["global_sparsity"],
                            "prune_seconds": prune_seconds, "timings": report.timings,
-                           "dense_fisher": fisher, "peak_rss_gib": report.peak_rss_gib}
+                           "dense_fisher": fisher, "peak_rss_gib": report.peak_rss_gib,
+                           "steps": report.steps}
         write_json(results_path, results)
         log(f"{key(c)}: accuracy {acc:.4f} sparsity {results[key(c)]['global_sparsity']:.4f} "
             f"({prune_seconds:.1f}s; {report.timings})")
@@ -182,17 +228,76 @@ def write_report(results: dict, args) -> None:
                    "score (s) | update (s) | Fisher/score/update (s) | vs reference 150 s |\n"
                    "|---|---|---|---|---|---|---|\n"
                    + "\n".join(timing_lines))
+    family, damp = family_report(results, args.recomputations), damp_report(results)
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text()
-    for name, body in (("one-shot table", "\n".join(rows).strip()), ("phase table", phase)):
+    for name, body in (("one-shot table", "\n".join(rows).strip()), ("phase table", phase),
+                       ("family table", family), ("damp table", damp)):
         start = f"<!-- {name}: written by benchmarks/one_shot.py -->"
         end = f"<!-- end {name} -->"
         if start in text and end in text:
             text = text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
     doc.write_text(text)
-    print("\n".join(rows) + "\n\n" + phase)
+    print("\n".join(rows) + "\n\n" + phase + "\n\n" + family + "\n\n" + damp)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"python {sys.version.split()[0]}")
+
+
+def _cell(results: dict, k: str) -> str:
+    r = results.get(k)
+    return f"{100 * r['accuracy']:.1f}" if r else "—"
+
+
+def family_report(results: dict, recomputations: list[int]) -> str:
+    """Accuracy per sparsity for every method of the family (unstructured), its plot, and N:M."""
+    import matplotlib.pyplot as plt
+
+    cols = [("magnitude", "magnitude-unstructured-{s}-R1-joint")]
+    for R in recomputations:
+        cols += [(f"WoodFisher R={R}", f"woodfisher-unstructured-{{s}}-R{R}-independent")]
+        cols += [(f"M-FAC B={b} R={R}", f"mfac-unstructured-{{s}}-R{R}-joint-B{b}") for b in MFAC_BLOCKS]
+        cols += [(f"oBERT R={R}", f"obert-unstructured-{{s}}-R{R}-joint")]
+    lines = ["| sparsity | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {int(s * 100)}% | " + " | ".join(_cell(results, k.format(s=s)) for _, k in cols) + " |"
+              for s in SPARSITIES]
+    nm = [("magnitude", "magnitude-2:4-0.5-R1-joint")] + \
+        [(f"oBERT R={R}", f"obert-2:4-0.5-R{R}-joint") for R in recomputations]
+    lines += ["", "2:4 at 50%: " + ", ".join(f"{label} {_cell(results, k)}%" for label, k in nm)]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, k in cols:
+        pts = [(100 * s, 100 * results[k.format(s=s)]["accuracy"]) for s in SPARSITIES
+               if k.format(s=s) in results]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label, lw=1)
+    if "dense" in results:
+        ax.axhline(100 * results["dense"]["accuracy"], color="gray", ls=":", lw=0.8, label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("MiniLM one-shot, unstructured: the second-order family")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "one_shot_family.png", dpi=110)
+    return "\n".join(lines)
+
+
+def damp_report(results: dict) -> str:
+    """oBERT R=1 accuracy per fixed damping and with --damp auto (and what it chose)."""
+    def k(s, d):
+        return f"obert-unstructured-{s}-R1-joint" + ("" if d == 1e-7 else f"-d{d}")
+
+    lines = ["| sparsity | " + " | ".join(f"damp {d:g}" for d in FIXED_DAMPS)
+             + " | best fixed | auto | auto's choice (x mean diag) |", "|---" * (len(FIXED_DAMPS) + 4) + "|"]
+    for s in SPARSITIES:
+        fixed = [results.get(k(s, d)) for d in FIXED_DAMPS]
+        best = max((100 * r["accuracy"] for r in fixed if r), default=None)
+        auto = results.get(k(s, "auto"))
+        chosen = ", ".join(f"{st['damping']:g}" for st in auto.get("steps", []) if "damping" in st) \
+            if auto else "—"
+        cells = [_cell(results, k(s, d)) for d in FIXED_DAMPS]
+        cells += [f"{best:.1f}" if best is not None else "—", _cell(results, k(s, "auto")), chosen]
+        lines.append(f"| {int(s * 100)}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
