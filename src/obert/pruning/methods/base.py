@@ -58,6 +58,18 @@ class Method(ABC):
         ``close()`` (free what it holds) and ``timings()`` (seconds per phase)."""
         return None
 
+    def step_estimate(self, model: nn.Module, targets: list[Target], masks: MaskSet,
+                      loader_factory: Callable[[int], Iterator], step: int,
+                      times: dict[str, float]) -> object | None:
+        """The estimate for recomputation step ``step``: the one given at construction for step
+        0, else a fresh ``estimate`` with a per-step seed (its timings added to ``times``)."""
+        if step == 0 and self.given_estimate is not None:
+            return self.given_estimate
+        est = self.estimate(model, targets, masks, loader_factory, seed=self.config.seed + 7919 * step)
+        for k, v in est.timings().items():
+            times[k] = times.get(k, 0.0) + v
+        return est
+
     def estimate_key(self) -> dict:
         """The settings ``estimate()`` depends on: equal keys (with the same model, batches and
         seed) give the same estimate."""

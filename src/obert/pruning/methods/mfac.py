@@ -4,44 +4,28 @@ whose inverse is never formed (``obert.core.mfac``; the estimator is ``obert.pru
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from obert.core.obs import group_solve, pattern_saliency
 from obert.pruning.methods.base import Method
+from obert.pruning.methods.obert import FisherSettings
 from obert.pruning.paged import PagedMFAC, collect_mfac
-from obert.pruning.settings import STRUCTURES, Settings, either
+from obert.pruning.settings import STRUCTURES
 
 
-class MFACPruneSettings(Settings):
+class MFACPruneSettings(FisherSettings):
     """M-FAC's estimate: m gradients, Fisher blocks of B weights (far larger than oBERT's), the
     OBS update through inverse-Hessian-vector products."""
 
-    num_grads: int = Field(256, gt=0, description="m: mini-batch gradients for the Fisher (paper: 1024)")
-    fisher_block_size: int = Field(10_000, gt=0, description="B (default 10000)")
-    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute)")
-    update: str = Field("joint", description="joint (exact per-block OBS) or independent (paper)")
-    max_memory_gb: float | None = Field(None, gt=0, description="GiB for Fisher blocks (default: 80% "
-                                                                "of free)")
-
-    @field_validator("update")
-    @classmethod
-    def _update(cls, value: str) -> str:
-        if value not in ("joint", "independent"):
-            raise ValueError(f"must be {either(('joint', 'independent'))}, got '{value}'")
-        return value
-
-    @field_validator("fisher_block_size")
-    @classmethod
-    def _whole_groups(cls, value: int, info: ValidationInfo) -> int:
-        group = STRUCTURES[(info.context or {}).get("structure", "unstructured")]
-        if value % group:
-            raise ValueError(f"must be a positive multiple of the group size {group}, got {value}")
-        return value
+    default_blocks: ClassVar[dict[str, int]] = {s: 10_000 for s in STRUCTURES}
+    fisher_block_size: int | None = Field(None, gt=0, validate_default=True,
+                                          description="B (default 10000)")
 
 
 def group_saliency(w: Tensor, curvature: Tensor, group_size: int) -> Tensor:
@@ -79,20 +63,11 @@ class MFACPrune(Method):
         w = t.module.weight.detach().reshape(-1)
         return F.pad(w, (0, self._est.sizes[t.name] - w.numel()))
 
-    def _estimate_step(self, model, targets, masks, loader_factory, step) -> None:
-        if step == 0 and self.given_estimate is not None:
-            self._est = self.given_estimate
-        else:
-            self._est = self.estimate(model, targets, masks, loader_factory,
-                                      seed=self.config.seed + 7919 * step)
-            for k, v in self._est.timings().items():
-                self._times[k] += v
-
     def pattern_scores(self, model, targets, masks, loader_factory, step, patterns) -> dict[str, Tensor]:
         """The joint OBS saliency of each pattern in each group, from the groups' blocks of
         ``F^-1`` (the estimate keeps them: its group size is the structure's M)."""
         m = patterns.shape[1]
-        self._estimate_step(model, targets, masks, loader_factory, step)
+        self._est = self.step_estimate(model, targets, masks, loader_factory, step, self._times)
         t0 = time.perf_counter()
         out = {}
         for t in targets:
@@ -105,7 +80,7 @@ class MFACPrune(Method):
 
     def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
         g = self.config.group_size
-        self._estimate_step(model, targets, masks, loader_factory, step)
+        self._est = self.step_estimate(model, targets, masks, loader_factory, step, self._times)
         t0 = time.perf_counter()
         out = {t.name: group_saliency(self._flat(t).to(self._est.device),
                                       self._est.curvature[t.name], g)[: t.numel // g]

@@ -22,34 +22,21 @@ DEFAULT_BLOCK = {"unstructured": 50, "block4": 32, "2:4": 32, "4:8": 32}
 AUTO_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-class OBertSettings(Settings):
-    """oBERT's second-order estimate: m gradients into B x B blocks of the damped empirical
-    Fisher, and how the surviving weights are updated."""
+class FisherSettings(Settings):
+    """What the methods estimating an empirical Fisher from m gradients share: m, the block size
+    B (``default_blocks`` per structure; a multiple of the group size), the damping, the update
+    rule and the memory budget."""
+
+    default_blocks: ClassVar[dict[str, int]] = {}
 
     # 256: a quarter of the paper's 1024, four times cheaper on a CPU; recipes/ set their own.
     num_grads: int = Field(256, gt=0, description="m: mini-batch gradients for the Fisher (paper: 1024)")
     fisher_block_size: int | None = Field(None, gt=0, validate_default=True,
-                                          description="B (default 50; 32 for block4)")
-    damp: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        1e-7, description="Fisher damping lambda (absolute), or auto: per pruning step, the "
-                          "damping relative to each block's mean Fisher diagonal (from "
-                          f"{', '.join(f'{r:g}' for r in AUTO_GRID)}) whose OBS update leaves the "
-                          "lowest loss on held-out batches")
-    auto_batches: int = Field(4, gt=0, description="held-out mini-batches scoring each damping of "
-                                                   "--damp auto")
+                                          description="B (default 50; 32 for block4 and N:M)")
+    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute)")
     update: str = Field("joint", description="joint (exact per-block OBS) or independent (paper)")
     max_memory_gb: float | None = Field(None, gt=0, description="GiB for Fisher blocks (default: 80% "
                                                                 "of free)")
-
-    @field_validator("damp", mode="before")
-    @classmethod
-    def _number_or_auto(cls, value):
-        if isinstance(value, str) and value != "auto":
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"must be a positive number or auto, got '{value}'") from None
-        return value
 
     @field_validator("update")
     @classmethod
@@ -63,21 +50,44 @@ class OBertSettings(Settings):
     def _whole_groups(cls, value: int | None, info: ValidationInfo) -> int:
         structure = (info.context or {}).get("structure", "unstructured")
         if value is None:
-            return DEFAULT_BLOCK[structure]
+            return cls.default_blocks[structure]
         group = STRUCTURES[structure]
         if value % group:
             raise ValueError(f"must be a positive multiple of the group size {group}, got {value}")
         return value
 
 
-class WoodFisherSettings(OBertSettings):
+class OBertSettings(FisherSettings):
+    """oBERT's second-order estimate: m gradients into B x B blocks of the damped empirical
+    Fisher, and how the surviving weights are updated."""
+
+    default_blocks: ClassVar[dict[str, int]] = DEFAULT_BLOCK
+    damp: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-7, description="Fisher damping lambda (absolute), or auto: per pruning step, the "
+                          "damping relative to each block's mean Fisher diagonal (from "
+                          f"{', '.join(f'{r:g}' for r in AUTO_GRID)}) whose OBS update leaves the "
+                          "lowest loss on held-out batches")
+    auto_batches: int = Field(4, gt=0, description="held-out mini-batches scoring each damping of "
+                                                   "--damp auto")
+
+    @field_validator("damp", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if isinstance(value, str) and value != "auto":
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"must be a positive number or auto, got '{value}'") from None
+        return value
+
+
+class WoodFisherSettings(FisherSettings):
     """WoodFisher (Singh & Alistarh, NeurIPS 2020): single-weight OBS whose block inverses are
     built by the rank-one Woodbury recursion, pruned weights updated independently."""
 
+    default_blocks: ClassVar[dict[str, int]] = DEFAULT_BLOCK
     update: str = Field("independent", description="independent (WoodFisher: the sum of "
                                                     "single-weight updates) or joint")
-    damp: float = Field(1e-7, gt=0, description="Fisher damping lambda (absolute; the recursion "
-                                                "builds the inverse with it)")
 
     @model_validator(mode="after")
     def _single_weights(self, info: ValidationInfo):
@@ -129,13 +139,7 @@ class OBert(Method):
         if self._fisher is None or self._fisher_step != step:
             # (trials of --damp auto score one estimate with several dampings)
             self._fisher_step = step
-            if step == 0 and self.given_estimate is not None:
-                self._fisher = self.given_estimate
-            else:
-                self._fisher = self.estimate(model, targets, masks, loader_factory,
-                                             seed=self.config.seed + 7919 * step)
-                for k, v in self._fisher.timings().items():
-                    self._times[k] += v
+            self._fisher = self.step_estimate(model, targets, masks, loader_factory, step, self._times)
         if self._fisher.grams and self._fisher.damping != self._damping:
             before = self._fisher.invert_seconds
             self._fisher.use_damping(self._damping)
