@@ -555,6 +555,8 @@ def _recipe_numeric_fields() -> list[str]:
             found.update(METHODS["obert"].Settings.model_fields)
         for name, f in found.items():
             kind = next((a for a in typing.get_args(f.annotation) if a is not type(None)), f.annotation)
+            if typing.get_origin(kind) is typing.Annotated:  # a number with its bounds, or a word
+                kind = typing.get_args(kind)[0]  # (damp: a number or auto)
             if kind in (int, float):
                 fields.append(f"{section}.{name}")
     return fields
