@@ -466,3 +466,22 @@ def test_damp_auto_through_the_cli_and_a_recipe(tmp_path, tiny_model_dir, data_f
     run_recipe(load_recipe(doc=doc), progress=False)
     steps = json.loads((tmp_path / "out" / "sparsity.json").read_text())["steps"]
     assert len(steps) == 2 and all(s["damping"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for s in steps)
+
+
+def test_prune_sweep_closes_each_estimate_after_its_last_config(tmp_path, monkeypatch):
+    """A sweep shares one estimate per settings key and closes it once no later config needs it
+    (M-FAC's estimates hold gigabytes on disk), not at the end of the sweep."""
+    from obert.pruning.paged import PagedMFAC
+    from obert.training.oneshot import prune_sweep
+
+    closed = []
+    original = PagedMFAC.close
+    monkeypatch.setattr(PagedMFAC, "close", lambda self: (closed.append(self.num_grads), original(self)))
+    model = tiny_model("bert")
+    configs = [PruneConfig(s, method="mfac", num_grads=m, grad_batch_size=8, fisher_block_size=256)
+               for s, m in ((0.3, 4), (0.5, 4), (0.5, 6))]
+    loaders = lambda bs: gradient_batches(encoded_rows(tmp_path, model), bs)  # noqa: E731
+    seen = []
+    for config, _, masks, _, _ in prune_sweep(model, configs, loaders, log=lambda s: None):
+        seen.append((config.options.num_grads, list(closed)))
+    assert seen == [(4, []), (4, []), (6, [4])] and closed == [4, 6]

@@ -66,13 +66,19 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
     The first step of every config starts from the dense model, so a method's estimate (oBERT:
     the Fisher inverse) is made once per (method, its settings, batch size, seed) and shared;
     ``info`` holds that estimate's timings. Later recomputation steps estimate afresh as usual.
+    An estimate is closed after the last config that uses it (M-FAC's hold gigabytes on disk).
     """
+    def estimate_of(config: PruneConfig) -> str:
+        first = METHODS[config.method](config)
+        return json.dumps([config.method, first.estimate_key(), config.grad_batch_size, config.seed])
+
+    keys = [estimate_of(c) for c in configs]
+    last = {key: i for i, key in enumerate(keys)}
     cache: dict[str, object] = {}
-    for config in configs:
+    for i, (config, key) in enumerate(zip(configs, keys)):
         model = copy.deepcopy(dense)
         targets = find_targets(model, include, exclude)
         first = METHODS[config.method](config)
-        key = json.dumps([config.method, first.estimate_key(), config.grad_batch_size, config.seed])
         if key not in cache:
             dense_targets = find_targets(dense, include, exclude)
             loaders = loader_factory(config.grad_batch_size)
@@ -85,6 +91,6 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
                                     loader_factory(config.grad_batch_size), method=method,
                                     log=lambda s: None)
         yield config, model, masks, report, estimate.timings() if estimate is not None else {}
-    for estimate in cache.values():
-        if estimate is not None:
+        if last[key] == i and estimate is not None:
             estimate.close()
+            del cache[key]
