@@ -68,17 +68,14 @@ def prune_sweep(dense, configs: list[PruneConfig], loader_factory, *, include=No
     ``info`` holds that estimate's timings. Later recomputation steps estimate afresh as usual.
     An estimate is closed after the last config that uses it (M-FAC's hold gigabytes on disk).
     """
-    def estimate_of(config: PruneConfig) -> str:
-        first = METHODS[config.method](config)
-        return json.dumps([config.method, first.estimate_key(), config.grad_batch_size, config.seed])
-
-    keys = [estimate_of(c) for c in configs]
+    firsts = [METHODS[c.method](c) for c in configs]
+    keys = [json.dumps([c.method, f.estimate_key(), c.grad_batch_size, c.seed])
+            for c, f in zip(configs, firsts)]
     last = {key: i for i, key in enumerate(keys)}
     cache: dict[str, object] = {}
-    for i, (config, key) in enumerate(zip(configs, keys)):
+    for i, (config, first, key) in enumerate(zip(configs, firsts, keys)):
         model = copy.deepcopy(dense)
         targets = find_targets(model, include, exclude)
-        first = METHODS[config.method](config)
         if key not in cache:
             dense_targets = find_targets(dense, include, exclude)
             loaders = loader_factory(config.grad_batch_size)
