@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,demo,onnx]'
-	$(BIN)/python -c "from obert.runtime import kernels; kernels.build()"
+	$(BIN)/python -c "from obert import native; native.build()"
 	touch $@
 
 demo: setup

@@ -107,7 +107,7 @@ def main() -> None:
         child.wait()
     import os
 
-    from obert.runtime import kernels
+    from obert import native as kernels
 
     print(f"model {args.model}  batch {args.batch_size} x {args.seq_len}  threads {args.threads}  "
           f"obert kernels {kernels.isa()}  DeepSparse NM_ARCH={os.environ.get('NM_ARCH', '(its own choice)')}\n")

@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
     args.no_docs |= shapes != SHAPES or args.sparsities != SPARSITIES
-    from obert.runtime import kernels
+    from obert import native as kernels
     from obert.runtime.bench import cpu_info
     from obert.io import write_json
 

@@ -105,7 +105,7 @@ def tiny_model_dir(tmp_path):
 def _kernel_isas() -> list:
     """Every instruction-set path of the native kernels this CPU runs, or ``["none"]`` without
     native kernels (the tests then check the PyTorch fallback)."""
-    from obert.runtime import kernels
+    from obert import native as kernels
 
     return kernels.available_isas() or ["none"]
 

@@ -960,7 +960,7 @@ def test_bench_child_does_not_import_planted_modules(env, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("command", ["compile", "bench"])
 def test_unknown_kernel_path_in_obert_isa_is_refused(command, env, tmp_path, monkeypatch, capsys):
-    from obert.runtime import kernels
+    from obert import native as kernels
 
     if not kernels.native_available():
         pytest.skip("no native kernels: OBERT_ISA is not read")

@@ -18,6 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from obert.core.batched import accumulate_gram_lower, spd_inverse_, spd_solve
 from obert.errors import ObertError
 
 
@@ -45,35 +46,35 @@ def add_damping(matrix: Tensor, damp: float, relative: bool = False) -> Tensor:
     return matrix
 
 
-def invert_fisher(gram: Tensor, num_grads: int, damp: float, relative: bool = False) -> Tensor:
-    """``(lambda * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (Cholesky,
-    batched); ``lambda = damp``, or with ``relative`` ``damp`` times each block's mean diagonal
-    of ``gram / m`` (at least the smallest positive float, for blocks without gradient).
+def invert_fisher(gram: Tensor, num_grads: int, damp: float, relative: bool = False, *,
+                  native: bool = True) -> Tensor:
+    """``(lambda * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (batched Cholesky,
+    ``core.batched.spd_inverse_``; only the lower triangle of ``gram`` is read); ``lambda =
+    damp``, or with ``relative`` ``damp`` times each block's mean diagonal of ``gram / m`` (at
+    least the smallest positive float, for blocks without gradient).
 
-    Works in place on ``gram``'s storage where it can, since these batches are the largest
-    tensors obert allocates.
+    Works in place on ``gram``'s storage, since these batches are the largest tensors obert
+    allocates.
     """
     if damp <= 0:
         raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
-    fisher = gram.div_(num_grads)
-    diag = fisher.diagonal(dim1=-2, dim2=-1)
-    lam = (damp * diag.mean(-1)).clamp(min=torch.finfo(fisher.dtype).tiny) if relative else \
-        torch.full(fisher.shape[:1], damp, dtype=fisher.dtype, device=fisher.device)
-    diag.add_(lam.unsqueeze(-1))
-    chol, info = torch.linalg.cholesky_ex(fisher)
-    if bool((info != 0).any()):
-        # float32 rounding can leave a badly conditioned block indefinite. Redo those blocks in
-        # float64 through an eigendecomposition with eigenvalues clamped at lambda: the inverse
-        # of the nearest matrix whose spectrum respects the damping.
-        bad = (info != 0).nonzero().squeeze(1)
-        evals, evecs = torch.linalg.eigh(fisher[bad].double())
+    nb = gram.shape[0]
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    lam = (damp * diag.mean(-1) / num_grads).clamp(min=torch.finfo(gram.dtype).tiny) if relative else \
+        torch.full((nb,), damp, dtype=gram.dtype, device=gram.device)
+    info = spd_inverse_(gram, 1.0 / num_grads, lam, native=native)
+    bad = (info != 0).nonzero().squeeze(1)
+    if bad.numel():
+        # float32 rounding can leave a badly conditioned block indefinite (those blocks are left
+        # as they were). Redo them in float64 through an eigendecomposition with eigenvalues
+        # clamped at lambda: the inverse of the nearest matrix whose spectrum respects the damping.
+        fisher = gram[bad].double() / num_grads
         floor = lam[bad].double().unsqueeze(-1)
+        fisher.diagonal(dim1=-2, dim2=-1).add_(floor)
+        evals, evecs = torch.linalg.eigh(fisher)  # reads the lower triangle, as the Cholesky does
         inv_bad = (evecs / torch.maximum(evals, floor).unsqueeze(-2)) @ evecs.transpose(-2, -1)
-        good = (info == 0).nonzero().squeeze(1)
-        fisher[good] = torch.cholesky_inverse(chol[good])
-        fisher[bad] = inv_bad.to(fisher.dtype)
-        return fisher
-    return torch.cholesky_inverse(chol)
+        gram[bad] = inv_bad.to(gram.dtype)
+    return gram
 
 
 def fisher_inverse_blocks(grads: Tensor, block_size: int, damp: float) -> Tensor:
@@ -87,6 +88,8 @@ def fisher_inverse_blocks(grads: Tensor, block_size: int, damp: float) -> Tensor
 
 class StreamingFisher:
     """Accumulates ``sum_i g_i g_i^T`` per block from gradients that arrive a few at a time.
+    ``gram`` holds the sums on its lower triangle (the native kernel leaves the upper one zero;
+    ``core.batched.symmetrize_lower_`` completes it): every consumer reads only that triangle.
 
     ``update(chunk)`` takes ``[k, d]`` (any k >= 1); ``inverse()`` equals
     ``fisher_inverse_blocks`` of all gradients stacked, without holding them all.
@@ -106,8 +109,7 @@ class StreamingFisher:
     def update(self, grads: Tensor) -> None:
         if grads.dim() == 1:
             grads = grads.unsqueeze(0)
-        g = grads.to(self.gram.dtype).reshape(grads.shape[0], -1, self.block_size).transpose(0, 1)
-        self.gram.baddbmm_(g.transpose(1, 2), g)
+        accumulate_gram_lower(self.gram, grads.to(self.gram.dtype))
         self.num_grads += grads.shape[0]
 
     def inverse(self) -> Tensor:
@@ -246,17 +248,14 @@ def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bo
     if joint:
         # Solve the masked system diag(p) F^-1 diag(p) + diag(1 - p), which is F^-1_PP on P and the
         # identity elsewhere: the right-hand side is 0 off P, so z = (F^-1_PP)^-1 w_P on P, 0 off P.
-        sub = finv * p.unsqueeze(-1)
-        sub.mul_(p.unsqueeze(-2))
-        sub.diagonal(dim1=-2, dim2=-1).add_(1 - p)
         # Only blocks that prune something need a solve (indexing copies, so skip it if all do).
         active = p.any(dim=1)
         if bool(active.all()):
-            z = _spd_solve(sub, wp)
+            z = _masked_spd_solve(finv, wp.squeeze(-1), p).unsqueeze(-1)
         else:
             z = torch.zeros_like(wp)
             if bool(active.any()):
-                z[active] = _spd_solve(sub[active], wp[active])
+                z[active] = _masked_spd_solve(finv[active], wp[active].squeeze(-1), p[active]).unsqueeze(-1)
     else:
         ng = bsz // group_size
         if group_size == 1:
@@ -280,14 +279,19 @@ def group_solve(blocks: Tensor, w: Tensor, pruned: Tensor) -> Tensor:
     return torch.linalg.solve(sub, (w.to(blocks.dtype) * p).unsqueeze(-1)).squeeze(-1)
 
 
-def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
-    """Solve ``a x = b`` for a batch of SPD matrices (Cholesky; float64 LU where that fails)."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    if bool((info != 0).any()):
-        return torch.linalg.solve(a.double(), b.double()).to(a.dtype)
-    # Two triangular solves are several times faster than cholesky_solve on CPU batches.
-    y = torch.linalg.solve_triangular(chol, b, upper=False)
-    return torch.linalg.solve_triangular(chol.transpose(-2, -1), y, upper=True)
+def _masked_spd_solve(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
+    """``z = S^-1 b`` for the masked systems ``S = a_PP`` on ``p`` (identity elsewhere), batched
+    Cholesky; the systems whose factorisation fails are redone by float64 LU."""
+    z, info = spd_solve(a, b, p)
+    bad = (info != 0).nonzero().squeeze(1)
+    if bad.numel():
+        pb = p[bad].double()
+        s = a[bad].double().tril()
+        s = s + s.tril(-1).transpose(-2, -1)  # the lower triangle is what the Cholesky read
+        s = s * pb.unsqueeze(-1) * pb.unsqueeze(-2)
+        s.diagonal(dim1=-2, dim2=-1).add_(1 - pb)
+        z[bad] = torch.linalg.solve(s, b[bad].double().unsqueeze(-1)).squeeze(-1).to(z.dtype)
+    return z
 
 
 def quadratic_cost(delta: Tensor, fisher: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from obert.runtime import kernels
+from obert import native as kernels
 
 NAME = "obert_cpu"
 

@@ -32,7 +32,7 @@ from obert.runtime.choose import median_time as _time
 
 def cpu_info() -> dict:
     """CPU model and the vector ISA extensions the kernels can use."""
-    from obert.runtime.kernels import cpu_identity
+    from obert.native import cpu_identity
 
     model, flags = cpu_identity()
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp")
@@ -120,7 +120,8 @@ def bench_torch(model, *, batch: int, seq_len: int, rounds: int, iters: int,
                 int8: bool | None = None, min_sparsity: float | None = None,
                 choose: str = "speed") -> dict:
     """Dense vs compiled sparse (fp32, and int8 when block4) in interleaved rounds."""
-    from obert.runtime import compile, kernels
+    from obert import native as kernels
+    from obert.runtime import compile
     from obert.runtime.compile import int8_layers
 
     inputs = _inputs(model, batch, seq_len)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from obert.runtime import kernels
+from obert import native as kernels
 
 CHOICES = ("speed", "sparsity")  # measure per layer / sparse wherever the threshold is reached
 DEFAULT_TOKENS = 256  # tokens per call the choice is measured at (16 x 128 and 1 x 128 agree)

@@ -33,7 +33,7 @@ from obert.errors import ObertError
 from obert.io import atomic_dir
 from obert.core.quantize import smoothing_factors
 from obert.model.targets import find_targets
-from obert.runtime import kernels
+from obert import native as kernels
 from obert.runtime.calibrate import InputStats, input_stats
 from obert.runtime.choose import CHOICES, DEFAULT_TOKENS, Chooser
 from obert.runtime.attention import NAME as ATTENTION, use_fast_attention

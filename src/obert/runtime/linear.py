@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from obert.errors import ObertError
 from obert.core.quantize import obs_quantize, round_to_grid, row_scales
-from obert.runtime import kernels
+from obert import native as kernels
 
 
 ROWS = kernels.ROWS  # output rows per block of the segment layout
@@ -71,6 +71,13 @@ def unpack_weight(seg_ptr: Tensor, col: Tensor, val: Tensor, shape: tuple[int, i
 
 
 ACTIVATIONS = {None: 0, "gelu": 1}  # epilogues the kernels fuse (GELU: the exact, erf one)
+
+
+def csr_linear(x: Tensor, weight_csr: Tensor, bias: Tensor | None) -> Tensor:
+    """The fallback: ``x @ W^T + b`` through PyTorch's CSR matmul (correct, not fast)."""
+    y = torch.sparse.mm(weight_csr, x.t().contiguous()).t()
+    return y + bias if bias is not None else y.contiguous()
+
 
 
 class SparseLinear(nn.Module):
@@ -190,7 +197,7 @@ class SparseLinear(nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
                 self._csr = self._stored_weight().to_sparse_csr()
-        y = kernels.csr_linear(x2, self._csr, self.bias)
+        y = csr_linear(x2, self._csr, self.bias)
         return F.gelu(y) if self.activation == "gelu" else y
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from obert.runtime import kernels
+from obert import native as kernels
 
 
 class AddNorm(nn.Module):

@@ -59,10 +59,17 @@ struct Table {
   void (*attention)(const Parallel&, const Attention&);
   void (*add_layer_norm)(const Parallel&, const float* x, const float* r, const float* w,
                          const float* b, int64_t T, int64_t N, float eps, float* out);
+  // Batched small matrices (batched.h).
+  void (*gram_lower)(const Parallel&, const float* g, int64_t rows, int64_t ld, int64_t nb,
+                     int64_t B, float* out);
+  void (*spd_inverse)(const Parallel&, float* a, int64_t N, int64_t n, float scale,
+                      const float* shift, int32_t* info);
+  void (*spd_solve)(const Parallel&, const float* a, const float* mask, const float* rhs, int64_t N,
+                    int64_t n, float* x, int32_t* info);
 };
 
 #ifndef OBERT_ROWS
-#error "build with -DOBERT_ROWS (runtime/kernels.py: ROWS, the saved layout's rows per block)"
+#error "build with -DOBERT_ROWS (obert/native: ROWS, the saved layout's rows per block)"
 #endif
 constexpr int64_t ROWS = OBERT_ROWS;  // output rows per work item of the sparse kernels
 static_assert(ROWS == 16, "the register transposes of the output are 16 x 16");

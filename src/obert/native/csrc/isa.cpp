@@ -28,6 +28,7 @@ namespace {
 #include "sparse_int8.h"
 #include "attention.h"
 #include "layer_norm.h"
+#include "batched.h"
 }  // namespace
 }  // namespace OBERT_CAT(isa_, OBERT_ISA)
 
@@ -37,7 +38,8 @@ const Table* OBERT_CAT(table_, OBERT_ISA)() {
   // before it knows which ones the CPU runs).
   static constexpr Table table{OBERT_STR(OBERT_ISA), k::sparse_linear, k::sparse_ffn,
                                k::sparse_linear_int8, k::sparse_ffn_int8, k::attention,
-                               k::add_layer_norm};
+                               k::add_layer_norm, k::gram_lower, k::spd_inverse,
+                               k::spd_solve};
   return &table;
 }
 

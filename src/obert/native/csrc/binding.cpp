@@ -283,6 +283,63 @@ torch::Tensor add_layer_norm(torch::Tensor x, torch::Tensor r, torch::Tensor w, 
   return out;
 }
 
+// Float32 contiguous CPU tensor check for the batched kernels.
+void check_f32(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              what, " must be a contiguous float32 CPU tensor");
+}
+
+// out [nb, B, B] += lower triangle of G_b^T G_b for the blocks of B columns of g [rows, nb * B]
+// (rows may have a stride; columns contiguous). The strict upper triangle is not touched.
+void gram_lower(torch::Tensor g, torch::Tensor out, int64_t isa) {
+  const Table& k = table(isa);
+  check_f32(out, "out");
+  TORCH_CHECK(g.dim() == 2 && g.scalar_type() == torch::kFloat32 && g.device().is_cpu(),
+              "g must be a 2-D float32 CPU tensor");
+  if (g.stride(1) != 1) g = g.contiguous();
+  TORCH_CHECK(out.dim() == 3 && out.size(1) == out.size(2) && out.size(1) > 0 &&
+              out.size(0) * out.size(1) == g.size(1), "out must be [nb, B, B] with nb * B = g's columns");
+  if (g.size(0) == 0 || out.size(0) == 0) return;
+  k.gram_lower(pool(), g.data_ptr<float>(), g.size(0), g.stride(0), out.size(0), out.size(1),
+               out.data_ptr<float>());
+}
+
+// a [N, n, n] <- (scale a + diag(shift))^-1 in place (lower triangles read); returns info [N] int32.
+torch::Tensor spd_inverse(torch::Tensor a, double scale, c10::optional<torch::Tensor> shift, int64_t isa) {
+  const Table& k = table(isa);
+  check_f32(a, "a");
+  TORCH_CHECK(a.dim() == 3 && a.size(1) == a.size(2), "a must be [N, n, n]");
+  const int64_t N = a.size(0), n = a.size(1);
+  torch::Tensor sh;
+  const float* sp = checked_vector(shift, N, sh, "shift");
+  auto info = torch::zeros({N}, a.options().dtype(torch::kInt32));
+  if (N == 0 || n == 0) return info;
+  k.spd_inverse(pool(), a.data_ptr<float>(), N, n, static_cast<float>(scale), sp,
+                info.data_ptr<int32_t>());
+  return info;
+}
+
+// x [N, n] = S^-1 rhs for S = a [N, n, n] or its masked system (mask [N, n] of 0/1: A_PP on P, the
+// identity elsewhere); returns (x, info).
+std::vector<torch::Tensor> spd_solve(torch::Tensor a, torch::Tensor rhs, c10::optional<torch::Tensor> mask,
+                                     int64_t isa) {
+  const Table& k = table(isa);
+  check_f32(a, "a");
+  TORCH_CHECK(a.dim() == 3 && a.size(1) == a.size(2), "a must be [N, n, n]");
+  const int64_t N = a.size(0), n = a.size(1);
+  rhs = rhs.contiguous();
+  check_f32(rhs, "rhs");
+  TORCH_CHECK(rhs.numel() == N * n, "rhs must be [N, n]");
+  torch::Tensor m;
+  const float* mp = checked_vector(mask, N * n, m, "mask");
+  auto x = torch::empty({N, n}, a.options());
+  auto info = torch::zeros({N}, a.options().dtype(torch::kInt32));
+  if (N == 0 || n == 0) return {x, info};
+  k.spd_solve(pool(), a.data_ptr<float>(), mp, rhs.data_ptr<float>(), N, n, x.data_ptr<float>(),
+              info.data_ptr<int32_t>());
+  return {x, info};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -297,6 +354,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention,
         "softmax(scale q k^T + mask) v for [batch, heads, seq, dim] inputs, out [batch, seq, heads, dim]");
   m.def("add_layer_norm", &add_layer_norm, "LayerNorm(x + residual) over the last dim, one pass");
+  m.def("gram_lower", &gram_lower, "out[b] += lower triangle of G_b^T G_b (blocks of B columns of g)");
+  m.def("spd_inverse", &spd_inverse, "in-place (scale a + diag(shift))^-1 of a batch of SPD matrices; info");
+  m.def("spd_solve", &spd_solve, "solve a batch of SPD (or masked SPD) systems; (x, info)");
   m.def("available_isas", &available_isas,
         "the instruction sets compiled in that this CPU runs, lowest first (the index is the isa argument)");
   m.def("compiled_isas", &compiled_isas, "the instruction sets compiled into this build");

@@ -1,5 +1,7 @@
 """The native kernels: one portable build carrying every x86 instruction-set path, chosen at run
-time; or a fallback where nothing can be built.
+time; or a fallback where nothing can be built. The sparse runtime's kernels (``obert.runtime``)
+and the batched small-matrix kernels of the Fisher inverses (``obert.core.batched``) live in the
+one extension; this module builds and loads it and uses no other part of obert but its errors.
 
 ``load()`` compiles ``csrc/`` with the installed PyTorch the first time (``make setup`` runs
 ``build()`` so nothing compiles on first use): ``csrc/isa.cpp`` once per instruction set, each
@@ -10,8 +12,8 @@ Python; no ``-march=native``, so a build made on one x86-64 machine runs on any 
 kernels run is decided per call from ``isa()``: the best set this CPU runs (cpuid, checked by the
 extension itself), or the one the environment variable ``OBERT_ISA`` names, to test or measure a
 lower path (``OBERT_ISA=avx2`` on an AVX-512 machine). Other architectures build the generic path.
-Where no compiler is available ``load()`` returns ``None`` and ``SparseLinear`` falls back to
-``csr_linear``, PyTorch's CSR matmul (correct, not fast); ``native_available()`` says which runs.
+Where no compiler is available ``load()`` returns ``None`` and every caller falls back to PyTorch
+(``SparseLinear`` to a CSR matmul: correct, not fast); ``native_available()`` says which runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from obert.errors import ObertError
 
@@ -192,14 +193,8 @@ def available_isas() -> list[str]:
     return [] if ext is None else list(ext.available_isas())
 
 
-def csr_linear(x: Tensor, weight_csr: Tensor, bias: Tensor | None) -> Tensor:
-    """The fallback: ``x @ W^T + b`` through PyTorch's CSR matmul (correct, not fast)."""
-    y = torch.sparse.mm(weight_csr, x.t().contiguous()).t()
-    return y + bias if bias is not None else y.contiguous()
-
-
 def build() -> None:
     """Build now and say which kernels run (``make setup`` calls this)."""
     ok = load() is not None
-    print(f"obert sparse kernels: native, {isa()} of {', '.join(available_isas())} ({_build_dir()})"
-          if ok else "obert sparse kernels: PyTorch fallback (slow: compile keeps layers dense)")
+    print(f"obert native kernels: native, {isa()} of {', '.join(available_isas())} ({_build_dir()})"
+          if ok else "obert native kernels: PyTorch fallback (slow: compile keeps layers dense)")
