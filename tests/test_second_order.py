@@ -18,7 +18,8 @@ from obert.pruning.fisher import gradient_batches
 from obert.pruning.methods import METHODS
 
 
-@pytest.mark.parametrize("m,d,B,chunks", [(7, 30, 10, [7]), (9, 40, 8, [2, 3, 4]), (20, 50, 50, [1] * 20)])
+@pytest.mark.parametrize("m,d,B,chunks", [(7, 30, 10, [7]), (9, 40, 8, [2, 3, 4]), (20, 50, 50, [1] * 20),
+                                          (40, 60, 12, [33, 7])])
 def test_streaming_woodbury_equals_the_gram_inverse(m, d, B, chunks):
     torch.manual_seed(m)
     grads = torch.randn(m, d, dtype=torch.float64)
@@ -34,6 +35,22 @@ def test_streaming_woodbury_equals_the_gram_inverse(m, d, B, chunks):
     early.update(grads[:1])
     with pytest.raises(ObertError, match="1 of the"):
         early.inverse()
+
+
+def test_woodbury_steps_equal_the_rank_one_recursion():
+    """k gradients per Woodbury step (float32, MiniLM-like damping) give what the paper's rank-one
+    recursion, written out here gradient by gradient in float64, gives."""
+    torch.manual_seed(3)
+    m, d, B, damp = 37, 60, 20, 1e-4
+    grads = torch.randn(m, d) * 1e-2
+    ref = (torch.eye(B, dtype=torch.float64) / damp).repeat(d // B, 1, 1)
+    for g in grads.double().reshape(m, d // B, B):
+        fg = ref @ g.unsqueeze(-1)
+        ref -= fg @ fg.transpose(1, 2) / (m + g.unsqueeze(1) @ fg)
+    acc = StreamingWoodbury(d, B, damp, m)
+    acc.update(grads)
+    got = acc.inverse().double()
+    assert float(((got - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))).max()) < 1e-4
 
 
 def _scores(method: str, tmp_path, **own) -> tuple[dict, list]:
