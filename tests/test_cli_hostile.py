@@ -316,7 +316,7 @@ def test_bench_file_outputs(option, env, tmp_path, capsys):
     (["prune", "m", "--out", "o", "--sparsity", "0.5", "--frobnicate", "1"], "No such option"),
     (["bench", "m", "--threads", "abc"], "'--threads'"),
     (["prune", "m", "--out", "o", "--sparsity", "50%"], "'--sparsity'"),
-    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--method", "random"], "--method must be obert, magnitude, woodfisher, mfac or movement"),
+    (["prune", "m", "--out", "o", "--sparsity", "0.5", "--method", "random"], "--method must be obert, magnitude, woodfisher, mfac, movement or soft-movement"),
     (["compile", "m", "--out", "o", "--dtype", "int4"], "--dtype must be float32 or int8"),
     (["finetune", "m", "--out", "o", "--lr-scheduler", "zigzag"], "--lr-scheduler must be one of"),
     (["prune", "m", "--out", "o", "--sparsity", "0.5", "--include", "(unclosed"], "--include '(unclosed' is not a valid regular expression"),

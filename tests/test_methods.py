@@ -154,12 +154,12 @@ def test_an_unregistered_method_is_refused_by_the_cli_and_recipes(tmp_path, tiny
                                                                     capsys):
     assert main(["prune", tiny_model_dir, "--method", "largest-first", "--sparsity", "0.5",
                  "--out", str(tmp_path / "o")]) == 2
-    assert "--method must be obert, magnitude, woodfisher, mfac or movement, got 'largest-first'" in capsys.readouterr().err
+    assert "--method must be obert, magnitude, woodfisher, mfac, movement or soft-movement, got 'largest-first'" in capsys.readouterr().err
     doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="largest-first")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
     assert main(["train", "--recipe", str(recipe)]) == 2
-    assert "pruning.method: must be obert, magnitude, woodfisher, mfac or movement, got 'largest-first'" in capsys.readouterr().err
+    assert "pruning.method: must be obert, magnitude, woodfisher, mfac, movement or soft-movement, got 'largest-first'" in capsys.readouterr().err
 
 
 def test_pruning_settings_are_defined_once(largest_first):

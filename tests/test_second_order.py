@@ -203,6 +203,71 @@ def test_movement_scores_accumulate_minus_w_times_grad():
     assert torch.equal(again.scores(None, targets, masks, None, 0)[targets[0].name], got)
 
 
+def test_soft_movement_scores_follow_adam_on_the_straight_through_gradient_and_penalty():
+    """Hand-computed in float64: Adam (betas 0.9/0.999, eps 1e-8) on dL/dS = w g +
+    lambda sigmoid'(S) / N, N the number of target weights; restored after two steps from its
+    state_dict (scores and moments), it continues exactly as the uninterrupted run."""
+    from obert.pruning.methods.movement import SoftMovement
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 3, bias=False)
+    targets = find_targets(torch.nn.Sequential(lin), include=["0"])
+    masks = MaskSet(targets)
+    lr, lam, n = 0.05, 40.0, 18
+    cfg = PruneConfig(0.5, method="soft-movement", score_lr=lr, regularization=lam)
+    weights = [torch.randn(3, 6) for _ in range(4)]
+    grads = [torch.randn(3, 6) for _ in range(4)]
+
+    def run(method, steps):
+        for k in steps:
+            with torch.no_grad():
+                lin.weight.copy_(weights[k])
+            lin.weight.grad = grads[k].clone()
+            method.on_gradients(None, targets, masks)
+        return method
+
+    s = torch.zeros(3, 6, dtype=torch.float64)
+    mom, vel = torch.zeros_like(s), torch.zeros_like(s)
+    for k in range(4):
+        sig = torch.sigmoid(s)
+        d = weights[k].double() * grads[k].double() + lam / n * sig * (1 - sig)
+        mom = 0.9 * mom + 0.1 * d
+        vel = 0.999 * vel + 0.001 * d * d
+        s = s - lr * (mom / (1 - 0.9 ** (k + 1))) / ((vel / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8)
+    full = SoftMovement(cfg)
+    full.on_train_begin(None, targets, masks)
+    got = run(full, range(4)).scores(None, targets, masks, None, 0)[targets[0].name]
+    torch.testing.assert_close(got.double(), s.reshape(-1), rtol=1e-5, atol=1e-6)
+
+    first = SoftMovement(cfg)
+    first.on_train_begin(None, targets, masks)
+    saved = {k: v.clone() for k, v in run(first, range(2)).state_dict().items()}
+    assert f"{targets[0].name}.exp_avg_sq" in saved
+    resumed = SoftMovement(cfg)
+    resumed.load_state_dict(saved)
+    assert resumed.state_dict().keys() == saved.keys()
+    resumed.on_train_begin(None, targets, masks)
+    again = run(resumed, range(2, 4)).scores(None, targets, masks, None, 0)[targets[0].name]
+    assert torch.equal(again, got)
+
+
+def test_soft_movement_penalty_pulls_unused_scores_down():
+    """With no task gradient the penalty alone drives every score down (lambda > 0), and with
+    lambda = 0 they stay where they were."""
+    from obert.pruning.methods.movement import SoftMovement
+
+    lin = torch.nn.Linear(4, 2, bias=False)
+    targets = find_targets(torch.nn.Sequential(lin), include=["0"])
+    for lam, moves in ((10.0, True), (0.0, False)):
+        m = SoftMovement(PruneConfig(0.5, method="soft-movement", regularization=lam))
+        m.on_train_begin(None, targets, MaskSet(targets))
+        for _ in range(3):
+            lin.weight.grad = torch.zeros(2, 4)
+            m.on_gradients(None, targets, MaskSet(targets))
+        got = m.scores(None, targets, MaskSet(targets), None, 0)[targets[0].name]
+        assert bool((got < 0).all()) if moves else bool((got == 0).all())
+
+
 def test_movement_is_gradual_only(tmp_path, tiny_model_dir, data_files, capsys):
     assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", "movement",
                  "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
@@ -215,7 +280,8 @@ def test_movement_is_gradual_only(tmp_path, tiny_model_dir, data_files, capsys):
         load_recipe(doc=doc)
 
 
-def test_movement_recipe_resumes_to_the_same_masks(tmp_path, data_files, tiny_model_dir):
+@pytest.mark.parametrize("method", ["movement", "soft-movement"])
+def test_movement_recipe_resumes_to_the_same_masks(tmp_path, data_files, tiny_model_dir, method):
     """Gradual movement pruning through a recipe; killed after a checkpoint and resumed (scores
     restored from the checkpoint), it ends with the masks of the uninterrupted run."""
     from conftest import Crashed, crash_at
@@ -225,13 +291,13 @@ def test_movement_recipe_resumes_to_the_same_masks(tmp_path, data_files, tiny_mo
     from obert.training.recipe import load_recipe
 
     def recipe(name, structure):
-        return load_recipe(doc=tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="movement",
+        return load_recipe(doc=tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method=method,
                                            pruning__structure=structure, output_dir=str(tmp_path / name)))
 
     full = recipe("full", "block4")
     run_recipe(full, progress=False)
     record = json.loads((tmp_path / "full" / "sparsity.json").read_text())
-    assert record["method"] == "movement" and record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert record["method"] == method and record["global_sparsity"] == pytest.approx(0.8, abs=1e-3)
     cut = recipe("cut", "block4")
     with pytest.raises(Crashed):
         run_recipe(cut, progress=False, extra_callbacks=[crash_at(15)])

@@ -76,7 +76,7 @@ class PruneSettings(Settings):
     model_config = ConfigDict(extra="allow")
     _options: BaseModel = PrivateAttr(default_factory=NoSettings)
 
-    method: str = Field("obert", description="obert, woodfisher, mfac, magnitude or movement (or a "
+    method: str = Field("obert", description="obert, woodfisher, mfac, magnitude, movement or soft-movement (or a "
                                               "method registered in obert.pruning.methods.METHODS)")
     structure: str = Field("unstructured", description="unstructured, block4 (4 consecutive input "
                                                        "weights) or N:M (2:4, 4:8: N of every M "
