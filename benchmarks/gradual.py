@@ -1,4 +1,5 @@
-"""Gradual pruning benchmark: obert+KD vs gradual magnitude+KD on MiniLM / debian-sections.
+"""Gradual pruning benchmark: obert+KD vs gradual magnitude, movement and soft movement (+KD) on
+MiniLM / debian-sections.
 
     .venv/bin/python benchmarks/gradual.py [--only RUN ...] [--only-plot]
 
@@ -9,7 +10,9 @@
    32 rows at length 64 = 3 epochs over a 6,000-row transfer set (the dense model's 3,000 rows and
    3,000 more; hardness 1, so no labels are used); one-shot to 50% at epoch 0, cubic steps every
    quarter epoch to epoch 1.5, then 1.5 epochs with the mask fixed; LR 1e-4 rewound at each
-   pruning step; T 2; m=128 gradients of batch 8.
+   pruning step; T 2; m=128 gradients of batch 8. Movement and soft movement
+   (recipes/minilm_debian_{movement,soft-movement}{80,90}.yaml) have the same budget, with their
+   first pruning step at epoch 0.25 (their scores come from training steps).
 Each finished run is stored in docs/gradual_results.json (with the dense model's hash); a
 killed run resumes from its last checkpoint. Writes the table into docs/benchmarks.md and the
 accuracy-over-training plot to docs/gradual.png.
@@ -26,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, ROOT, dense_minilm, guard_results, log, replace_doc_block  # noqa: E402
 
-RUNS = ["obert80", "magnitude80", "obert90", "magnitude90"]
+METHODS = ["obert", "magnitude", "movement", "soft-movement"]
+RUNS = [f"{m}{sp}" for sp in (80, 90) for m in METHODS]
 BEGIN, END = "<!-- gradual:begin -->", "<!-- gradual:end -->"
 
 
@@ -89,21 +93,23 @@ def report(results: dict) -> None:
         return
     dense = 100 * results["dense"]["accuracy"]
     lines = [f"Dense (length 64): **{dense:.1f}%**.", "",
-             "| sparsity | obert + KD | magnitude + KD | obert − dense |", "|---|---|---|---|"]
+             "| sparsity | " + " | ".join(f"{m} + KD" for m in METHODS) + " | obert − dense |",
+             "|---|" + "---|" * (len(METHODS) + 1)]
     for sp in (80, 90):
-        o, m = results.get(f"obert{sp}"), results.get(f"magnitude{sp}")
         acc = lambda r: f"{100 * r['metrics']['accuracy']:.1f}" if r else "—"  # noqa: E731
+        o = results.get(f"obert{sp}")
         gap = f"{100 * o['metrics']['accuracy'] - dense:+.1f}" if o else "—"
-        lines.append(f"| {sp}% | {acc(o)} | {acc(m)} | {gap} |")
+        lines.append(f"| {sp}% | " + " | ".join(acc(results.get(f"{m}{sp}")) for m in METHODS) + f" | {gap} |")
     table = "\n".join(lines)
     print(table)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.axhline(dense, color="black", ls="--", label="dense")
     for name in RUNS:
         r = results.get(name)
         if r:
             ax.plot([e["epoch"] for e in r["eval"]], [100 * e["accuracy"] for e in r["eval"]],
-                    "o-" if name.startswith("obert") else "s--", label=name)
+                    "o-" if name.startswith("obert") else "s--" if name.startswith("magnitude") else
+                    "^:" if name.startswith("movement") else "v-.", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Gradual pruning of MiniLM on debian-sections (KD from dense)")
