@@ -159,6 +159,21 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
+def scratch_dir(kind: str):
+    """A ``tempfile.TemporaryDirectory`` named ``obert-KIND-HOST-PID-TOKEN*`` in the system's
+    temporary directory, for large scratch files (paged gradients, spilled Fisher blocks). The
+    ones of the same kind left by processes of this host that no longer run (``kill -9`` skips
+    every cleanup) are removed first: they can hold gigabytes."""
+    import tempfile
+
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"obert-{kind}-*"):
+        host, pid, _ = (old.name[len(f"obert-{kind}-"):].rsplit("-", 2) + ["", ""])[:3]
+        if _gone(host, pid) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"obert-{kind}-{_stamp()}")
+
+
 @contextmanager
 def claim_output(out: str | Path) -> Iterator[Path]:
     """Hold ``.NAME.obert-lock`` next to ``out`` while a run works towards it, so a second run

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from obert.device import GiB, available_memory
 from obert.distributed import all_reduce_sum, process_group
 from obert.errors import ObertError
+from obert.io import scratch_dir
 from obert.model.masks import MaskSet
 from obert.core.obs import StreamingFisher, StreamingWoodbury, invert_fisher
 from obert.model.targets import Target
@@ -279,7 +280,7 @@ def collect_fisher(model: nn.Module, targets: list[Target], masks: MaskSet,
         log(f"[obert] {plan.describe()}")
     result = FisherResult(plan=plan, device=device)
     if len(plan.groups) > 1:
-        result._tmp = tempfile.TemporaryDirectory(prefix="obert-finv-")
+        result._tmp = scratch_dir("finv")
     times = {"grad_seconds": 0.0}
     with gradients_of(model, targets):
         for gi, group in enumerate(plan.groups):

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from obert.core.mfac import MFAC
 from obert.device import GiB, available_memory
 from obert.errors import ObertError
+from obert.io import scratch_dir
 from obert.model.masks import MaskSet
 from obert.model.targets import Target
 from obert.pruning.fisher import _size, batch_stream, gradient_chunks, gradients_of, padded_size
@@ -114,7 +115,7 @@ def collect_mfac(model: nn.Module, targets: list[Target], masks: MaskSet,
     for t, b, n in zip(targets, blocks, sizes):
         result.blocks[t.name], result.sizes[t.name] = b, n
         result.chunk_blocks[t.name] = blocks_per_chunk(num_grads, b, budget, dtype.itemsize)
-    tmp = tempfile.TemporaryDirectory(prefix="obert-mfac-")
+    tmp = scratch_dir("mfac")
     result._tmp = tmp
     disk = dtype.itemsize * num_grads * sum(sizes)
     free = shutil.disk_usage(tmp.name).free
