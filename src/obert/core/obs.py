@@ -205,7 +205,7 @@ def saliency(weights: Tensor, finv: Tensor, group_size: int = 1) -> Tensor:
         return (w.square() / (2 * finv.diagonal(dim1=-2, dim2=-1))).reshape(-1)
     diag = group_diag_blocks(finv, group_size)  # [nb, ng, g, g]
     wq = w.reshape(nb, bsz // group_size, group_size, 1)
-    sol = torch.linalg.solve(diag, wq)  # [(F^-1)_QQ]^-1 w_Q
+    sol = _solve_spd(diag, wq.squeeze(-1)).unsqueeze(-1)  # [(F^-1)_QQ]^-1 w_Q
     return (0.5 * (wq * sol).sum(dim=(-2, -1))).reshape(-1)
 
 
@@ -264,11 +264,11 @@ def prune_update(weights: Tensor, finv: Tensor, prune_mask: Tensor, *, joint: bo
         # Only blocks that prune something need a solve (indexing copies, so skip it if all do).
         active = p.any(dim=1)
         if bool(active.all()):
-            z = _masked_spd_solve(finv, wp.squeeze(-1), p).unsqueeze(-1)
+            z = _solve_spd(finv, wp.squeeze(-1), p).unsqueeze(-1)
         else:
             z = torch.zeros_like(wp)
             if bool(active.any()):
-                z[active] = _masked_spd_solve(finv[active], wp[active].squeeze(-1), p[active]).unsqueeze(-1)
+                z[active] = _solve_spd(finv[active], wp[active].squeeze(-1), p[active]).unsqueeze(-1)
     else:
         ng = bsz // group_size
         if group_size == 1:
@@ -287,24 +287,29 @@ def group_solve(blocks: Tensor, w: Tensor, pruned: Tensor) -> Tensor:
     ``blocks`` ``[.., g, g]`` are the groups' ``F^-1_QQ``, ``w`` and ``pruned`` ``[.., g]``. A
     whole group pruned (block4) solves with ``F^-1_QQ``; part of one (N:M) with its sub-block."""
     p = pruned.to(blocks.dtype)
-    sub = blocks * p.unsqueeze(-1) * p.unsqueeze(-2)
-    sub.diagonal(dim1=-2, dim2=-1).add_(1 - p)  # identity off P, where the right-hand side is 0
-    return torch.linalg.solve(sub, (w.to(blocks.dtype) * p).unsqueeze(-1)).squeeze(-1)
+    # The masked system: identity off P, where the right-hand side is 0.
+    return _solve_spd(blocks, w.to(blocks.dtype) * p, p)
 
 
-def _masked_spd_solve(a: Tensor, b: Tensor, p: Tensor) -> Tensor:
-    """``z = S^-1 b`` for the masked systems ``S = a_PP`` on ``p`` (identity elsewhere), batched
-    Cholesky; the systems whose factorisation fails are redone by float64 LU."""
+def _solve_spd(a: Tensor, b: Tensor, p: Tensor | None = None) -> Tensor:
+    """``x = S^-1 b`` for a batch of SPD systems ``S = a`` ``[..., n, n]``, ``b`` ``[..., n]``,
+    or with ``p`` the masked systems ``a_PP`` on ``p`` (identity elsewhere): batched Cholesky
+    (``core.batched.spd_solve``); the systems whose factorisation fails are redone by float64 LU."""
+    shape = b.shape
+    n = a.shape[-1]
+    a, b = a.reshape(-1, n, n), b.reshape(-1, n)
+    p = None if p is None else p.reshape(-1, n)
     z, info = spd_solve(a, b, p)
     bad = (info != 0).nonzero().squeeze(1)
     if bad.numel():
-        pb = p[bad].double()
         s = a[bad].double().tril()
         s = s + s.tril(-1).transpose(-2, -1)  # the lower triangle is what the Cholesky read
-        s = s * pb.unsqueeze(-1) * pb.unsqueeze(-2)
-        s.diagonal(dim1=-2, dim2=-1).add_(1 - pb)
+        if p is not None:
+            pb = p[bad].to(s.dtype)
+            s = s * pb.unsqueeze(-1) * pb.unsqueeze(-2)
+            s.diagonal(dim1=-2, dim2=-1).add_(1 - pb)
         z[bad] = torch.linalg.solve(s, b[bad].double().unsqueeze(-1)).squeeze(-1).to(z.dtype)
-    return z
+    return z.reshape(shape)
 
 
 def quadratic_cost(delta: Tensor, fisher: Tensor) -> Tensor:
