@@ -10,7 +10,8 @@ import torch
 from obert.core.batched import accumulate_gram_lower, spd_inverse_, spd_solve, symmetrize_lower_
 from obert.core.obs import invert_fisher
 
-SHAPES = [(1, 1), (5, 4), (16, 7), (17, 50), (33, 32), (3, 97)]  # (matrices, n): lane tails, odd n
+# (matrices, n): lane tails, odd n, and one beyond NATIVE_MAX_N (the LAPACK path under the same contract)
+SHAPES = [(1, 1), (5, 4), (16, 7), (17, 50), (33, 32), (3, 97), (2, 260)]
 
 
 def spd_batch(N: int, n: int, seed: int = 0) -> torch.Tensor:

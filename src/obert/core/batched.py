@@ -17,9 +17,15 @@ from torch import Tensor
 from obert import native as _native
 
 
-def _ext(*tensors: Tensor, native: bool = True):
-    """The extension when these tensors can go to the native kernels, else None."""
-    if not native or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+# Largest matrix the native inverse and solve take: their 16 matrices in flight need 32 n^2
+# bytes, beyond L2 above this, while LAPACK's blocked factorisation is efficient on big matrices.
+NATIVE_MAX_N = 256
+
+
+def _ext(*tensors: Tensor, native: bool = True, n: int = 0):
+    """The extension when these tensors (matrices ``n x n``) can go to the native kernels, else None."""
+    if not native or n > NATIVE_MAX_N or any(t.device.type != "cpu" or t.dtype != torch.float32
+                                             for t in tensors):
         return None
     return _native.load()
 
@@ -54,7 +60,7 @@ def spd_inverse_(a: Tensor, scale: float = 1.0, shift: Tensor | None = None, *,
     symmetric positive definite matrices (lower triangles read, full inverses written; Cholesky
     ``L L^T``, inverse ``L^-T L^-1``). Returns ``info`` ``[N]`` int32: 0, or the first column
     (+1) whose pivot was not positive, as LAPACK reports it; such a matrix is left unchanged."""
-    ext = _ext(a, native=native)
+    ext = _ext(a, native=native, n=a.shape[-1])
     if shift is not None:
         shift = shift.to(device=a.device, dtype=a.dtype).contiguous()
     if ext is not None and a.is_contiguous():
@@ -78,7 +84,7 @@ def spd_solve(a: Tensor, rhs: Tensor, mask: Tensor | None = None, *,
     the masked set, the identity elsewhere). Lower triangles read. Returns ``(x, info)`` with
     ``info`` as ``spd_inverse_``'s (that system's ``x`` is meaningless)."""
     pm = None if mask is None else mask.to(device=a.device, dtype=a.dtype)
-    ext = _ext(a, native=native)
+    ext = _ext(a, native=native, n=a.shape[-1])
     if ext is not None and rhs.dtype == a.dtype:
         return tuple(ext.spd_solve(a.contiguous(), rhs.contiguous(),
                                    None if pm is None else pm.contiguous(), _native.isa_index()))
