@@ -50,11 +50,19 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def guard_results(results: dict, model, log: Callable[[str], None] = log) -> None:
-    """Drop saved results that came from a different dense model; record this one's hash."""
+def guard_results(results: dict, model, path: Path, log: Callable[[str], None] = log) -> None:
+    """Results from a different dense model are moved aside (to ``<path stem>.<its hash>.json``,
+    nothing is lost) and ``results`` starts afresh; record this model's hash. The dense
+    fine-tuning is not bit-reproducible across CPUs, so a re-made dense model is another model."""
+    import json
+
     digest = weights_digest(model)
-    if results.get("dense_sha256", digest) != digest:
-        log("the dense model differs from the one the saved results came from: starting afresh")
+    old = results.get("dense_sha256", digest)
+    if old != digest:
+        keep = path.with_name(f"{path.stem}.{old[:12]}{path.suffix}")
+        keep.write_text(json.dumps(results, indent=1))
+        log(f"the dense model differs from the one the saved results came from: they are kept in "
+            f"{keep.name}, starting afresh")
         results.clear()
     results["dense_sha256"] = digest
 

@@ -205,7 +205,7 @@ def main() -> None:
 
             dense_dir = dense_minilm(work / "bench" / "dense", log)
             _, dense = load_classifier(str(dense_dir))
-            guard_results(results, dense, log)
+            guard_results(results, dense, path, log)
             if "dense" not in results:
                 results["dense"] = dense_accuracy(dense_dir)
                 write_json(path, results)
