@@ -53,6 +53,30 @@ def test_woodbury_steps_equal_the_rank_one_recursion():
     assert float(((got - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))).max()) < 1e-4
 
 
+def test_woodbury_steps_redo_failed_inner_inverses_in_float64(monkeypatch):
+    """Where the batched float32 Cholesky of ``m I + G F^-1 G^T`` fails (reported, the matrix
+    left as it was), the step uses its float64 inverse: the result is the same matrix."""
+    from obert.core import obs
+
+    torch.manual_seed(4)
+    grads = torch.randn(20, 40)
+    expected = fisher_inverse_blocks(grads.double(), 10, 1e-2)
+    real = obs.spd_inverse_
+
+    def failing(a, scale=1.0, shift=None, **kw):  # every other block "fails"
+        keep = a[1::2].clone()
+        info = real(a, scale, shift, **kw)
+        a[1::2] = keep
+        info[1::2] = 1
+        return info
+
+    monkeypatch.setattr(obs, "spd_inverse_", failing)
+    acc = StreamingWoodbury(40, 10, 1e-2, 20)
+    acc.update(grads)
+    got = acc.inverse().double()
+    assert float(((got - expected).norm(dim=(1, 2)) / expected.norm(dim=(1, 2))).max()) < 1e-4
+
+
 def _scores(method: str, tmp_path, **own) -> tuple[dict, list]:
     torch.manual_seed(0)
     model = tiny_model("bert").double()
