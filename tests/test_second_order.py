@@ -70,11 +70,19 @@ def test_woodbury_steps_redo_failed_inner_inverses_in_float64(monkeypatch):
         info[1::2] = 1
         return info
 
+    def woodbury() -> torch.Tensor:
+        acc = StreamingWoodbury(40, 10, 1e-2, 20)
+        acc.update(grads)
+        return acc.inverse().double()
+
+    plain = woodbury()
     monkeypatch.setattr(obs, "spd_inverse_", failing)
-    acc = StreamingWoodbury(40, 10, 1e-2, 20)
-    acc.update(grads)
-    got = acc.inverse().double()
-    assert float(((got - expected).norm(dim=(1, 2)) / expected.norm(dim=(1, 2))).max()) < 1e-4
+    got = woodbury()
+    rel = lambda a, b: (a - b).norm(dim=(1, 2)) / b.norm(dim=(1, 2))  # noqa: E731
+    # float32 accuracy at cond(F) ~ 1e3 (without the float64 redo, blocks 1 and 3 would hold the
+    # un-inverted G F^-1 G^T: errors of order 1); the redone blocks are no less exact.
+    assert float(rel(got, expected).max()) < 2e-4
+    assert bool((rel(got, expected)[1::2] <= rel(plain, expected)[1::2] * 1.01).all())
 
 
 def _scores(method: str, tmp_path, **own) -> tuple[dict, list]:
