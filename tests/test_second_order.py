@@ -300,13 +300,14 @@ def test_soft_movement_penalty_pulls_unused_scores_down():
         assert bool((got < 0).all()) if moves else bool((got == 0).all())
 
 
-def test_movement_is_gradual_only(tmp_path, tiny_model_dir, data_files, capsys):
-    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", "movement",
+@pytest.mark.parametrize("method", ["movement", "soft-movement"])
+def test_movement_is_gradual_only(tmp_path, tiny_model_dir, data_files, capsys, method):
+    assert main(["prune", tiny_model_dir, "--train-file", data_files[0], "--method", method,
                  "--sparsity", "0.5", "--out", str(tmp_path / "o")]) == 2
-    assert "movement learns its scores while training" in capsys.readouterr().err
+    assert f"{method} learns its scores while training" in capsys.readouterr().err
     from obert.training.recipe import load_recipe
 
-    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method="movement",
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir, pruning__method=method,
                       pruning__start_epoch=0)
     with pytest.raises(ObertError, match="start pruning after some"):
         load_recipe(doc=doc)
