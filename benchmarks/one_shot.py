@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--recomputations", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--groups", nargs="+", choices=["base", "family", "damp"], default=["base"],
                     help="base: oBERT vs magnitude; family: WoodFisher, M-FAC, N:M; damp: --damp auto")
+    ap.add_argument("--structures", nargs="+", default=["unstructured", "block4", "2:4"],
+                    help="run only the configurations of these structures")
     ap.add_argument("--only-plot", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new configs after this")
     args = ap.parse_args()
@@ -138,7 +140,8 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
         write_json(results_path, results)
     log(f"dense accuracy {results['dense']['accuracy']:.4f}")
 
-    todo = [c for c in configs(args.recomputations, tuple(args.groups)) if key(c) not in results]
+    todo = [c for c in configs(args.recomputations, tuple(args.groups))
+            if key(c) not in results and c["structure"] in args.structures]
     # Cheapest first: magnitude, then obert reusing the dense Fisher, then recomputations
     # (each costs R-1 fresh gradient collections), the reference's sparsities first.
     priority = {0.8: 0, 0.7: 1, 0.5: 2, 0.6: 3, 0.3: 4}
