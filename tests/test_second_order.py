@@ -511,10 +511,12 @@ def test_relative_damping_inverse_matches_explicit():
     assert bool(torch.isfinite(got[3]).all())
 
 
-def test_damp_auto_picks_the_grid_minimiser(tmp_path):
-    """One-shot oBERT with --damp auto: every damping of the grid is scored by the held-out loss
-    after its OBS update, recomputed here from explicit per-block inverses; the lowest wins and
-    the pruned weights are that candidate's."""
+@pytest.mark.parametrize("criterion", ["kl", "loss"])
+def test_damp_auto_picks_the_grid_minimiser(tmp_path, criterion):
+    """One-shot oBERT with --damp auto: every damping of the grid is scored after its OBS update
+    (kl: the divergence of the held-out predictions from the unpruned model's; loss: the task
+    loss), recomputed here from explicit per-block inverses and explicit softmaxes; the lowest
+    wins and the pruned weights are that candidate's."""
     from obert.core.obs import prune_update, saliency
     from obert.pruning.driver import heldout_loss, prune_model, select_groups
     from obert.pruning.fisher import batch_stream
@@ -534,6 +536,13 @@ def test_damp_auto_picks_the_grid_minimiser(tmp_path):
             g = t.module.weight.grad.reshape(-1, 16)
             grams[t.name] += g.unsqueeze(-1) * g.unsqueeze(-2)
     heldout = list(batch_stream(loaders, 3, 104_729))
+
+    def log_probs():
+        with torch.no_grad():
+            return torch.cat([torch.log_softmax(model(**b).logits, -1) for b in heldout])
+
+    model.eval()
+    reference = log_probs()
     expect, weights = {}, {}
     for r in AUTO_GRID:
         finv = {}
@@ -547,20 +556,58 @@ def test_damp_auto_picks_the_grid_minimiser(tmp_path):
             for t in targets:
                 t.module.weight.copy_(prune_update(start[t.name], finv[t.name],
                                                    chosen[t.name].reshape(t.module.weight.shape)))
-        expect[r] = heldout_loss(model, heldout)
+        if criterion == "loss":
+            expect[r] = heldout_loss(model, heldout)
+        else:
+            lp = log_probs()
+            expect[r] = float((reference.exp() * (reference - lp)).sum(-1).mean())
         weights[r] = {t.name: t.module.weight.detach().clone() for t in targets}
         with torch.no_grad():
             for t in targets:
                 t.module.weight.copy_(start[t.name])
     cfg = PruneConfig(0.6, grad_batch_size=8, num_grads=6, fisher_block_size=16, damp="auto",
-                      auto_batches=3)
+                      auto_batches=3, auto_criterion=criterion)
     _, report = prune_model(model, targets, cfg, loaders, log=lambda s: None)
     step = report.steps[0]
+    assert step["damping_criterion"] == criterion
     assert {float(k): v for k, v in step["damping_losses"].items()} == pytest.approx(expect, rel=1e-9)
     best = min(expect, key=expect.get)
     assert step["damping"] == best and len(set(expect.values())) > 1
     for t in targets:
         torch.testing.assert_close(t.module.weight.detach(), weights[best][t.name], rtol=1e-6, atol=1e-9)
+
+
+def test_divergence_rows_per_task_output():
+    """output_log_probs keeps one distribution per labelled token (masked LM: labels -100
+    elsewhere), per example (classification), and per example for each of QA's start/end logits;
+    divergence is the mean KL over those rows, against explicit sums."""
+    from obert.pruning.driver import divergence, output_log_probs
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.out = out
+
+        def forward(self, **batch):
+            return {k: v + 0 * self.p for k, v in self.out.items()}
+
+    torch.manual_seed(0)
+    mlm = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), -100)
+    labels[0, 1], labels[1, 3], labels[1, 4] = 2, 5, 0
+    got = output_log_probs(Fixed({"logits": mlm}), [{"labels": labels}])
+    assert got[0][0].shape == (3, 7)
+    torch.testing.assert_close(got[0][0], torch.log_softmax(mlm[labels != -100], -1))
+    qa = {"start_logits": torch.randn(3, 9), "end_logits": torch.randn(3, 9), "loss": torch.tensor(1.0)}
+    got_qa = output_log_probs(Fixed(qa), [{"start_positions": torch.zeros(3, dtype=torch.long)}])
+    assert [t.shape for t in got_qa[0]] == [(3, 9), (3, 9)]  # end, start: sorted by name
+    other = {k: v + torch.randn_like(v) for k, v in qa.items() if k != "loss"}
+    got_other = output_log_probs(Fixed(other), [{}])
+    expect = sum(float((torch.softmax(qa[k], -1) * (torch.log_softmax(qa[k], -1)
+                        - torch.log_softmax(other[k], -1))).sum()) for k in ("start_logits", "end_logits")) / 6
+    assert divergence(got_qa, got_other) == pytest.approx(expect, rel=1e-5)
+    assert divergence(got_qa, got_qa) == 0.0
 
 
 def test_damp_auto_through_the_cli_and_a_recipe(tmp_path, tiny_model_dir, data_files, capsys):

@@ -85,34 +85,77 @@ def heldout_loss(model: nn.Module, batches: list[dict]) -> float:
     return sum(losses) / len(losses)
 
 
+def output_log_probs(model: nn.Module, batches: list[dict]) -> list[list[Tensor]]:
+    """Per batch, the log-softmax of every ``*logits`` output of ``model`` (dropout off), rows
+    ``[N, C]``: for token-level outputs (logits shaped like the labels plus classes) only the
+    positions with a label (not -100), so a masked LM keeps its masked tokens, not 30k-way
+    distributions at every position; start/end logits of QA are one distribution per example."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                b = {k: v.to(device) for k, v in b.items()}
+                res = model(**b)
+                labels = b.get("labels")
+                rows = []
+                for name in sorted(k for k in res.keys() if k.endswith("logits")):
+                    logits = res[name].to(torch.promote_types(res[name].dtype, torch.float32))
+                    if labels is not None and labels.shape == logits.shape[:-1]:
+                        logits = logits[labels != -100]
+                    rows.append(torch.log_softmax(logits.reshape(-1, logits.shape[-1]), -1))
+                out.append(rows)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def divergence(reference: list[list[Tensor]], other: list[list[Tensor]]) -> float:
+    """Mean ``KL(p_ref || p)`` over the rows of ``output_log_probs`` results."""
+    total, rows = 0.0, 0
+    for ref_b, b in zip(reference, other):
+        for r, o in zip(ref_b, b):
+            total += float((r.exp() * (r - o)).sum())
+            rows += r.shape[0]
+    return total / max(rows, 1)
+
+
 def choose_damping(method: Method, model: nn.Module, targets: list[Target], masks: MaskSet,
                    loader_factory, step: int, target: float, config: PruneConfig,
                    log: Callable[[str], None]) -> dict:
     """Try each of ``method.damping_candidates()`` on this step: prune to ``target`` with it,
-    measure the loss on ``auto_batches`` mini-batches drawn with another seed than the Fisher's,
-    restore the weights; then ``use_damping`` the one with the lowest loss. Returns what to record
-    (the choice and every candidate's loss)."""
+    score the result on ``auto_batches`` mini-batches drawn with another seed than the Fisher's,
+    restore the weights; then ``use_damping`` the best. The score (``auto_criterion``): ``kl``,
+    the divergence of the pruned model's predictions from the model's before this step
+    (what the OBS update preserves, label-free, compared example by example), or ``loss``, the
+    task loss. Returns what to record (the choice and every candidate's score)."""
     n = getattr(method.options, "auto_batches", 4)
+    criterion = getattr(method.options, "auto_criterion", "kl")
     batches = list(batch_stream(loader_factory, n, config.seed + 7919 * step + 104_729))
+    reference = output_log_probs(model, batches) if criterion == "kl" else None
     saved = {t.name: t.module.weight.detach().clone() for t in targets}
-    losses = {}
+    scores = {}
     method.trial = True
     try:
         for damping in method.damping_candidates():
             method.use_damping(damping)
             method.update(targets, choose_pruned(method, model, targets, masks, loader_factory,
                                                  step, target, config))
-            losses[damping] = heldout_loss(model, batches)
+            scores[damping] = divergence(reference, output_log_probs(model, batches)) \
+                if reference is not None else heldout_loss(model, batches)
             with torch.no_grad():
                 for t in targets:
                     t.module.weight.copy_(saved[t.name])
     finally:
         method.trial = False
-    best = min(losses, key=lambda d: (losses[d], d))
+    best = min(scores, key=lambda d: (scores[d], d))
     method.use_damping(best)
-    log(f"[obert] --damp auto: {best:g} x mean Fisher diagonal (held-out loss "
-        + ", ".join(f"{d:g}: {v:.4f}" for d, v in losses.items()) + ")")
-    return {"damping": best, "damping_losses": {f"{d:g}": v for d, v in losses.items()}}
+    log(f"[obert] --damp auto: {best:g} x mean Fisher diagonal (held-out {criterion} "
+        + ", ".join(f"{d:g}: {v:.4f}" for d, v in scores.items()) + ")")
+    return {"damping": best, "damping_criterion": criterion,
+            "damping_losses": {f"{d:g}": v for d, v in scores.items()}}
 
 
 def choose_patterns(scores: Tensor, pruned_before: Tensor, patterns: Tensor, name: str) -> Tensor:

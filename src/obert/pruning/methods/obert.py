@@ -69,6 +69,9 @@ class OBertSettings(FisherSettings):
                           "lowest loss on held-out batches")
     auto_batches: int = Field(4, gt=0, description="held-out mini-batches scoring each damping of "
                                                    "--damp auto")
+    auto_criterion: Literal["kl", "loss"] = Field(
+        "kl", description="what --damp auto minimises on them: kl (divergence of the pruned "
+                          "model's predictions from the model's before the step) or loss (task loss)")
 
     @field_validator("damp", mode="before")
     @classmethod
