@@ -60,8 +60,15 @@ def family_configs(recomputations: list[int]) -> list[dict]:
 
 
 def damp_configs() -> list[dict]:
-    return [dict(method="obert", structure="unstructured", sparsity=s, R=1, update="joint", damp=d)
-            for s in SPARSITIES for d in [*FIXED_DAMPS, "auto"] if d != 1e-7]  # 1e-7: the base run
+    """Fixed dampings (1e-7 is the base run's), and --damp auto scoring candidates by the task
+    loss and by the KL divergence from the unpruned model's predictions (4 batches each)."""
+    out = [dict(method="obert", structure="unstructured", sparsity=s, R=1, update="joint", damp=d)
+           for s in SPARSITIES for d in [*FIXED_DAMPS, "auto"] if d != 1e-7]
+    for c in out:
+        if c["damp"] == "auto":
+            c["criterion"] = "loss"
+    return out + [dict(method="obert", structure="unstructured", sparsity=s, R=1, update="joint",
+                       damp="auto", criterion="kl") for s in SPARSITIES]
 
 
 def configs(recomputations: list[int], groups: tuple[str, ...] = ("base",)) -> list[dict]:
@@ -82,6 +89,7 @@ def configs(recomputations: list[int], groups: tuple[str, ...] = ("base",)) -> l
 
 def key(c: dict) -> str:
     extra = (f"-B{c['block']}" if "block" in c else "") + (f"-d{c['damp']}" if "damp" in c else "")
+    extra += "-kl" if c.get("criterion") == "kl" else ""  # auto by the loss: the plain -dauto key
     return f"{c['method']}-{c['structure']}-{c['sparsity']}-R{c['R']}-{c['update']}{extra}"
 
 
@@ -94,6 +102,8 @@ def prune_config(c: dict, num_grads: int):
         own = {"num_grads": num_grads, "damp": c.get("damp", 1e-7), "update": c["update"]}
         if "block" in c:
             own["fisher_block_size"] = c["block"]
+        if "criterion" in c:
+            own["auto_criterion"] = c["criterion"]
     return PruneConfig(sparsity=c["sparsity"], method=c["method"], structure=c["structure"],
                        grad_batch_size=16, num_recomputations=c["R"], **own)
 
@@ -279,16 +289,19 @@ def damp_report(results: dict) -> str:
     def k(s, d):
         return f"obert-unstructured-{s}-R1-joint" + ("" if d == 1e-7 else f"-d{d}")
 
+    def chosen(r):
+        return ", ".join(f"{st['damping']:g}" for st in r.get("steps", []) if "damping" in st) if r else "—"
+
     lines = ["| sparsity | " + " | ".join(f"damp {d:g}" for d in FIXED_DAMPS)
-             + " | best fixed | auto | auto's choice (x mean diag) |", "|---" * (len(FIXED_DAMPS) + 4) + "|"]
+             + " | best fixed | auto (KL) | its choice (x mean diag) | auto (loss) | its choice |",
+             "|---" * (len(FIXED_DAMPS) + 6) + "|"]
     for s in SPARSITIES:
         fixed = [results.get(k(s, d)) for d in FIXED_DAMPS]
         best = max((100 * r["accuracy"] for r in fixed if r), default=None)
-        auto = results.get(k(s, "auto"))
-        chosen = ", ".join(f"{st['damping']:g}" for st in auto.get("steps", []) if "damping" in st) \
-            if auto else "—"
+        kl, loss = k(s, "auto") + "-kl", k(s, "auto")
         cells = [_cell(results, k(s, d)) for d in FIXED_DAMPS]
-        cells += [f"{best:.1f}" if best is not None else "—", _cell(results, k(s, "auto")), chosen]
+        cells += [f"{best:.1f}" if best is not None else "—", _cell(results, kl), chosen(results.get(kl)),
+                  _cell(results, loss), chosen(results.get(loss))]
         lines.append(f"| {int(s * 100)}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -122,7 +122,8 @@ class OBert(Method):
                               max_memory_gb=o.max_memory_gb, woodbury=self.woodbury, log=log)
 
     def estimate_key(self) -> dict:
-        return self.options.model_dump(mode="json", exclude={"update"})  # the update does not change the Fisher
+        # the update and how --damp auto scores its candidates do not change the Fisher
+        return self.options.model_dump(mode="json", exclude={"update", "auto_batches", "auto_criterion"})
 
     def _flat(self, t) -> Tensor:
         """Weight flattened row-major, zero-padded to whole Fisher blocks."""
