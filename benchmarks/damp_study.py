@@ -2,7 +2,8 @@
 benchmark's: m=256 gradients of batch 16 at length 128, B=50, joint update, global), pruned at
 several sparsities with each relative damping of a fine grid; for every candidate: validation
 accuracy (the whole split), the task loss on 4, 16 and 64 held-out training mini-batches (what
-``--damp auto`` scores), and the KL divergence from the unpruned model's predictions on 16 of them.
+``--damp auto`` scores by ``--auto-criterion loss``), and the KL divergence from the unpruned
+model's predictions on the same (``--auto-criterion kl``).
 
     .venv/bin/python benchmarks/damp_study.py [--sparsities 0.6 0.7 0.8]
 
@@ -78,17 +79,18 @@ def main() -> None:
             method.update(targets, choose_pruned(method, model, targets, masks, loader, 0, s, cfg))
             got = outputs(model, held)
             losses = torch.cat([g[0] for g in got])
-            kl = torch.cat([(r[1].exp() * (r[1] - g[1])).sum(-1) for r, g in zip(ref[:16], got[:16])])
+            kl = torch.cat([(r[1].exp() * (r[1] - g[1])).sum(-1) for r, g in zip(ref, got)])
             row = {"sparsity": s, "relative_damp": rel, "accuracy": evaluate(model, val)["accuracy"],
                    "loss4": float(losses[:64].mean()), "loss16": float(losses[:256].mean()),
-                   "loss64": float(losses.mean()), "kl16": float(kl.mean())}
+                   "loss64": float(losses.mean()), "kl4": float(kl[:64].mean()),
+                   "kl16": float(kl[:256].mean()), "kl64": float(kl.mean())}
             results["runs"].append(row)
             log(json.dumps(row))
             write_json(Path(args.out), results)
             with torch.no_grad():
                 for t in targets:
                     t.module.weight.copy_(saved[t.name])
-    for crit in ("loss4", "loss16", "loss64", "kl16"):
+    for crit in ("loss4", "loss16", "loss64", "kl4", "kl16", "kl64"):
         gaps = []
         for s in args.sparsities:
             rows = [r for r in results["runs"] if r["sparsity"] == s]
