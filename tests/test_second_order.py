@@ -497,18 +497,25 @@ def test_nm_gradual_recipe_ends_2_of_4(tmp_path, data_files, tiny_model_dir):
 
 
 # -- --damp auto -------------------------------------------------------------------------------
-def test_relative_damping_inverse_matches_explicit():
-    from obert.core.obs import gram_blocks, invert_fisher
+def test_auto_damping_is_one_lambda_in_units_of_the_mean_fisher_diagonal():
+    """FisherResult.use_damping(r): every block inverted with lambda = r * mean(diag F) over all
+    blocks of all targets, against explicit inverses."""
+    from obert.core.obs import gram_blocks
+    from obert.pruning.fisher import FisherResult
 
     torch.manual_seed(0)
-    grads = torch.randn(6, 40, dtype=torch.float64)
-    grads[:, 30:] = 0  # a block without gradient stays finite
-    got = invert_fisher(gram_blocks(grads, 10), 6, 0.1, relative=True)
-    for b in range(3):
-        f = grads[:, 10 * b:10 * b + 10].T @ grads[:, 10 * b:10 * b + 10] / 6
-        ref = torch.linalg.inv(f + 0.1 * f.diagonal().mean() * torch.eye(10, dtype=torch.float64))
-        torch.testing.assert_close(got[b], ref, rtol=1e-9, atol=1e-9)
-    assert bool(torch.isfinite(got[3]).all())
+    grads = {"a": torch.randn(6, 40, dtype=torch.float64), "b": 3 * torch.randn(6, 20, dtype=torch.float64)}
+    grads["a"][:, 30:] = 0  # a block without gradient is damped like the others
+    res = FisherResult(grams={n: gram_blocks(g, 10) for n, g in grads.items()}, num_grads=6)
+    scale = float(torch.cat([g.square().mean(0) for g in grads.values()]).mean())
+    assert res.fisher_scale() == pytest.approx(scale, rel=1e-12)
+    res.use_damping(0.1)
+    assert res.damping == 0.1 and res.damping_absolute == pytest.approx(0.1 * scale, rel=1e-12)
+    for n, g in grads.items():
+        for b in range(g.shape[1] // 10):
+            f = g[:, 10 * b:10 * b + 10].T @ g[:, 10 * b:10 * b + 10] / 6
+            ref = torch.linalg.inv(f + 0.1 * scale * torch.eye(10, dtype=torch.float64))
+            torch.testing.assert_close(res.get(n)[b], ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("criterion", ["kl", "loss"])
@@ -544,12 +551,13 @@ def test_damp_auto_picks_the_grid_minimiser(tmp_path, criterion):
     model.eval()
     reference = log_probs()
     expect, weights = {}, {}
+    scale = sum(float(g.diagonal(dim1=-2, dim2=-1).sum()) for g in grams.values()) / 6 / \
+        sum(t.numel for t in targets)
     for r in AUTO_GRID:
         finv = {}
         for t in targets:
             f = grams[t.name] / 6
-            lam = r * f.diagonal(dim1=-2, dim2=-1).mean(-1)
-            finv[t.name] = torch.linalg.inv(f + lam[:, None, None] * torch.eye(16, dtype=torch.float64))
+            finv[t.name] = torch.linalg.inv(f + r * scale * torch.eye(16, dtype=torch.float64))
         scores = {t.name: saliency(start[t.name], finv[t.name]) for t in targets}
         chosen = select_groups(scores, 0.6, "global")
         with torch.no_grad():
@@ -570,6 +578,7 @@ def test_damp_auto_picks_the_grid_minimiser(tmp_path, criterion):
     _, report = prune_model(model, targets, cfg, loaders, log=lambda s: None)
     step = report.steps[0]
     assert step["damping_criterion"] == criterion
+    assert step["damping_absolute"] == pytest.approx(step["damping"] * scale, rel=1e-9)
     assert {float(k): v for k, v in step["damping_losses"].items()} == pytest.approx(expect, rel=1e-9)
     best = min(expect, key=expect.get)
     assert step["damping"] == best and len(set(expect.values())) > 1
@@ -628,7 +637,9 @@ def test_damp_auto_through_the_cli_and_a_recipe(tmp_path, tiny_model_dir, data_f
                       pruning__end_epoch=2)
     run_recipe(load_recipe(doc=doc), progress=False)
     steps = json.loads((tmp_path / "out" / "sparsity.json").read_text())["steps"]
-    assert len(steps) == 2 and all(s["damping"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for s in steps)
+    from obert.pruning.methods.obert import AUTO_GRID
+
+    assert len(steps) == 2 and all(s["damping"] in AUTO_GRID for s in steps)
 
 
 def test_prune_sweep_closes_each_estimate_after_its_last_config(tmp_path, monkeypatch):

@@ -46,22 +46,16 @@ def add_damping(matrix: Tensor, damp: float, relative: bool = False) -> Tensor:
     return matrix
 
 
-def invert_fisher(gram: Tensor, num_grads: int, damp: float, relative: bool = False, *,
-                  native: bool = True) -> Tensor:
-    """``(lambda * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (batched Cholesky,
-    ``core.batched.spd_inverse_``; only the lower triangle of ``gram`` is read); ``lambda =
-    damp``, or with ``relative`` ``damp`` times each block's mean diagonal of ``gram / m`` (at
-    least the smallest positive float, for blocks without gradient).
+def invert_fisher(gram: Tensor, num_grads: int, damp: float, *, native: bool = True) -> Tensor:
+    """``(damp * I + gram / m)^-1`` for a batch of Gram blocks ``[nb, B, B]`` (batched Cholesky,
+    ``core.batched.spd_inverse_``; only the lower triangle of ``gram`` is read).
 
     Works in place on ``gram``'s storage, since these batches are the largest tensors obert
     allocates.
     """
     if damp <= 0:
         raise ObertError("damp must be positive: the empirical Fisher of m < B gradients is singular")
-    nb = gram.shape[0]
-    diag = gram.diagonal(dim1=-2, dim2=-1)
-    lam = (damp * diag.mean(-1) / num_grads).clamp(min=torch.finfo(gram.dtype).tiny) if relative else \
-        torch.full((nb,), damp, dtype=gram.dtype, device=gram.device)
+    lam = torch.full(gram.shape[:1], damp, dtype=gram.dtype, device=gram.device)
     info = spd_inverse_(gram, 1.0 / num_grads, lam, native=native)
     bad = (info != 0).nonzero().squeeze(1)
     if bad.numel():

@@ -148,14 +148,16 @@ def choose_damping(method: Method, model: nn.Module, targets: list[Target], mask
             with torch.no_grad():
                 for t in targets:
                     t.module.weight.copy_(saved[t.name])
+        scale = method.damping_scale()
     finally:
         method.trial = False
     best = min(scores, key=lambda d: (scores[d], d))
     method.use_damping(best)
-    log(f"[obert] --damp auto: {best:g} x mean Fisher diagonal (held-out {criterion} "
+    absolute = f" = {best * scale:.3g}" if scale else ""
+    log(f"[obert] --damp auto: {best:g} x mean Fisher diagonal{absolute} (held-out {criterion} "
         + ", ".join(f"{d:g}: {v:.4f}" for d, v in scores.items()) + ")")
-    return {"damping": best, "damping_criterion": criterion,
-            "damping_losses": {f"{d:g}": v for d, v in scores.items()}}
+    return {"damping": best, "damping_absolute": best * scale if scale else None,
+            "damping_criterion": criterion, "damping_losses": {f"{d:g}": v for d, v in scores.items()}}
 
 
 def choose_patterns(scores: Tensor, pruned_before: Tensor, patterns: Tensor, name: str) -> Tensor:

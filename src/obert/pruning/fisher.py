@@ -141,6 +141,7 @@ class FisherResult:
     grams: dict[str, Tensor] = field(default_factory=dict)
     num_grads: int = 0
     damping: float | None = None  # the relative damping of ``finv`` when ``grams`` are kept
+    damping_absolute: float | None = None  # that damping as lambda
     grad_seconds: float = 0.0
     fisher_seconds: float = 0.0  # Gram accumulation + inversion
     invert_seconds: float = 0.0  # the inversion part of fisher_seconds
@@ -153,15 +154,26 @@ class FisherResult:
             return self.finv[name]
         return torch.load(self.spilled[name], weights_only=True, map_location=self.device)
 
+    def fisher_scale(self) -> float:
+        """The mean diagonal of the empirical Fisher over every kept block: ``mean_q g_q^2``."""
+        total = sum(float(g.diagonal(dim1=-2, dim2=-1).double().sum()) for g in self.grams.values())
+        count = sum(g.shape[0] * g.shape[1] for g in self.grams.values())
+        return total / max(count, 1) / max(self.num_grads, 1)
+
     def use_damping(self, relative: float) -> None:
-        """Invert the kept Gram blocks with ``lambda = relative * mean(diag F_b)`` per block."""
+        """Invert the kept Gram blocks with one damping for all of them,
+        ``lambda = relative * fisher_scale()``: a fixed damping in units of the gradients' scale
+        (scaling each block by its own mean diagonal instead was measured worse at every ratio
+        on MiniLM: ``benchmarks/damp_study.py``)."""
         if not self.grams:
             raise ObertError("this Fisher estimate was inverted with a fixed damping")
         t0 = time.perf_counter()
         self.finv.clear()  # one set of inverses at a time
+        lam = max(relative * self.fisher_scale(), torch.finfo(torch.float32).tiny)
         for name, gram in self.grams.items():
-            self.finv[name] = invert_fisher(gram.clone(), self.num_grads, relative, relative=True)
+            self.finv[name] = invert_fisher(gram.clone(), self.num_grads, lam)
         self.damping = relative
+        self.damping_absolute = lam
         self.invert_seconds += time.perf_counter() - t0
         self.fisher_seconds += time.perf_counter() - t0
 

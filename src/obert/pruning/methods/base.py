@@ -106,6 +106,11 @@ class Method(ABC):
         which must keep the step's estimate) and keeps the one with the lowest held-out loss."""
         return ()
 
+    def damping_scale(self) -> float | None:
+        """What one unit of ``damping_candidates`` is as an absolute damping on this step's
+        estimate (None: the method has no such scale)."""
+        return None
+
     def use_damping(self, damping: float) -> None:
         """Score and update with this candidate of ``damping_candidates`` from now on."""
         raise NotImplementedError

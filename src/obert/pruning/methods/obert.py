@@ -19,7 +19,7 @@ from obert.pruning.settings import STRUCTURES, Settings, either
 DEFAULT_BLOCK = {"unstructured": 50, "block4": 32, "2:4": 32, "4:8": 32}
 # --damp auto tries these dampings relative to each block's mean Fisher diagonal: wide enough to
 # cover the paper's absolute 1e-7..1e-4 on fine-tuned BERT gradients and beyond.
-AUTO_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+AUTO_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
 class FisherSettings(Settings):
@@ -64,9 +64,9 @@ class OBertSettings(FisherSettings):
     default_blocks: ClassVar[dict[str, int]] = DEFAULT_BLOCK
     damp: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         1e-7, description="Fisher damping lambda (absolute), or auto: per pruning step, the "
-                          "damping relative to each block's mean Fisher diagonal (from "
-                          f"{', '.join(f'{r:g}' for r in AUTO_GRID)}) whose OBS update leaves the "
-                          "lowest loss on held-out batches")
+                          "damping, in units of the mean Fisher diagonal of all blocks (from "
+                          f"{', '.join(f'{r:g}' for r in AUTO_GRID)}) whose OBS update scores best on "
+                          "held-out batches (auto_criterion)")
     auto_batches: int = Field(4, gt=0, description="held-out mini-batches scoring each damping of "
                                                    "--damp auto")
     auto_criterion: Literal["kl", "loss"] = Field(
@@ -138,6 +138,9 @@ class OBert(Method):
     def use_damping(self, relative: float) -> None:
         """Score and update with the Gram blocks inverted at this relative damping."""
         self._damping = relative
+
+    def damping_scale(self) -> float | None:
+        return self._fisher.fisher_scale() if self._fisher is not None and self._fisher.grams else None
 
     def _estimate_step(self, model, targets, masks, loader_factory, step) -> None:
         if self._fisher is None or self._fisher_step != step:
