@@ -163,8 +163,8 @@ class FisherResult:
     def use_damping(self, relative: float) -> None:
         """Invert the kept Gram blocks with one damping for all of them,
         ``lambda = relative * fisher_scale()``: a fixed damping in units of the gradients' scale
-        (scaling each block by its own mean diagonal instead was measured worse at every ratio
-        on MiniLM: ``benchmarks/damp_study.py``)."""
+        (scaling each block by its own mean diagonal instead measured worse on MiniLM at every
+        ratio tried: docs/benchmarks.md, "Choosing the damping")."""
         if not self.grams:
             raise ObertError("this Fisher estimate was inverted with a fixed damping")
         t0 = time.perf_counter()
