@@ -388,7 +388,8 @@ save = transformers.PreTrainedModel.save_pretrained
 def paused(self, *a, **k):
     save(self, *a, **k)
     open(sys.argv[1], "w").close()
-    time.sleep(120)
+    for _ in range(1200):  # short sleeps: a signal the kernel hands to another thread is still
+        time.sleep(0.1)    # seen by the main thread within 0.1 s (one long sleep would miss it)
 transformers.PreTrainedModel.save_pretrained = paused
 from obert.cli.main import main
 sys.exit(main(sys.argv[2:]))
