@@ -382,14 +382,16 @@ def test_help_exits_0(capsys):
 
 # A child that pauses while the output's temporary directory exists, so a test can signal it.
 _PAUSED_SAVE = """
-import sys, time
+import signal, sys, time
 import transformers
+# As in a terminal: a test run started in the background of a shell without job control
+# inherits SIGINT ignored, which no program sees.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 save = transformers.PreTrainedModel.save_pretrained
 def paused(self, *a, **k):
     save(self, *a, **k)
     open(sys.argv[1], "w").close()
-    for _ in range(1200):  # short sleeps: a signal the kernel hands to another thread is still
-        time.sleep(0.1)    # seen by the main thread within 0.1 s (one long sleep would miss it)
+    time.sleep(120)
 transformers.PreTrainedModel.save_pretrained = paused
 from obert.cli.main import main
 sys.exit(main(sys.argv[2:]))
