@@ -12,8 +12,8 @@ phase against the SparseML reference's 150 s; writes the table into docs/benchma
 
 Without ``--model``: random gradients shaped like MiniLM's prunable weights (per encoder layer:
 4 x 384x384 + 2 x 384x1536 = 1.77M weights), B=50, damp 1e-7; batched Gram + Cholesky against
-the paper's m rank-one Woodbury updates, interleaved; prints each time, the median ratio and the
-largest relative difference between the two inverses.
+WoodFisher's recursion (``woodbury_fisher_inverse``: 16 gradients per Woodbury step), interleaved;
+prints each time, the median ratio and the largest relative difference between the two inverses.
 """
 
 from __future__ import annotations
