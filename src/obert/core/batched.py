@@ -77,6 +77,15 @@ def spd_inverse_(a: Tensor, scale: float = 1.0, shift: Tensor | None = None, *,
     return info.to(torch.int32)
 
 
+def masked_system(a: Tensor, p: Tensor) -> Tensor:
+    """``p_i p_k a_ik + [i = k] (1 - p_i)`` for ``a`` ``[..., n, n]`` and a 0/1 mask ``p``
+    ``[..., n]``: ``a_PP`` on the masked set, the identity elsewhere (a new tensor)."""
+    p = p.to(a.dtype)
+    s = a * p.unsqueeze(-1) * p.unsqueeze(-2)
+    s.diagonal(dim1=-2, dim2=-1).add_(1 - p)
+    return s
+
+
 def spd_solve(a: Tensor, rhs: Tensor, mask: Tensor | None = None, *,
               native: bool = True) -> tuple[Tensor, Tensor]:
     """``x[b] = S_b^-1 rhs[b]`` for ``a`` ``[N, n, n]`` and ``rhs`` ``[N, n]``: ``S = a``, or with
@@ -88,9 +97,7 @@ def spd_solve(a: Tensor, rhs: Tensor, mask: Tensor | None = None, *,
     if ext is not None and rhs.dtype == a.dtype:
         return tuple(ext.spd_solve(a.contiguous(), rhs.contiguous(),
                                    None if pm is None else pm.contiguous(), _native.isa_index()))
-    s = a if pm is None else a * pm.unsqueeze(-1) * pm.unsqueeze(-2)
-    if pm is not None:
-        s.diagonal(dim1=-2, dim2=-1).add_(1 - pm)
+    s = a if pm is None else masked_system(a, pm)
     chol, info = torch.linalg.cholesky_ex(s)
     # Two triangular solves are several times faster than cholesky_solve on CPU batches.
     y = torch.linalg.solve_triangular(chol, rhs.to(a.dtype).unsqueeze(-1), upper=False)

@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from obert.core.batched import accumulate_gram_lower, spd_inverse_, spd_solve
+from obert.core.batched import accumulate_gram_lower, masked_system, spd_inverse_, spd_solve
 from obert.errors import ObertError
 
 
@@ -301,9 +301,7 @@ def _solve_spd(a: Tensor, b: Tensor, p: Tensor | None = None) -> Tensor:
         s = a[bad].double().tril()
         s = s + s.tril(-1).transpose(-2, -1)  # the lower triangle is what the Cholesky read
         if p is not None:
-            pb = p[bad].to(s.dtype)
-            s = s * pb.unsqueeze(-1) * pb.unsqueeze(-2)
-            s.diagonal(dim1=-2, dim2=-1).add_(1 - pb)
+            s = masked_system(s, p[bad])
         z[bad] = torch.linalg.solve(s, b[bad].double().unsqueeze(-1)).squeeze(-1).to(z.dtype)
     return z.reshape(shape)
 
