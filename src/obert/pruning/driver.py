@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from obert.errors import ObertError
+from obert.model.heads import labelled_positions_only
 from obert.model.masks import MaskSet
 from obert.core.obs import nm_patterns
-from obert.pruning.fisher import batch_stream
+from obert.pruning.fisher import batch_stream, task_loss
 from obert.pruning.methods import METHODS, Method, PruneConfig
 from obert.pruning.settings import nm_of
 from obert.model.targets import Target
@@ -79,7 +80,7 @@ def heldout_loss(model: nn.Module, batches: list[dict]) -> float:
     model.eval()
     device = next(model.parameters()).device
     try:
-        losses = [float(model(**{k: v.to(device) for k, v in b.items()}).loss) for b in batches]
+        losses = [float(task_loss(model, b, device)) for b in batches]
     finally:
         model.train(was_training)
     return sum(losses) / len(losses)
@@ -98,7 +99,8 @@ def output_log_probs(model: nn.Module, batches: list[dict]) -> list[list[Tensor]
         with torch.no_grad():
             for b in batches:
                 b = {k: v.to(device) for k, v in b.items()}
-                res = model(**b)
+                with labelled_positions_only(model):  # a masked LM: the head at the masked tokens
+                    res = model(**b)
                 labels = b.get("labels")
                 rows = []
                 for name in sorted(k for k in res.keys() if k.endswith("logits")):

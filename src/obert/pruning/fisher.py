@@ -26,6 +26,7 @@ from obert.device import GiB, available_memory
 from obert.distributed import all_reduce_sum, process_group
 from obert.errors import ObertError
 from obert.io import scratch_dir
+from obert.model.heads import labelled_positions_only
 from obert.model.masks import MaskSet
 from obert.core.obs import StreamingFisher, StreamingWoodbury, invert_fisher
 from obert.model.targets import Target
@@ -189,9 +190,10 @@ class FisherResult:
             self._tmp = None
 
 
-def _loss(model: nn.Module, batch: dict, device: torch.device) -> Tensor:
-    out = model(**{k: v.to(device) for k, v in batch.items()})
-    return out.loss
+def task_loss(model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+    """The task loss of one mini-batch (a masked-LM head only where the loss reads it)."""
+    with labelled_positions_only(model):
+        return model(**{k: v.to(device) for k, v in batch.items()}).loss
 
 
 @contextlib.contextmanager
@@ -230,7 +232,7 @@ def gradient_chunks(model: nn.Module, targets: list[Target], masks: MaskSet, bat
         t0 = time.perf_counter()
         for t in targets:
             t.module.weight.grad = None
-        _loss(model, batch, device).backward()
+        task_loss(model, batch, device).backward()
         for i in members:
             t = targets[i]
             g = t.module.weight.grad * masks.masks[t.name]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from obert.distributed import rank
 from obert.errors import ObertError, first_line
+from obert.model.heads import labelled_positions_only
 from obert.model.loading import (ENCODER, check_length, load_config, load_tokenizer, load_weights,
                                  quiet_libraries, require_kind)
 from obert.tasks.base import Task, TaskInputs
@@ -143,10 +144,11 @@ def evaluate(model, batches: list[dict], progress: bool = True) -> dict:
     loss_sum = 0.0
     for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with labelled_positions_only(model):  # the head at the masked tokens only
+            logits = model(**batch).logits
         masked = batch["labels"] != -100
         target = batch["labels"][masked]
-        chosen = logits[masked].float()
+        chosen = (logits[masked] if logits.dim() == 3 else logits).float()
         correct += int((chosen.argmax(-1) == target).sum())
         loss_sum += float(torch.nn.functional.cross_entropy(chosen, target, reduction="sum"))
         total += int(masked.sum())

@@ -10,11 +10,13 @@ Trainer for pruning on several processes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
+from obert.model.heads import labelled_positions_only
 from obert.training.distill import distillation_loss
 from obert.training.schedule import LRFactor, PruningSchedule, steps_per_epoch
 
@@ -48,8 +50,11 @@ class ObertTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or self.hardness <= 0:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            # The loss alone (training) needs a masked-LM head only at the masked tokens; the
+            # outputs returned for evaluation keep every position.
+            with labelled_positions_only(model) if not return_outputs else contextlib.nullcontext():
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_out = self.teacher(**{k: v for k, v in inputs.items()
