@@ -11,8 +11,10 @@ MiniLM / debian-sections.
    3,000 more; hardness 1, so no labels are used); one-shot to 50% at epoch 0, cubic steps every
    quarter epoch to epoch 1.5, then 1.5 epochs with the mask fixed; LR 1e-4 rewound at each
    pruning step; T 2; m=128 gradients of batch 8. Movement and soft movement
-   (recipes/minilm_debian_{movement,soft-movement}{80,90}.yaml) have the same budget, with their
-   first pruning step at epoch 0.25 (their scores come from training steps).
+   (recipes/minilm_debian_{movement,soft-movement}{80,90}.yaml) have the same budget with their
+   paper's schedule: a warm-up to epoch 0.25 (their scores come from training steps), cubic from
+   0% in steps of 0.05 epoch to epoch 1.5, linear LR decay; movement per layer, soft movement
+   global.
 Each finished run is stored in docs/gradual_results.json (with the dense model's hash); a
 killed run resumes from its last checkpoint. Writes the table into docs/benchmarks.md and the
 accuracy-over-training plot to docs/gradual.png.
