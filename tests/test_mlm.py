@@ -302,3 +302,64 @@ def test_long_documents_fill_several_blocks(tmp_path):
     data = TokenBlocks([words], tok, 16)
     assert n > 64 and len(data) == n // 16  # every whole block of the document, none cut off
     assert [t for b in data.blocks for t in b] == tok(words)["input_ids"][: 16 * (n // 16)]
+
+
+def test_masked_token_kd_against_a_float64_loop():
+    from obert.training.distill import masked_token_distillation_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, 3, -100, 1, -100], [6, -100, -100, -100, 2]])
+    T = 2.0
+    terms = []
+    for b in range(2):
+        for p in range(5):
+            if labels[b, p] != -100:
+                ps, pt = torch.softmax(s[b, p] / T, 0), torch.softmax(t[b, p] / T, 0)
+                terms.append(float((pt * (pt / ps).log()).sum()))
+    want = T * T * sum(terms) / len(terms)
+    assert float(masked_token_distillation_loss(None, s, t, labels, 1.0, T)) == pytest.approx(want, rel=1e-6)
+    keep = labels != -100  # logits of the masked tokens alone give the same
+    assert float(masked_token_distillation_loss(None, s[keep], t[keep], labels, 1.0, T)) == \
+        pytest.approx(want, rel=1e-6)
+    mixed = masked_token_distillation_loss(torch.tensor(3.0), s, t, labels, 0.25, T)
+    assert float(mixed) == pytest.approx(0.75 * 3.0 + 0.25 * want, rel=1e-6)
+
+
+def test_trainer_distils_at_the_masked_tokens_only(tmp_path):
+    from transformers import BertForMaskedLM, TrainingArguments
+
+    from obert.training.trainer import ObertTrainer
+
+    tok, data = _blocks(tmp_path, n=40, max_length=16)
+    torch.manual_seed(0)
+    student = BertForMaskedLM(tiny_config("bert")).eval()
+    teacher = BertForMaskedLM(tiny_config("bert")).eval()
+    batch = fixed_masking(data, mlm_collator(tok), 6, seed=3)[0]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    T = 2.0
+    trainer = ObertTrainer(model=student, args=args, teacher=teacher, hardness=1.0, temperature=T,
+                           kd_positions="masked")
+    student.eval()  # the Trainer leaves the mode alone; dropout off for an exact comparison
+    got = trainer.compute_loss(student, dict(batch))
+    with torch.no_grad():
+        keep = batch["labels"] != -100
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        s = student(**inputs).logits[keep].double() / T
+        t = teacher(**inputs).logits[keep].double() / T
+        want = T * T * float((t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean())
+    # (float32 in the trainer: the KL of near distributions loses a few digits)
+    assert float(got.detach()) == pytest.approx(want, rel=1e-4)
+    every = ObertTrainer(model=student, args=args, teacher=teacher, hardness=1.0, temperature=T)
+    assert float(every.compute_loss(student, dict(batch)).detach()) != pytest.approx(want, rel=0.05)
+
+
+def test_masked_positions_are_for_masked_lm_only(tmp_path, tiny_model_dir, data_files):
+    from conftest import tiny_recipe
+
+    from obert.training.recipe import Recipe
+
+    doc = tiny_recipe(tmp_path, data_files, tiny_model_dir)
+    doc["distillation"] = {"teacher": str(tiny_model_dir), "positions": "masked"}
+    with pytest.raises(Exception, match="positions: masked is for masked-lm"):
+        Recipe.model_validate(doc)

@@ -40,6 +40,21 @@ def distillation_loss(task_loss: Tensor | None, student_out, teacher_out, hardne
     if not keys:
         raise ObertError("student and teacher outputs share no logits to distill")
     kd = torch.stack([kd_loss(student_out[k], teacher_out[k], temperature, mask) for k in keys]).mean()
+    return mixed_loss(task_loss, kd, hardness)
+
+
+def masked_token_distillation_loss(task_loss: Tensor | None, student_logits: Tensor,
+                                   teacher_logits: Tensor, labels: Tensor, hardness: float,
+                                   temperature: float) -> Tensor:
+    """Masked LM, distilled at the masked tokens only (``labels != -100``): logits either for
+    those tokens alone (``[N, V]``, heads run there) or for all (``[batch, tokens, V]``)."""
+    keep = labels != -100
+    s, t = (x if x.dim() == 2 else x[keep] for x in (student_logits, teacher_logits))
+    return mixed_loss(task_loss, kd_loss(s, t, temperature), hardness)
+
+
+def mixed_loss(task_loss: Tensor | None, kd: Tensor, hardness: float) -> Tensor:
+    """``(1 - hardness) * task_loss + hardness * kd`` (the task loss unused at hardness 1)."""
     if hardness >= 1.0:
         return kd
     if task_loss is None:

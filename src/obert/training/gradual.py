@@ -243,6 +243,7 @@ def _train(recipe: Recipe, read: list, *, resume: bool, keep_checkpoints: bool,
         callbacks=callbacks, teacher=teacher,
         hardness=dist_cfg.hardness if dist_cfg else 0.0,
         temperature=dist_cfg.temperature if dist_cfg else 1.0,
+        kd_positions=dist_cfg.positions if dist_cfg else "all",
         lr_schedule=LRSchedule(tr.lr_schedule, tr.final_lr_ratio,
                                recipe.schedule() if recipe.pruning else None),
         optimizer_cls_and_kwargs=(MFACOptimizer, {"lr": tr.lr, **tr.mfac.model_dump()})

@@ -10,7 +10,7 @@
                    exclude, method, structure, scope, num_recomputations, grad_batch_size, and
                    the method's own settings (obert: num_grads, fisher_block_size, damp, update,
                    max_memory_gb)}                                  (omit for dense training)
-    distillation: {teacher, hardness, temperature}                  (omit for no distillation)
+    distillation: {teacher, hardness, temperature, positions}       (omit for no distillation)
     output_dir:   where the final model, sparsity.json and metrics.json go
 
 Unknown fields are errors (a typo must not silently fall back to a default). ``--set
@@ -161,6 +161,10 @@ class DistillationSection(_Section):
     teacher: str
     hardness: float = Field(1.0, ge=0, le=1)
     temperature: float = Field(2.0, gt=0)
+    positions: Literal["all", "masked"] = Field(
+        "all", description="masked-lm: distill the token distributions at every real token (all) "
+        "or at the masked tokens only (masked, as DistilBERT; the vocabulary heads of student and "
+        "teacher then run there alone, a fraction of their cost)")
 
 
 class Recipe(_Section):
@@ -190,6 +194,10 @@ class Recipe(_Section):
                 self.model.task_type != "masked-lm":
             raise ValueError("give data.task, or data.eval_file with data.train_file (only "
                              "masked-lm holds out training documents for evaluation)")
+        if self.distillation is not None and self.distillation.positions == "masked" and \
+                self.model.task_type != "masked-lm":
+            raise ValueError("distillation.positions: masked is for masked-lm (the other tasks "
+                             "have one distribution per example)")
         if self.model.task_type == "question-answering" and tr.doc_stride >= tr.max_length:
             raise ValueError(f"training.doc_stride ({tr.doc_stride}) must be shorter than "
                              f"training.max_length ({tr.max_length})")

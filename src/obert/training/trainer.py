@@ -1,7 +1,8 @@
 """A ``transformers.Trainer`` with knowledge distillation and learning-rate rewinding.
 
-``ObertTrainer(teacher=..., hardness=..., temperature=...)`` replaces the task loss by
-``obert.training.distill.distillation_loss``; ``lr_schedule=LRSchedule(...)`` replaces the Trainer's
+``ObertTrainer(teacher=..., hardness=..., temperature=..., kd_positions=...)`` replaces the task
+loss by ``obert.training.distill.distillation_loss`` (masked LM: over every real token, or over
+the masked ones with ``kd_positions="masked"``); ``lr_schedule=LRSchedule(...)`` replaces the Trainer's
 scheduler by ``obert.training.schedule.lr_factor`` with restarts at the pruning steps. Everything else
 (devices, DDP, mixed precision, checkpoints) is the stock Trainer, except that the task loss
 is taken as the per-batch mean it is (see ``__init__``): use this class rather than the plain
@@ -17,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from obert.model.heads import labelled_positions_only
-from obert.training.distill import distillation_loss
+from obert.training.distill import distillation_loss, masked_token_distillation_loss
 from obert.training.schedule import LRFactor, PruningSchedule, steps_per_epoch
 
 
@@ -32,7 +33,8 @@ class LRSchedule:
 
 class ObertTrainer(Trainer):
     def __init__(self, *args, teacher: torch.nn.Module | None = None, hardness: float = 1.0,
-                 temperature: float = 2.0, lr_schedule: LRSchedule | None = None, **kwargs) -> None:
+                 temperature: float = 2.0, lr_schedule: LRSchedule | None = None,
+                 kd_positions: str = "all", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Encoder task heads (sequence classification, QA) return a per-batch mean loss and ignore
         # ``num_items_in_batch``; the stock Trainer still multiplies their loss by the number of
@@ -47,6 +49,7 @@ class ObertTrainer(Trainer):
         self.hardness = hardness
         self.temperature = temperature
         self.lr_schedule = lr_schedule
+        self.kd_positions = kd_positions
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or self.hardness <= 0:
@@ -55,6 +58,14 @@ class ObertTrainer(Trainer):
             with labelled_positions_only(model) if not return_outputs else contextlib.nullcontext():
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
+        if self.kd_positions == "masked":  # masked LM: both heads at the masked tokens only
+            with labelled_positions_only(model):
+                outputs = model(**inputs)
+            with torch.no_grad(), labelled_positions_only(self.teacher):
+                teacher_out = self.teacher(**inputs)
+            loss = masked_token_distillation_loss(outputs.get("loss"), outputs.logits, teacher_out.logits,
+                                                  inputs["labels"], self.hardness, self.temperature)
+            return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
         with torch.no_grad():
             teacher_out = self.teacher(**{k: v for k, v in inputs.items()
