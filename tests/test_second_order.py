@@ -207,23 +207,31 @@ def test_mfac_through_obert_prune(tmp_path, tiny_model_dir, data_files, structur
 
 
 # -- movement pruning ----------------------------------------------------------------------------
+def _backward(lin, grad: torch.Tensor) -> None:
+    """One training backward whose gradient at ``lin.weight`` is ``grad`` (through the masks'
+    gradient hook, as in training)."""
+    lin.weight.grad = None
+    (lin.weight * grad).sum().backward()
+
+
 def test_movement_scores_accumulate_minus_w_times_grad():
     """Hand-computed: after steps with gradients g1, g2 at weights w1, w2 the score is
-    -(w1 g1 + w2 g2), summed per group for block4; pruned weights keep their score."""
+    -(w1 g1 + w2 g2), summed per group for block4."""
     from obert.pruning.methods.movement import Movement
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 2, bias=False)
     targets = find_targets(torch.nn.Sequential(lin), include=["0"])
-    masks = MaskSet(targets)
+    masks = MaskSet(targets).attach()
     m = Movement(PruneConfig(0.5, method="movement", structure="block4"))
     m.on_train_begin(None, targets, masks)
     with pytest.raises(ObertError, match="none has run yet"):
         m.scores(None, targets, masks, None, 0)
     expect = torch.zeros(2, 8)
     for _ in range(2):
-        lin.weight.grad = torch.randn(2, 8)
-        expect -= lin.weight.detach() * lin.weight.grad
+        g = torch.randn(2, 8)
+        _backward(lin, g)
+        expect -= lin.weight.detach() * g
         m.on_gradients(None, targets, masks)
         with torch.no_grad():
             lin.weight.add_(torch.randn(2, 8))  # the optimizer moves the weight
@@ -233,6 +241,50 @@ def test_movement_scores_accumulate_minus_w_times_grad():
     again.load_state_dict(m.state_dict())
     again.on_train_begin(None, targets, masks)
     assert torch.equal(again.scores(None, targets, masks, None, 0)[targets[0].name], got)
+    masks.detach()
+
+
+def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_values():
+    """A weight pruned at one step keeps its value aside and its score moves by -value * g (g
+    the gradient at its position, which the model's masked gradient hides); once its score is
+    above a kept weight's, the next pruning step brings it back with that value and prunes the
+    other. Weights pruned before the run stay pruned whatever their score."""
+    from obert.pruning.driver import prune_model
+    from obert.pruning.methods.movement import Movement
+
+    lin = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 0.0]]))  # the last: pruned before the run
+    targets = find_targets(torch.nn.Sequential(lin), include=["0"])
+    masks = MaskSet(targets, {targets[0].name: torch.tensor([[True, True, True, False]])}).attach()
+    m = Movement(PruneConfig(0.5, method="movement"))
+    m.on_train_begin(None, targets, masks)
+    scores = torch.zeros(4)
+    for g in ([-1.0, 0.5, 0.1, 9.0], [-1.0, 0.5, 0.1, 9.0]):  # weight 0 grows, 1 shrinks
+        _backward(lin, torch.tensor([g]))
+        scores -= lin.weight.detach()[0] * torch.tensor(g)
+        m.on_gradients(None, targets, masks)
+    cfg = PruneConfig(0.5, method="movement")
+    masks, _ = prune_model(lin, targets, cfg, masks=masks, method=m, log=lambda s: None)
+    assert masks.masks[targets[0].name].tolist() == [[True, False, True, False]]  # 1 pruned
+    assert lin.weight.tolist() == [[1.0, 0.0, 3.0, 0.0]]
+    # The pruned weight now grows (its gradient only reaches the score), weight 2 shrinks.
+    for g in ([0.0, -10.0, 2.0, 9.0], [0.0, -10.0, 2.0, 9.0]):
+        _backward(lin, torch.tensor([g]))
+        assert lin.weight.grad[0, 1] == 0  # the model's gradient is masked
+        scores -= torch.tensor([1.0, 2.0, 3.0, 0.0]) * torch.tensor(g)
+        m.on_gradients(None, targets, masks)
+    got = m.scores(None, targets, masks, None, 0)[targets[0].name]
+    torch.testing.assert_close(got, scores)
+    masks, _ = prune_model(lin, targets, cfg, masks=masks, method=m, log=lambda s: None)
+    assert masks.masks[targets[0].name].tolist() == [[True, True, False, False]]
+    assert lin.weight.tolist() == [[1.0, 2.0, 0.0, 0.0]]  # weight 1 back with its value
+    resumed = Movement(cfg)  # what is aside survives a checkpoint
+    resumed.load_state_dict(m.state_dict())
+    resumed.on_train_begin(None, targets, masks)
+    assert resumed.values(targets[0]).tolist() == [[1.0, 2.0, 3.0, 0.0]]
+    assert resumed.regrowable(targets[0]).tolist() == [[False, False, True, False]]
+    masks.detach()
 
 
 def test_soft_movement_scores_follow_adam_on_the_straight_through_gradient_and_penalty():
@@ -244,7 +296,7 @@ def test_soft_movement_scores_follow_adam_on_the_straight_through_gradient_and_p
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 3, bias=False)
     targets = find_targets(torch.nn.Sequential(lin), include=["0"])
-    masks = MaskSet(targets)
+    masks = MaskSet(targets).attach()
     lr, lam, n = 0.05, 40.0, 18
     cfg = PruneConfig(0.5, method="soft-movement", score_lr=lr, regularization=lam)
     weights = [torch.randn(3, 6) for _ in range(4)]
@@ -254,7 +306,7 @@ def test_soft_movement_scores_follow_adam_on_the_straight_through_gradient_and_p
         for k in steps:
             with torch.no_grad():
                 lin.weight.copy_(weights[k])
-            lin.weight.grad = grads[k].clone()
+            _backward(lin, grads[k])
             method.on_gradients(None, targets, masks)
         return method
 

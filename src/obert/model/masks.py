@@ -29,6 +29,9 @@ class MaskSet:
             self.masks[t.name] = (torch.ones_like(w, dtype=torch.bool) if m is None
                                   else m.to(device=w.device, dtype=torch.bool))
         self._handles: list = []
+        # Called as fn(name, grad) with each target's gradient before it is masked (a method
+        # that lets pruned weights come back scores them by the gradient at their position).
+        self.grad_observers: list = []
 
     @classmethod
     def from_zeros(cls, targets: Iterable[Target]) -> "MaskSet":
@@ -51,10 +54,15 @@ class MaskSet:
         for t in self.targets:
             name = t.name
             self._handles.append(t.module.weight.register_hook(
-                lambda g, name=name: g * self.masks[name]))
+                lambda g, name=name: self._masked_gradient(name, g)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(lambda *a, **k: self.apply()))
         return self
+
+    def _masked_gradient(self, name: str, grad: Tensor) -> Tensor:
+        for observe in self.grad_observers:
+            observe(name, grad)
+        return grad * self.masks[name]
 
     def detach(self) -> None:
         for h in self._handles:

@@ -53,24 +53,29 @@ def choose_pruned(method: Method, model: nn.Module, targets: list[Target], masks
                   loader_factory, step: int, target: float, config: PruneConfig) -> dict[str, Tensor]:
     """Per target, the weights to prune (True) to reach ``target``: the lowest-scored groups
     (``select_groups``), or for N:M the best pattern of every group; weights pruned before
-    (possibly inside groups that stay) are constrained to zero too."""
+    (possibly inside groups that stay) are constrained to zero too, except those the method may
+    bring back (``Method.regrowable``), which compete on their scores."""
     g = config.group_size
     nm = nm_of(config.structure)
+    stay = {}  # per target: the pruned weights that stay pruned
+    for t in targets:
+        back = method.regrowable(t)
+        stay[t.name] = ~masks.masks[t.name] if back is None else ~masks.masks[t.name] & ~back.bool()
     if nm is not None:  # exactly k of every M weights, by the best pattern of each group
         patterns = nm_patterns(nm[1], round(target * nm[1]))
         pscores = method.pattern_scores(model, targets, masks, loader_factory, step, patterns)
-        chosen = {t.name: choose_patterns(pscores[t.name], ~masks.masks[t.name].reshape(-1, g),
+        chosen = {t.name: choose_patterns(pscores[t.name], stay[t.name].reshape(-1, g),
                                           patterns.to(pscores[t.name].device), t.name)
                   for t in targets}
     else:
         scores = method.scores(model, targets, masks, loader_factory, step=step)
         for t in targets:  # already-pruned groups stay pruned
-            kept = masks.masks[t.name].reshape(-1, g).any(1).to(scores[t.name].device)
+            kept = (~stay[t.name]).reshape(-1, g).any(1).to(scores[t.name].device)
             scores[t.name] = scores[t.name].float().masked_fill(~kept, float("-inf"))
         chosen = {n: c.repeat_interleave(g) for n, c in
                   select_groups(scores, target, config.scope).items()}
     return {t.name: chosen[t.name].reshape(t.module.weight.shape).to(t.module.weight.device)
-            | ~masks.masks[t.name] for t in targets}
+            | stay[t.name] for t in targets}
 
 
 @torch.no_grad()
@@ -203,7 +208,8 @@ def prune_model(model: nn.Module, targets: list[Target], config: PruneConfig,
     """Prune ``targets`` of ``model`` in place to ``config.sparsity``; returns masks and a report.
 
     ``loader_factory(seed)`` yields training mini-batches (for methods that need gradients).
-    Existing ``masks`` are respected: their pruned weights stay pruned. ``method``: an instance
+    Existing ``masks`` are respected: their pruned weights stay pruned (unless the method may
+    bring them back: ``Method.regrowable``). ``method``: an instance
     to prune with (a gradual run keeps one; it then prunes with this ``config``), else a new one
     of ``config.method``.
     """

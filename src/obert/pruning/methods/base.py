@@ -132,6 +132,11 @@ class Method(ABC):
         return {name: s.reshape(-1, m).double() @ patterns.T.to(s.device, torch.float64)
                 for name, s in single.items()}
 
+    def regrowable(self, target: Target) -> Tensor | None:
+        """Pruned weights of ``target`` that a pruning step may bring back (bool, shaped like the
+        weight), or None: pruned weights stay pruned and masks only grow (the default)."""
+        return None
+
     @abstractmethod
     def update(self, targets: list[Target], prune: dict[str, Tensor]) -> None:
         """Set the weights given per-weight prune masks (True = pruned); pruned become 0."""
