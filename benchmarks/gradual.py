@@ -85,8 +85,10 @@ def run(args, work: Path, results: dict, path: Path) -> None:
         t0 = time.perf_counter()
         metrics = run_recipe(recipe, resume=resume, overwrite=True)
         history = json.loads((Path(recipe.output_dir) / "history.json").read_text())
-        results[name] = {"metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
-                         "wall_seconds": time.perf_counter() - t0, "resumed": resume}
+        # Re-read before writing: another process may have added its runs meanwhile.
+        results.update({**json.loads(path.read_text()), name: {
+            "metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
+            "wall_seconds": time.perf_counter() - t0, "resumed": resume}})
         write_json(path, results)
         log(f"{name}: accuracy {metrics['accuracy']:.4f} sparsity {metrics['global_sparsity']:.4f}")
 
