@@ -37,7 +37,9 @@ class MFACOptimizer(torch.optim.Optimizer):
     one Fisher for every parameter group; ``lr`` and decoupled ``weight_decay``
     (``p <- p (1 - lr wd)``) per group. ``O(d m + m^2)`` per step plus ``O(d m + m^3)`` for the
     swapped gradient. The window is allocated at the first step, on the gradients' device, after
-    a memory check; it is part of ``state_dict`` (resumable)."""
+    a memory check; it is part of ``state_dict`` (resumable). The step's size grows with the
+    window: for a gradient in its span ``|F^-1 g|`` is about ``m / |g|``, so the M-FAC paper's
+    lr 1e-4 at m = 1,024 is about 3e-3 at m = 32."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, *, num_grads: int = 32, damp: float = 1e-6,
                  momentum: float = 0.0, weight_decay: float = 0.0) -> None:
