@@ -214,41 +214,25 @@ def _backward(lin, grad: torch.Tensor) -> None:
     (lin.weight * grad).sum().backward()
 
 
-def test_movement_scores_accumulate_minus_w_times_grad():
-    """Hand-computed: after steps with gradients g1, g2 at weights w1, w2 the score is
-    -(w1 g1 + w2 g2), summed per group for block4."""
-    from obert.pruning.methods.movement import Movement
-
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(8, 2, bias=False)
-    targets = find_targets(torch.nn.Sequential(lin), include=["0"])
-    masks = MaskSet(targets).attach()
-    m = Movement(PruneConfig(0.5, method="movement", structure="block4"))
-    m.on_train_begin(None, targets, masks)
-    with pytest.raises(ObertError, match="none has run yet"):
-        m.scores(None, targets, masks, None, 0)
-    expect = torch.zeros(2, 8)
-    for _ in range(2):
-        g = torch.randn(2, 8)
-        _backward(lin, g)
-        expect -= lin.weight.detach() * g
-        m.on_gradients(None, targets, masks)
-        with torch.no_grad():
-            lin.weight.add_(torch.randn(2, 8))  # the optimizer moves the weight
-    got = m.scores(None, targets, masks, None, 0)[targets[0].name]
-    torch.testing.assert_close(got, expect.reshape(-1, 4).sum(1))
-    again = Movement(PruneConfig(0.5, method="movement", structure="block4"))
-    again.load_state_dict(m.state_dict())
-    again.on_train_begin(None, targets, masks)
-    assert torch.equal(again.scores(None, targets, masks, None, 0)[targets[0].name], got)
-    masks.detach()
+def _adam_scores(ds: list[torch.Tensor], lr: float, lam: float = 0.0, n: int = 1) -> torch.Tensor:
+    """Float64 reference: Adam (betas 0.9/0.999, eps 1e-8) from S = 0 on the gradients
+    ``d + lam / n * sigmoid'(S)``, one step per ``d``."""
+    s = torch.zeros_like(ds[0], dtype=torch.float64)
+    mom, vel = torch.zeros_like(s), torch.zeros_like(s)
+    for k, d in enumerate(ds):
+        sig = torch.sigmoid(s)
+        d = d.double() + lam / n * sig * (1 - sig)
+        mom = 0.9 * mom + 0.1 * d
+        vel = 0.999 * vel + 0.001 * d * d
+        s = s - lr * (mom / (1 - 0.9 ** (k + 1))) / ((vel / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8)
+    return s
 
 
 def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_values():
-    """A weight pruned at one step keeps its value aside and its score moves by -value * g (g
-    the gradient at its position, which the model's masked gradient hides); once its score is
-    above a kept weight's, the next pruning step brings it back with that value and prunes the
-    other. Weights pruned before the run stay pruned whatever their score."""
+    """A weight pruned at one step keeps its value aside and its score keeps learning from
+    value * g (g the gradient at its position, which the model's masked gradient hides); once
+    its score is above a kept weight's, the next pruning step brings it back with that value and
+    prunes the other. Weights pruned before the run stay pruned whatever their score."""
     from obert.pruning.driver import prune_model
     from obert.pruning.methods.movement import Movement
 
@@ -257,25 +241,26 @@ def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_values():
         lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 0.0]]))  # the last: pruned before the run
     targets = find_targets(torch.nn.Sequential(lin), include=["0"])
     masks = MaskSet(targets, {targets[0].name: torch.tensor([[True, True, True, False]])}).attach()
-    m = Movement(PruneConfig(0.5, method="movement"))
+    cfg = PruneConfig(0.5, method="movement", score_lr=0.01)
+    m = Movement(cfg)
     m.on_train_begin(None, targets, masks)
-    scores = torch.zeros(4)
-    for g in ([-1.0, 0.5, 0.1, 9.0], [-1.0, 0.5, 0.1, 9.0]):  # weight 0 grows, 1 shrinks
-        _backward(lin, torch.tensor([g]))
-        scores -= lin.weight.detach()[0] * torch.tensor(g)
+    values, ds = torch.tensor([[1.0, 2.0, 3.0, 0.0]]), []
+    for _ in range(2):  # weight 0 grows, 1 shrinks, 2 grows
+        g = torch.tensor([[-1.0, 0.5, -0.1, 9.0]])
+        _backward(lin, g)
+        ds.append(values * g)
         m.on_gradients(None, targets, masks)
-    cfg = PruneConfig(0.5, method="movement")
     masks, _ = prune_model(lin, targets, cfg, masks=masks, method=m, log=lambda s: None)
     assert masks.masks[targets[0].name].tolist() == [[True, False, True, False]]  # 1 pruned
     assert lin.weight.tolist() == [[1.0, 0.0, 3.0, 0.0]]
-    # The pruned weight now grows (its gradient only reaches the score), weight 2 shrinks.
-    for g in ([0.0, -10.0, 2.0, 9.0], [0.0, -10.0, 2.0, 9.0]):
-        _backward(lin, torch.tensor([g]))
+    for _ in range(6):  # the pruned weight 1 grows (its gradient only reaches the score), 2 shrinks
+        g = torch.tensor([[0.0, -10.0, 2.0, 9.0]])
+        _backward(lin, g)
         assert lin.weight.grad[0, 1] == 0  # the model's gradient is masked
-        scores -= torch.tensor([1.0, 2.0, 3.0, 0.0]) * torch.tensor(g)
+        ds.append(values * g)
         m.on_gradients(None, targets, masks)
     got = m.scores(None, targets, masks, None, 0)[targets[0].name]
-    torch.testing.assert_close(got, scores)
+    torch.testing.assert_close(got.double(), _adam_scores(ds, 0.01).reshape(-1), rtol=1e-5, atol=1e-7)
     masks, _ = prune_model(lin, targets, cfg, masks=masks, method=m, log=lambda s: None)
     assert masks.masks[targets[0].name].tolist() == [[True, True, False, False]]
     assert lin.weight.tolist() == [[1.0, 2.0, 0.0, 0.0]]  # weight 1 back with its value
@@ -287,52 +272,51 @@ def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_values():
     masks.detach()
 
 
-def test_soft_movement_scores_follow_adam_on_the_straight_through_gradient_and_penalty():
-    """Hand-computed in float64: Adam (betas 0.9/0.999, eps 1e-8) on dL/dS = w g +
-    lambda sigmoid'(S) / N, N the number of target weights; restored after two steps from its
-    state_dict (scores and moments), it continues exactly as the uninterrupted run."""
-    from obert.pruning.methods.movement import SoftMovement
+@pytest.mark.parametrize("method,lam", [("movement", 0.0), ("soft-movement", 40.0)])
+def test_movement_scores_follow_adam_on_the_straight_through_gradient(method, lam):
+    """Hand-computed in float64: Adam on dL/dS = w g (+ lambda sigmoid'(S) / N for soft
+    movement, N the number of target weights), g the step's gradient through the masks' hook;
+    block4 scores are the sums over groups of 4; restored after two steps from its state_dict
+    (scores and moments), it continues exactly as the uninterrupted run."""
+    from obert.pruning.methods import METHODS
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(6, 3, bias=False)
+    lin = torch.nn.Linear(8, 3, bias=False)
     targets = find_targets(torch.nn.Sequential(lin), include=["0"])
     masks = MaskSet(targets).attach()
-    lr, lam, n = 0.05, 40.0, 18
-    cfg = PruneConfig(0.5, method="soft-movement", score_lr=lr, regularization=lam)
-    weights = [torch.randn(3, 6) for _ in range(4)]
-    grads = [torch.randn(3, 6) for _ in range(4)]
+    lr, n = 0.05, 24
+    cfg = PruneConfig(0.5, method=method, structure="block4", score_lr=lr,
+                      **({"regularization": lam} if lam else {}))
+    weights = [torch.randn(3, 8) for _ in range(4)]
+    grads = [torch.randn(3, 8) for _ in range(4)]
 
-    def run(method, steps):
+    def run(m, steps):
         for k in steps:
             with torch.no_grad():
                 lin.weight.copy_(weights[k])
             _backward(lin, grads[k])
-            method.on_gradients(None, targets, masks)
-        return method
+            m.on_gradients(None, targets, masks)
+        return m
 
-    s = torch.zeros(3, 6, dtype=torch.float64)
-    mom, vel = torch.zeros_like(s), torch.zeros_like(s)
-    for k in range(4):
-        sig = torch.sigmoid(s)
-        d = weights[k].double() * grads[k].double() + lam / n * sig * (1 - sig)
-        mom = 0.9 * mom + 0.1 * d
-        vel = 0.999 * vel + 0.001 * d * d
-        s = s - lr * (mom / (1 - 0.9 ** (k + 1))) / ((vel / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8)
-    full = SoftMovement(cfg)
+    full = METHODS[method](cfg)
     full.on_train_begin(None, targets, masks)
+    with pytest.raises(ObertError, match="none has run yet"):
+        full.scores(None, targets, masks, None, 0)
     got = run(full, range(4)).scores(None, targets, masks, None, 0)[targets[0].name]
-    torch.testing.assert_close(got.double(), s.reshape(-1), rtol=1e-5, atol=1e-6)
+    want = _adam_scores([w * g for w, g in zip(weights, grads)], lr, lam, n)
+    torch.testing.assert_close(got.double(), want.reshape(-1, 4).sum(1), rtol=1e-5, atol=1e-6)
 
-    first = SoftMovement(cfg)
+    first = METHODS[method](cfg)
     first.on_train_begin(None, targets, masks)
     saved = {k: v.clone() for k, v in run(first, range(2)).state_dict().items()}
     assert f"{targets[0].name}.exp_avg_sq" in saved
-    resumed = SoftMovement(cfg)
+    resumed = METHODS[method](cfg)
     resumed.load_state_dict(saved)
     assert resumed.state_dict().keys() == saved.keys()
     resumed.on_train_begin(None, targets, masks)
     again = run(resumed, range(2, 4)).scores(None, targets, masks, None, 0)[targets[0].name]
     assert torch.equal(again, got)
+    masks.detach()
 
 
 def test_soft_movement_penalty_pulls_unused_scores_down():

@@ -1,16 +1,18 @@
 """Movement pruning (Sanh, Wolf, Rush, NeurIPS 2020): prune the weights moving towards zero;
-and soft movement pruning, its variant with learned, regularised scores.
+and soft movement pruning, its variant with regularised scores.
 
-The score of a weight is ``S = -sum_t w_t * g_t`` over the optimizer steps of the run so far
-(``g_t`` the gradient at the weight's position, ``w_t`` the weight it was taken at): the
-first-order estimate of how much the loss has gained from the weight moving away from zero. The
-paper learns ``S`` by straight-through gradients with the score learning rate folded in; here
-every step counts equally, which ranks the same way under a constant rate. As in the paper, a
-pruned weight keeps its value aside (it is 0 in the model) and its score keeps moving with the
-gradient at its position (straight-through: ``-w * g`` with the value kept aside), so a later
-pruning step may bring it back with that value when its score has risen above kept ones'. Kept
-weights are not updated at a pruning step, only masked. Weights that were pruned before the run
-started stay pruned.
+Every weight has a score ``S`` learned with the model, as in the paper's code: Adam (its own
+moments, learning rate ``score_lr``) on the straight-through gradient of the masked weight,
+``dL/dS = w * dL/dw``, so each step moves ``S`` towards ``-w * g`` (``g`` the gradient at the
+weight's position, ``w`` the weight it was taken at): up for weights moving away from zero, down
+for weights moving towards it. The paper writes the score as the plain sum ``-sum_t w_t g_t``
+(its SGD view); that sum grows with ``|w| |g|``, so the largest weights get the most extreme
+scores either way and are pruned about as often as at random while the scores are still
+dominated by noise, which wrecks a model pruned early in a short run (docs/benchmarks.md); Adam
+scales every score's steps alike. As the paper's masks, a pruned weight keeps its value aside
+(it is 0 in the model) and its score keeps learning from the gradient at its position, so a
+later pruning step may bring it back with that value. Kept weights are not updated at a pruning
+step, only masked. Weights pruned before the run started stay pruned.
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ from obert.pruning.settings import Settings
 
 STEPS = "steps"  # the key of the step count in state_dict
 ASIDE, PRUNED = ".aside", ".pruned"  # state_dict suffixes: pruned weights' values, which they are
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # Adam's state of a score tensor
+
+
+class MovementSettings(Settings):
+    """The scores' own optimizer."""
+
+    score_lr: float = Field(1e-2, gt=0, description="learning rate of the scores (Adam; the paper's 1e-2)")
 
 
 class Movement(Method):
+    """Movement pruning: the weights with the lowest learned scores are pruned to the schedule's
+    sparsity (the paper's top-k; ``scope: uniform`` is its per-matrix form)."""
+
+    Settings = MovementSettings
     gradual_only = True
 
     def __init__(self, config, estimate=None) -> None:
@@ -38,6 +51,7 @@ class Movement(Method):
         self._aside: dict[str, Tensor] = {}  # values of the weights this run pruned (0 elsewhere)
         self._pruned: dict[str, Tensor] = {}  # the weights this run pruned
         self._grads: dict[str, Tensor] = {}  # the step's gradients before masking
+        self._moments: dict[str, Tensor] = {}  # Adam's, restored from a checkpoint
         self._steps = 0
 
     def on_train_begin(self, model, targets, masks) -> None:
@@ -48,6 +62,14 @@ class Movement(Method):
                 store[t.name] = store[t.name].to(w.device, dtype) if t.name in store else \
                     torch.zeros(w.shape, dtype=dtype, device=w.device)
             self._grads[t.name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        self._opt = torch.optim.Adam([self._scores[t.name] for t in targets], lr=self.options.score_lr)
+        for t in targets:
+            score = self._scores[t.name]
+            if f"{t.name}.exp_avg" in self._moments:  # (Adam keeps its step count on the CPU)
+                self._opt.state[score] = {
+                    key: self._moments[f"{t.name}.{key}"].float().to("cpu" if key == "step" else score.device)
+                    for key in MOMENTS}
+        self._numel = sum(s.numel() for s in self._scores.values())
         masks.grad_observers.append(self._observe)
 
     @torch.no_grad()
@@ -71,10 +93,19 @@ class Movement(Method):
         """The weights as movement sees them: the model's, and the pruned ones' values aside."""
         return t.module.weight.detach().float() + self._aside[t.name]
 
+    def penalty_gradient(self, score: Tensor) -> Tensor | None:
+        """The gradient of a regulariser of the scores (None: none)."""
+        return None
+
     @torch.no_grad()
     def on_gradients(self, model, targets, masks) -> None:
         for t, g in zip(targets, self.step_gradients(targets).values()):
-            self._scores[t.name].sub_(self.values(t) * g)
+            score = self._scores[t.name]
+            score.grad = self.values(t) * g
+            penalty = self.penalty_gradient(score)
+            if penalty is not None:
+                score.grad.add_(penalty)
+        self._opt.step()
         self._steps += 1
 
     def scores(self, model, targets, masks, loader_factory, step) -> dict[str, Tensor]:
@@ -100,76 +131,44 @@ class Movement(Method):
             self._pruned[t.name] = mine & now | newly
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {**self._scores, **{f"{k}{ASIDE}": v for k, v in self._aside.items()},
-                **{f"{k}{PRUNED}": v for k, v in self._pruned.items()}, STEPS: torch.tensor(self._steps)}
+        out = {**self._scores, **{f"{k}{ASIDE}": v for k, v in self._aside.items()},
+               **{f"{k}{PRUNED}": v for k, v in self._pruned.items()}, STEPS: torch.tensor(self._steps)}
+        if not hasattr(self, "_opt"):  # restored, not started: what was loaded
+            return {**out, **self._moments}
+        for name, score in self._scores.items():
+            state = self._opt.state.get(score)
+            if state:
+                out.update({f"{name}.{key}": torch.as_tensor(state[key]) for key in MOMENTS})
+        return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         state = dict(state)
         self._steps = int(state.pop(STEPS))
+        self._moments = {k: state.pop(k) for k in list(state) if k.rsplit(".", 1)[-1] in MOMENTS}
         for suffix, store, dtype in ((ASIDE, self._aside, torch.float32), (PRUNED, self._pruned, torch.bool)):
             for k in [k for k in state if k.endswith(suffix)]:
                 store[k[:-len(suffix)]] = state.pop(k).to(dtype)
         self._scores = {k: v.float() for k, v in state.items()}
 
 
-class SoftMovementSettings(Settings):
+class SoftMovementSettings(MovementSettings):
     """The scores' own optimizer and the penalty that drives them down."""
 
-    score_lr: float = Field(1e-2, gt=0, description="learning rate of the scores (Adam; the paper's 1e-2)")
     regularization: float = Field(
         100.0, ge=0, description="lambda of the penalty lambda * mean(sigmoid(S)) over all target "
-        "weights (0: learned scores without the penalty)")
+        "weights (0: movement's learned scores)")
 
 
 class SoftMovement(Movement):
-    """Soft movement pruning: every weight has a score ``S``, a parameter learned with the model
-    by the straight-through gradient of the masked weight (``dL/dS = w * dL/dw``, so descent
-    moves ``S`` by ``-w * g`` as movement's sum does) plus the penalty
+    """Soft movement pruning: movement's learned scores plus the penalty
     ``lambda * mean(sigmoid(S))``, whose gradient ``lambda sigmoid'(S) / N`` pulls down the
-    scores that the task does not hold up; Adam with ``score_lr`` (its own moments, saved with the
-    scores). The weights with the lowest scores are pruned, to the schedule's sparsity: with the
-    global scope one threshold over all layers, so each layer's sparsity is learned. Pruned
-    weights keep their values aside and their scores keep learning, as movement's.
+    scores that the task does not hold up. The weights with the lowest scores are pruned, to the
+    schedule's sparsity: with the global scope one threshold over all layers, so each layer's
+    sparsity is learned.
     """
 
     Settings = SoftMovementSettings
 
-    def on_train_begin(self, model, targets, masks) -> None:
-        super().on_train_begin(model, targets, masks)
-        self._params = {t.name: self._scores[t.name] for t in targets}
-        self._opt = torch.optim.Adam(list(self._params.values()), lr=self.options.score_lr)
-        restored = getattr(self, "_restored_moments", None) or {}
-        for name, score in self._params.items():
-            if f"{name}.exp_avg" in restored:
-                self._opt.state[score] = {
-                    "step": restored[f"{name}.step"].float(),
-                    "exp_avg": restored[f"{name}.exp_avg"].to(score.device),
-                    "exp_avg_sq": restored[f"{name}.exp_avg_sq"].to(score.device)}
-        self._numel = sum(s.numel() for s in self._params.values())
-
-    @torch.no_grad()
-    def on_gradients(self, model, targets, masks) -> None:
-        lam = self.options.regularization / self._numel
-        for t, g in zip(targets, self.step_gradients(targets).values()):
-            score = self._params[t.name]
-            sig = torch.sigmoid(score)
-            score.grad = (self.values(t) * g).add_(sig * (1 - sig), alpha=lam)
-        self._opt.step()
-        self._steps += 1
-
-    def state_dict(self) -> dict[str, Tensor]:
-        out = super().state_dict()
-        if not hasattr(self, "_opt"):  # restored, not started: what was loaded
-            return {**out, **getattr(self, "_restored_moments", {})}
-        for name, score in self._params.items():
-            state = self._opt.state.get(score)
-            if state:
-                out[f"{name}.exp_avg"] = state["exp_avg"]
-                out[f"{name}.exp_avg_sq"] = state["exp_avg_sq"]
-                out[f"{name}.step"] = torch.as_tensor(state["step"]).reshape(())
-        return out
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        moments = ("exp_avg", "exp_avg_sq", "step")
-        self._restored_moments = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in moments}
-        super().load_state_dict({k: v for k, v in state.items() if k not in self._restored_moments})
+    def penalty_gradient(self, score: Tensor) -> Tensor | None:
+        sig = torch.sigmoid(score)
+        return sig * (1 - sig) * (self.options.regularization / self._numel)
