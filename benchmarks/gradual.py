@@ -14,7 +14,7 @@ MiniLM / debian-sections.
    (recipes/minilm_debian_{movement,soft-movement}{80,90}.yaml) have the same budget and KD
    teacher in their paper's setting, fine-pruning: from the pre-trained MiniLM (a new head), a
    warm-up to epoch 0.25 (their scores come from training steps), cubic from 0% in steps of
-   0.05 epoch to epoch 1.5, linear LR decay; movement per layer, soft movement global.
+   0.01 epoch to epoch 1.5, linear LR decay; movement per layer, soft movement global.
 Each finished run is stored in docs/gradual_results.json (with the dense model's hash); a
 killed run resumes from its last checkpoint. Writes the table into docs/benchmarks.md and the
 accuracy-over-training plot to docs/gradual.png.
