@@ -18,12 +18,13 @@ def _mlm(family: str):
         return ElectraForMaskedLM(ElectraConfig(vocab_size=40, embedding_size=16, hidden_size=32,
                                                 num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=64))
-    if family == "deberta-v2":
+    if family.startswith("deberta-v2"):  # the legacy head (cls) and the newer one (lm_predictions)
         from transformers import DebertaV2Config, DebertaV2ForMaskedLM
 
         return DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2,
                                                     num_attention_heads=4, intermediate_size=64,
-                                                    max_position_embeddings=64))
+                                                    max_position_embeddings=64,
+                                                    legacy=family.endswith("legacy")))
     if family == "albert":
         return AlbertForMaskedLM(AlbertConfig(vocab_size=40, embedding_size=16, hidden_size=32,
                                               num_hidden_layers=2, num_attention_heads=4,
@@ -50,7 +51,8 @@ def _loss_and_grads(model, batch):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "albert", "deberta-v2"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra", "albert", "deberta-v2-legacy",
+                                    "deberta-v2"])
 def test_same_loss_gradients_and_labelled_logits(family):
     model = _mlm(family).double().eval()
     assert mlm_head(model) is not None
