@@ -204,6 +204,8 @@ def main() -> None:
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--train-only", action="store_true", help="no timing (other work may run)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    ap.add_argument("--iters", type=int, default=3, help="batches per model per round")
     args = ap.parse_args()
     path, work = Path(args.results), Path(args.work)
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -220,7 +222,7 @@ def main() -> None:
                 write_json(path, results)
             run(args.only, work, results, path)
         if not args.train_only:
-            speed(args.only, work, results, path)
+            speed(args.only, work, results, path, rounds=args.rounds, iters=args.iters)
     report(results)
 
 
