@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from obert.errors import ObertError
+from obert.model.heads import IGNORE_INDEX
 
 DISTILL_KEYS = ("logits", "start_logits", "end_logits")
 
@@ -48,7 +49,7 @@ def masked_token_distillation_loss(task_loss: Tensor | None, student_logits: Ten
                                    temperature: float) -> Tensor:
     """Masked LM, distilled at the masked tokens only (``labels != -100``): logits either for
     those tokens alone (``[N, V]``, heads run there) or for all (``[batch, tokens, V]``)."""
-    keep = labels != -100
+    keep = labels != IGNORE_INDEX
     s, t = (x if x.dim() == 2 else x[keep] for x in (student_logits, teacher_logits))
     return mixed_loss(task_loss, kd_loss(s, t, temperature), hardness)
 

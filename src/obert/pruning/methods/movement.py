@@ -28,7 +28,7 @@ from obert.pruning.methods.base import Method
 from obert.pruning.settings import Settings
 
 STEPS = "steps"  # the key of the step count in state_dict
-ASIDE, PRUNED = ".aside", ".pruned"  # state_dict suffixes: pruned weights' values, which they are
+ASIDE = ".aside"  # state_dict suffix: the values of the weights this run pruned
 MOMENTS = ("exp_avg", "exp_avg_sq", "step")  # Adam's state of a score tensor
 
 
@@ -48,8 +48,9 @@ class Movement(Method):
     def __init__(self, config, estimate=None) -> None:
         super().__init__(config, estimate)
         self._scores: dict[str, Tensor] = {}
-        self._aside: dict[str, Tensor] = {}  # values of the weights this run pruned (0 elsewhere)
-        self._pruned: dict[str, Tensor] = {}  # the weights this run pruned
+        # The values of the weights this run pruned, 0 elsewhere (only non-zero weights are set
+        # aside, so the non-zeros are exactly the weights this run pruned).
+        self._aside: dict[str, Tensor] = {}
         self._grads: dict[str, Tensor] = {}  # the step's gradients before masking
         self._moments: dict[str, Tensor] = {}  # Adam's, restored from a checkpoint
         self._steps = 0
@@ -57,10 +58,9 @@ class Movement(Method):
     def on_train_begin(self, model, targets, masks) -> None:
         for t in targets:  # a resumed run keeps the state restored by load_state_dict
             w = t.module.weight
-            for store, dtype in ((self._scores, torch.float32), (self._aside, torch.float32),
-                                 (self._pruned, torch.bool)):
-                store[t.name] = store[t.name].to(w.device, dtype) if t.name in store else \
-                    torch.zeros(w.shape, dtype=dtype, device=w.device)
+            for store in (self._scores, self._aside):
+                store[t.name] = store[t.name].to(w.device, torch.float32) if t.name in store else \
+                    torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             self._grads[t.name] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         self._opt = torch.optim.Adam([self._scores[t.name] for t in targets], lr=self.options.score_lr)
         for t in targets:
@@ -77,18 +77,6 @@ class Movement(Method):
         if name in self._grads:  # summed over the micro-batches of a step, like .grad
             self._grads[name].add_(grad.detach().float())
 
-    @torch.no_grad()
-    def step_gradients(self, targets) -> dict[str, Tensor]:
-        """The step's unmasked gradients, averaged over processes as the optimizer's are (the
-        buffers are reset for the next step)."""
-        world = world_size()
-        out = {}
-        for t in targets:
-            g = all_reduce_sum(self._grads[t.name].clone())
-            out[t.name] = g.div_(world) if world > 1 else g
-            self._grads[t.name].zero_()
-        return out
-
     def values(self, t) -> Tensor:
         """The weights as movement sees them: the model's, and the pruned ones' values aside."""
         return t.module.weight.detach().float() + self._aside[t.name]
@@ -99,9 +87,12 @@ class Movement(Method):
 
     @torch.no_grad()
     def on_gradients(self, model, targets, masks) -> None:
-        for t, g in zip(targets, self.step_gradients(targets).values()):
-            score = self._scores[t.name]
-            score.grad = self.values(t) * g
+        world = world_size()
+        for t in targets:
+            # The step's unmasked gradient, averaged over processes as the optimizer's is.
+            g, score = all_reduce_sum(self._grads[t.name]), self._scores[t.name]
+            score.grad = self.values(t) * (g / world if world > 1 else g)
+            g.zero_()  # ready for the next step
             penalty = self.penalty_gradient(score)
             if penalty is not None:
                 score.grad.add_(penalty)
@@ -116,23 +107,23 @@ class Movement(Method):
         return {t.name: self._scores[t.name].reshape(-1, g).sum(1) for t in targets}
 
     def regrowable(self, target) -> Tensor | None:
-        return self._pruned.get(target.name)
+        aside = self._aside.get(target.name)
+        return None if aside is None else aside != 0
 
     @torch.no_grad()
     def update(self, targets, prune) -> None:
         for t in targets:
-            w, aside, mine = t.module.weight, self._aside[t.name], self._pruned[t.name]
-            now = prune[t.name].to(w.device)
+            w, aside = t.module.weight, self._aside[t.name]
+            now, mine = prune[t.name].to(w.device), aside != 0
             back, newly = mine & ~now, now & ~mine & (w != 0)
             w[back] = aside[back].to(w.dtype)
             aside[back] = 0.0
             aside[newly] = w[newly].float()
             w.masked_fill_(now, 0.0)
-            self._pruned[t.name] = mine & now | newly
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {**self._scores, **{f"{k}{ASIDE}": v for k, v in self._aside.items()},
-               **{f"{k}{PRUNED}": v for k, v in self._pruned.items()}, STEPS: torch.tensor(self._steps)}
+               STEPS: torch.tensor(self._steps)}
         if not hasattr(self, "_opt"):  # restored, not started: what was loaded
             return {**out, **self._moments}
         for name, score in self._scores.items():
@@ -145,9 +136,7 @@ class Movement(Method):
         state = dict(state)
         self._steps = int(state.pop(STEPS))
         self._moments = {k: state.pop(k) for k in list(state) if k.rsplit(".", 1)[-1] in MOMENTS}
-        for suffix, store, dtype in ((ASIDE, self._aside, torch.float32), (PRUNED, self._pruned, torch.bool)):
-            for k in [k for k in state if k.endswith(suffix)]:
-                store[k[:-len(suffix)]] = state.pop(k).to(dtype)
+        self._aside = {k[:-len(ASIDE)]: state.pop(k).float() for k in list(state) if k.endswith(ASIDE)}
         self._scores = {k: v.float() for k, v in state.items()}
 
 
