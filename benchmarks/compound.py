@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,15 @@ def speed(variants: list[str], work: Path, results: dict, path: Path, rounds: in
     torch.set_num_threads(2)
     models = {"dense": load_model(str(work / "bench" / "dense"))}
     models.update({v: load_compiled(results[v]["compiled"]) for v in variants if v in results})
+    gradual = work / "gradual" / "obert80"
+    if "l6-unstr" in variants and "l6-unstr" not in results and downstream_obert80(results.get("dense")) \
+            and (gradual / "model.safetensors").exists():
+        # l6-unstr's recipe is the gradual benchmark's obert80: compile that model
+        compiled = work / "compound" / "l6-unstr-gradual-compiled"
+        if not (compiled / "config.json").exists():
+            subprocess.run([str(Path(sys.executable).parent / "obert"), "compile", str(gradual), "--out", str(compiled),
+                            "--dtype", "float32", "--overwrite"], check=True)
+        models["l6-unstr"] = load_compiled(str(compiled))
     ids = torch.randint(1000, 20000, (16, 128), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         rows = interleaved(models, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
