@@ -121,9 +121,6 @@ def report(results: dict) -> None:
         lines.append(f"| {sp}% | " + " | ".join(acc(results.get(f"{m}{sp}")) for m in METHODS) + f" | {gap} |")
     table = "\n".join(lines)
     print(table)
-    if not all(name in results for name in RUNS):
-        print("(docs/benchmarks.md and the plot are written once every run is done)")
-        return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.axhline(dense, color="black", ls="--", label="dense")
     for name in RUNS:
