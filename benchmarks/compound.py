@@ -198,6 +198,7 @@ def report(results: dict) -> None:
         fig = Figure(figsize=(6.5, 4))
         ax = fig.add_subplot()
         ax.scatter([1.0], [100 * dense], color="black", label="dense")
+        ax.annotate("dense", (1.0, 100 * dense), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for v, s, a in points:
             ax.scatter([s], [a], label=v)
             ax.annotate(v, (s, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
