@@ -131,8 +131,8 @@ def speed(variants: list[str], work: Path, results: dict, path: Path, rounds: in
         # l6-unstr's recipe is the gradual benchmark's obert80: compile that model
         compiled = work / "compound" / "l6-unstr-gradual-compiled"
         if not (compiled / "config.json").exists():
-            subprocess.run([str(Path(sys.executable).parent / "obert"), "compile", str(gradual), "--out", str(compiled),
-                            "--dtype", "float32", "--overwrite"], check=True)
+            subprocess.run([str(Path(sys.executable).parent / "obert"), "compile", str(gradual),
+                            "--out", str(compiled), "--dtype", "float32", "--overwrite"], check=True)
         models["l6-unstr"] = load_compiled(str(compiled))
     ids = torch.randint(1000, 20000, (16, 128), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
