@@ -11,6 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "debian-sections"
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in a benchmark script, so that temporary files (M-FAC's paged
+    gradients, gigabytes in the temp dir) are removed as on Ctrl-C when a run is killed."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

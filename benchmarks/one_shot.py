@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, guard_results, log  # noqa: E402
+from common import DATA, ROOT, dense_minilm, exit_on_sigterm, guard_results, log  # noqa: E402
 
 SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
 REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
@@ -118,6 +118,7 @@ def prune_config(c: dict, num_grads: int):
 
 
 def main() -> None:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="dense model cache")
     ap.add_argument("--results", default=str(ROOT / "docs" / "one_shot_results.json"))
