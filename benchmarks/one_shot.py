@@ -72,6 +72,11 @@ def damp_configs() -> list[dict]:
                        damp="auto", criterion="kl") for s in SPARSITIES]
 
 
+def method_name(c: dict) -> str:
+    """``mfac-B<block>`` for M-FAC, the method otherwise: what ``--methods`` selects by."""
+    return f"mfac-B{c['block']}" if c["method"] == "mfac" else c["method"]
+
+
 def mfac_damp_configs() -> list[dict]:
     """M-FAC where it falls behind (70/80%): B=2000 at oBERT's best fixed damping on this model,
     1e-8, and both block sizes at 1e-6 (large blocks spanned by few gradients may want more)."""
@@ -130,6 +135,8 @@ def main() -> None:
                     help="run only the configurations of these structures")
     ap.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES,
                     help="run only the configurations at these sparsities")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="run only the configurations of these methods (M-FAC: mfac-B<block>)")
     ap.add_argument("--only-plot", action="store_true")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new configs after this")
     args = ap.parse_args()
@@ -162,7 +169,8 @@ def run(args, work: Path, results: dict, results_path: Path) -> None:
 
     todo = [c for c in configs(args.recomputations, tuple(args.groups))
             if key(c) not in results and c["structure"] in args.structures
-            and c["sparsity"] in args.sparsities]
+            and c["sparsity"] in args.sparsities
+            and (args.methods is None or method_name(c) in args.methods)]
     # Cheapest first: magnitude, then obert reusing the dense Fisher, then recomputations
     # (each costs R-1 fresh gradient collections), the reference's sparsities first.
     priority = {0.8: 0, 0.7: 1, 0.5: 2, 0.6: 3, 0.3: 4}
