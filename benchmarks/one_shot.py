@@ -249,7 +249,7 @@ def write_report(results: dict, args) -> None:
                    for st in ("unstructured", "block4") for s in SPARSITIES)
     if complete:
         fig.savefig(ROOT / "docs" / "one_shot.png", dpi=110)
-    family, damp = family_report(results, args.recomputations), damp_report(results)
+    family, damp = family_report(results), damp_report(results)
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text()
     blocks = [("one-shot table", "\n".join(rows).strip())] if complete else []
@@ -269,21 +269,26 @@ def _cell(results: dict, k: str) -> str:
     return f"{100 * r['accuracy']:.1f}" if r else "—"
 
 
-def family_report(results: dict, recomputations: list[int]) -> str:
-    """Accuracy per sparsity for every method of the family (unstructured), its plot, and N:M."""
+def family_report(results: dict) -> str:
+    """Accuracy per sparsity for every method of the family (unstructured), its plot, and N:M;
+    R=1, and R=4 once any method has an R=4 result (whichever recomputations this run made)."""
     import matplotlib.pyplot as plt
 
-    cols = [("magnitude", "magnitude-unstructured-{s}-R1-joint")]
-    for R in recomputations:
-        cols += [(f"WoodFisher R={R}", f"woodfisher-unstructured-{{s}}-R{R}-independent")]
-        cols += [(f"M-FAC B={b} R={R}", f"mfac-unstructured-{{s}}-R{R}-joint-B{b}") for b in MFAC_BLOCKS]
-        cols += [(f"oBERT R={R}", f"obert-unstructured-{{s}}-R{R}-joint")]
+    def columns(R: int) -> list[tuple[str, str]]:
+        return [(f"WoodFisher R={R}", f"woodfisher-unstructured-{{s}}-R{R}-independent"),
+                *[(f"M-FAC B={b} R={R}", f"mfac-unstructured-{{s}}-R{R}-joint-B{b}") for b in MFAC_BLOCKS],
+                (f"oBERT R={R}", f"obert-unstructured-{{s}}-R{R}-joint")]
+
+    cols = [("magnitude", "magnitude-unstructured-{s}-R1-joint"), *columns(1)]
+    recomputations = [1, 4] if any(k.format(s=s) in results for _, k in columns(4) for s in SPARSITIES) else [1]
+    cols += columns(4) if 4 in recomputations else []
     lines = ["| sparsity | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {int(s * 100)}% | " + " | ".join(_cell(results, k.format(s=s)) for _, k in cols) + " |"
               for s in SPARSITIES]
     nm = [("magnitude", "magnitude-2:4-0.5-R1-joint")] + \
         [(f"oBERT R={R}", f"obert-2:4-0.5-R{R}-joint") for R in recomputations]
-    lines += ["", "2:4 at 50%: " + ", ".join(f"{label} {_cell(results, k)}%" for label, k in nm)]
+    lines += ["", "2:4 at 50%: " + ", ".join(f"{label} {_cell(results, k)}%" if k in results else
+                                            f"{label} not measured" for label, k in nm)]
     for (block, damp), runs in groupby(sorted(mfac_damp_configs(), key=lambda c: (c["block"], c["damp"])),
                                        key=lambda c: (c["block"], c["damp"])):
         found = [(c["sparsity"], key(c)) for c in runs]
@@ -295,7 +300,7 @@ def family_report(results: dict, recomputations: list[int]) -> str:
         pts = [(100 * s, 100 * results[k.format(s=s)]["accuracy"]) for s in SPARSITIES
                if k.format(s=s) in results]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=label, lw=1)
+            ax.plot(*zip(*pts), marker="o", label=label, lw=1, ls="--" if "R=4" in label else "-")
     if "dense" in results:
         ax.axhline(100 * results["dense"]["accuracy"], color="gray", ls=":", lw=0.8, label="dense")
     ax.set_xlabel("sparsity (%)")
