@@ -18,7 +18,8 @@ m=128, lr 1e-4 rewound.
   every training stage instead of 6,000 rows: 1.75x the optimizer steps
 * l6-b4-qat-auto: l6-b4-qat with the damping picked at each pruning step (``damp: auto``)
 * l6-b4-qat-gentle: l6-b4-qat with the first pruning step to 30% instead of 50%
-* l6-b4-qat-e6: l6-b4-qat with twice the budget (6 epochs: pruning to epoch 3, QAT from there)
+* l6-b4-qat-e6 / -e12: l6-b4-qat with 2x / 4x the budget (6 epochs: cubic steps to epoch 3, QAT
+  from there; 12 epochs: to epoch 6), every epoch count of the recipe scaled alike
 * transfer: upstream pruning to 80% on the masked-LM objective over the training texts (labels
   ignored, the last 500 held out; a masked-LM head trained first, since MiniLM ships without
   one), then sparse transfer (mask locked) on the 6,000 rows with KD from the dense classifier;
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DATA, ROOT, dense_minilm, guard_results, log, merge_results, replace_doc_block  # noqa: E402
 
 VARIANTS = ["l6-b4-qat", "l3-b4-qat", "l6-unstr", "l3-unstr", "transfer", "l6-b4-qat-long",
-            "l3-b4-qat-long", "l6-b4-qat-auto", "l6-b4-qat-gentle", "l6-b4-qat-e6"]
+            "l3-b4-qat-long", "l6-b4-qat-auto", "l6-b4-qat-gentle", "l6-b4-qat-e6", "l6-b4-qat-e12"]
 BEGIN, END = "<!-- compound:begin -->", "<!-- compound:end -->"
 
 
@@ -73,14 +75,15 @@ def staged_doc(variant: str, dense: Path, work: Path) -> dict:
         prune["damp"] = "auto"
     if variant.endswith("-gentle"):
         prune["init_sparsity"] = 0.3
-    if variant.endswith("-e6"):  # twice the budget: every epoch count of the training stages x2
+    if budget := re.search(r"-e(\d+)$", variant):  # N epochs of pruning + QAT: every epoch count scaled
+        factor = int(budget.group(1)) / stage["training"]["epochs"]
         for st in doc["stages"]:
             if "training" in st:
-                st["training"]["epochs"] *= 2
+                st["training"]["epochs"] *= factor
             for section, key in (("pruning", "start_epoch"), ("pruning", "end_epoch"),
                                  ("quantization", "start_epoch")):
                 if key in st.get(section, {}):
-                    st[section][key] *= 2
+                    st[section][key] *= factor
     if variant.endswith("-unstr"):
         prune.update(structure="unstructured", fisher_block_size=50)
         stage.pop("quantization")
@@ -163,7 +166,8 @@ DESCRIBE = {"l6-b4-qat": ("6", "block4, downstream", "int8 (QAT)"),
             "l3-b4-qat-long": ("3", "block4, downstream, 10,486 rows", "int8 (QAT)"),
             "l6-b4-qat-auto": ("6", "block4, downstream, --damp auto", "int8 (QAT)"),
             "l6-b4-qat-gentle": ("6", "block4, downstream, from 30%", "int8 (QAT)"),
-            "l6-b4-qat-e6": ("6", "block4, downstream, 6 epochs", "int8 (QAT)")}
+            "l6-b4-qat-e6": ("6", "block4, downstream, 6 epochs", "int8 (QAT)"),
+            "l6-b4-qat-e12": ("6", "block4, downstream, 12 epochs", "int8 (QAT)")}
 
 
 def downstream_obert80(dense: dict | None) -> dict | None:
