@@ -53,9 +53,11 @@ def dense_minilm(dense_dir: Path, log: Callable[[str], None] = log) -> Path:
 
 
 def weights_digest(model) -> str:
-    """sha256 over the model's weights (which dense model a set of results belongs to)."""
+    """sha256 over the model's parameters (which dense model a set of results belongs to).
+    Buffers are left out: Transformers releases differ in which they register (position ids),
+    and the same weights must keep one digest."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
