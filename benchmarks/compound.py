@@ -172,6 +172,8 @@ def cpu_label(cpu: dict) -> str:
     return f"{cpu['cpu']} ({', '.join(cpu['isa'])})"
 
 
+TARGETS = [(6, 1.5, 5.0), (3, 5.0, 10.0)]  # layers; at most this many points below dense; at least this speed-up
+
 DESCRIBE = {"l6-b4-qat": ("6", "block4, downstream", "int8 (QAT)"),
             "l3-b4-qat": ("3", "block4, downstream", "int8 (QAT)"),
             "l6-unstr": ("6", "unstructured, downstream", "fp32"),
@@ -238,6 +240,12 @@ def report(results: dict) -> None:
                        label=short_cpu(label))
             for v, s, a in mine:
                 ax.annotate(v, (s, a), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        right = max(s for _, s, _, _ in points) * 1.3
+        for layers, gap, speedup in TARGETS:  # the region where a model meets its target
+            ax.fill_between([speedup, right], 100 * dense - gap, 100 * dense + 0.5, color="green",
+                            alpha=0.08, lw=0)
+            ax.annotate(f"target, {layers} layers", (speedup, 100 * dense + 0.5),
+                        textcoords="offset points", xytext=(3, -10), fontsize=7, color="green")
         ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("speed-up over dense torch fp32 (batch 16 x 128, 2 threads)")
