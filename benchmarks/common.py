@@ -76,8 +76,8 @@ def merge_results(path: Path, results: dict, updates: dict) -> None:
 
 def guard_results(results: dict, model, path: Path, log: Callable[[str], None] = log) -> None:
     """Results from a different dense model are moved aside (to ``<path stem>.<its hash>.json``,
-    nothing is lost) and ``results`` starts afresh; record this model's hash. The dense
-    fine-tuning is not bit-reproducible across CPUs, so a re-made dense model is another model."""
+    nothing is lost) and ``results`` starts afresh; record this model's hash. Fine-tuning need
+    not be bit-reproducible across CPUs and library versions: a re-made dense model may be another."""
     import json
 
     digest = weights_digest(model)
